@@ -1,0 +1,273 @@
+"""The archive format, written here once and read by the server.
+
+An archive is a gzip'd ustar file: `manifest.json` first, then one CSV per
+dataset (`<dataset>.csv`, UTF-8, header row, '\\n' line ends). Everything that
+could vary between two builds of the same rows is pinned (member order, times,
+owners, modes, the gzip header), so the same rows give byte-identical archives.
+Reading streams member by member and refuses anything that is not a plain file
+with a name the manifest announces.
+"""
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_CHUNK = 1 << 20
+
+
+class ArchiveError(Exception):
+    """An archive that must not be accepted; `member` names the offending file."""
+
+    def __init__(self, message, member=None):
+        super().__init__(message if member is None else f"{member}: {message}")
+        self.member = member
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a reader accepts; the server sets these from its config."""
+    max_member_bytes: int = 2 << 30
+    max_total_bytes: int = 8 << 30
+    max_manifest_bytes: int = 1 << 20
+    max_members: int = 64
+    max_line_bytes: int = 64 << 10
+
+
+class _HashingWriter(io.RawIOBase):
+    """A binary sink that hashes and counts what passes through to `raw`."""
+
+    def __init__(self, raw):
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+
+def write_csv(path, header, rows):
+    """Stream rows into a CSV file; returns (row_count, sha256 hex, size)."""
+    with open(path, "wb") as raw:
+        sink = _HashingWriter(raw)
+        text = io.TextIOWrapper(io.BufferedWriter(sink, _CHUNK), encoding="utf-8", newline="")
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(header)
+        count = 0
+        for count, row in enumerate(rows, 1):
+            writer.writerow(["" if v is None else v for v in row])
+        text.flush()
+        text.detach().flush()
+        return count, sink.sha256.hexdigest(), sink.size
+
+
+def _tarinfo(name, size, mtime):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, mtime, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def build_archive(dest, manifest_fields, datasets, workdir=None):
+    """Write an archive atomically at `dest` and return its manifest.
+
+    `datasets` yields (name, header, rows); rows stream to temporary CSVs in
+    `workdir` (never memory), then into the tar. `manifest_fields` must hold
+    agent_id, geo and hour ('YYYY-MM-DDTHH'); the member times are that hour's
+    start, so the archive depends only on its content.
+    """
+    workdir = workdir or os.path.dirname(os.path.abspath(dest))
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".build-") as tmp:
+        entries = {}
+        for name, header, rows in datasets:
+            if not _DATASET_NAME.match(name):
+                raise ArchiveError(f"invalid dataset name {name!r}")
+            path = os.path.join(tmp, name + ".csv")
+            count, digest, size = write_csv(path, header, rows)
+            entries[name] = {"file": name + ".csv", "rows": count, "sha256": digest, "bytes": size}
+        manifest = dict(manifest_fields, format=FORMAT_VERSION, datasets=dict(sorted(entries.items())))
+        manifest_bytes = json.dumps(manifest, sort_keys=True, indent=1).encode() + b"\n"
+        mtime = _hour_epoch(manifest["hour"])
+        part = dest + ".tmp"
+        with open(part, "wb") as raw:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
+                with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                    tar.addfile(_tarinfo(MANIFEST_NAME, len(manifest_bytes), mtime), io.BytesIO(manifest_bytes))
+                    for name, entry in manifest["datasets"].items():
+                        with open(os.path.join(tmp, entry["file"]), "rb") as f:
+                            tar.addfile(_tarinfo(entry["file"], entry["bytes"], mtime), f)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(part, dest)
+        _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    return manifest
+
+
+def _hour_epoch(hour_text):
+    from datetime import datetime, timezone
+    try:
+        return int(datetime.strptime(hour_text, "%Y-%m-%dT%H").replace(tzinfo=timezone.utc).timestamp())
+    except (TypeError, ValueError):
+        raise ArchiveError(f"manifest hour is not YYYY-MM-DDTHH: {hour_text!r}") from None
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _CheckedMember(io.RawIOBase):
+    """Reads one tar member, hashing as it goes; `verify()` checks it against the manifest."""
+
+    def __init__(self, raw, entry, name):
+        self.raw, self.entry, self.name = raw, entry, name
+        self.sha256, self.size = hashlib.sha256(), 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        data = self.raw.read(len(buffer))
+        self.sha256.update(data)
+        self.size += len(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def drain(self):
+        """Read what the consumer left (it may have closed its wrapper around us)."""
+        for data in iter(lambda: self.raw.read(_CHUNK), b""):
+            self.sha256.update(data)
+            self.size += len(data)
+
+    def verify(self):
+        self.drain()
+        if self.size != self.entry["bytes"]:
+            raise ArchiveError(f"size {self.size} != manifest {self.entry['bytes']}", self.name)
+        if self.sha256.hexdigest() != self.entry["sha256"]:
+            raise ArchiveError("sha256 does not match the manifest", self.name)
+
+
+def validate_manifest(manifest):
+    """The manifest's own shape; the server checks agent and hour against its transaction."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        raise ArchiveError(f"unsupported manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r}",
+                           MANIFEST_NAME)
+    for field in ("agent_id", "geo", "hour"):
+        if not isinstance(manifest.get(field), str):
+            raise ArchiveError(f"missing or invalid {field!r}", MANIFEST_NAME)
+    _hour_epoch(manifest["hour"])
+    datasets = manifest.get("datasets")
+    if not isinstance(datasets, dict):
+        raise ArchiveError("missing 'datasets'", MANIFEST_NAME)
+    for name, entry in datasets.items():
+        if not _DATASET_NAME.match(name) or not isinstance(entry, dict) or entry.get("file") != name + ".csv":
+            raise ArchiveError(f"invalid dataset entry {name!r}", MANIFEST_NAME)
+        for field in ("rows", "bytes"):
+            if not isinstance(entry.get(field), int) or isinstance(entry.get(field), bool) or entry[field] < 0:
+                raise ArchiveError(f"dataset {name!r}: invalid {field!r}", MANIFEST_NAME)
+        if not isinstance(entry.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+            raise ArchiveError(f"dataset {name!r}: invalid 'sha256'", MANIFEST_NAME)
+    return manifest
+
+
+def read_archive(fileobj, limits=Limits()):
+    """Stream an archive: yields ('manifest', manifest, None) then (name, entry, member) per dataset.
+
+    The caller reads each member (a binary stream) before asking for the next
+    and calls `member.verify()` to check size and sha256; unread members are
+    verified here. Raises ArchiveError for anything malformed or unsafe.
+    """
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r|gz")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ArchiveError(f"not a gzip'd tar archive ({exc})") from None
+    manifest, seen, total = None, set(), 0
+    try:
+        with tar:
+            for count, info in enumerate(tar, 1):
+                name = info.name
+                if count > limits.max_members:
+                    raise ArchiveError(f"more than {limits.max_members} members")
+                _check_member(info)
+                total += info.size
+                if info.size > limits.max_member_bytes or total > limits.max_total_bytes:
+                    raise ArchiveError("member or archive larger than the configured limit", name)
+                if manifest is None:
+                    manifest = _read_manifest(tar, info, limits)
+                    yield MANIFEST_NAME, manifest, None
+                    continue
+                dataset = name[: -len(".csv")] if name.endswith(".csv") else None
+                if dataset not in manifest["datasets"]:
+                    raise ArchiveError("not announced in the manifest", name)
+                if dataset in seen:
+                    raise ArchiveError("appears twice", name)
+                seen.add(dataset)
+                member = _CheckedMember(tar.extractfile(info), manifest["datasets"][dataset], name)
+                yield dataset, manifest["datasets"][dataset], member
+                member.verify()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise ArchiveError(f"corrupt archive ({exc})") from None
+    if manifest is None:
+        raise ArchiveError("empty archive: no manifest")
+    missing = set(manifest["datasets"]) - seen
+    if missing:
+        raise ArchiveError(f"datasets in the manifest but not in the archive: {sorted(missing)}")
+
+
+def _check_member(info):
+    name = info.name
+    if not info.isreg():
+        raise ArchiveError("not a regular file (links, devices, FIFOs and directories are refused)", name)
+    if name.startswith("/") or "\\" in name or "/" in name or name in ("", ".", "..") or "\x00" in name:
+        raise ArchiveError("member path must be a plain file name", name)
+
+
+def _read_manifest(tar, info, limits):
+    if info.name != MANIFEST_NAME:
+        raise ArchiveError(f"first member must be {MANIFEST_NAME}", info.name)
+    if info.size > limits.max_manifest_bytes:
+        raise ArchiveError("manifest too large", MANIFEST_NAME)
+    try:
+        manifest = json.loads(tar.extractfile(info).read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArchiveError(f"manifest is not JSON ({exc})", MANIFEST_NAME) from None
+    return validate_manifest(manifest)
+
+
+def csv_rows(member, limits=Limits(), name=None):
+    """Rows of a CSV member (header included), strict UTF-8, bounded line length."""
+    text = io.TextIOWrapper(io.BufferedReader(member, _CHUNK), encoding="utf-8", errors="strict", newline="")
+    try:
+        for row in csv.reader(text, strict=True):
+            if sum(map(len, row)) > limits.max_line_bytes:
+                raise ArchiveError(f"a line longer than {limits.max_line_bytes} bytes", name)
+            yield row
+    except UnicodeDecodeError as exc:
+        raise ArchiveError(f"invalid UTF-8 ({exc.reason} at byte {exc.start})", name) from None
+    except csv.Error as exc:
+        raise ArchiveError(f"CSV does not parse ({exc})", name) from None

@@ -1,0 +1,191 @@
+"""`ganymede` (admin) and the old scripts' manual commands.
+
+The manual commands build the very same Luigi command line that cron runs
+(`luigi --module ganymede.tasks …`) and hand it to Luigi's own entry point,
+so a manual run and a cron run cannot disagree, share the central scheduler
+(no task runs twice at once) and exit with the same [retcode] codes.
+"""
+import argparse
+import sys
+from contextlib import closing
+from datetime import datetime
+
+import luigi.retcodes
+
+from . import config, hours
+from .errors import GanymedeError
+from .stores import mysql, txlog
+
+
+def _fail(message, code=2):
+    print(f"ganymede: {message}", file=sys.stderr)
+    return code
+
+
+def _hour_arg(text):
+    try:
+        return hours.parse_hour(text)
+    except GanymedeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def run_luigi(task_args, local_scheduler=False):
+    """Run `luigi --module ganymede.tasks <task_args>` in-process; exits with Luigi's retcode."""
+    argv = ["--module", "ganymede.tasks", *task_args] + (["--local-scheduler"] if local_scheduler else [])
+    luigi.retcodes.run_with_retcodes(argv)
+
+
+# --- ganymede (admin) ----------------------------------------------------------
+
+def _db_upgrade(args):
+    applied = mysql.upgrade(config.mysql())
+    print(f"schema at version {mysql.LATEST}" + (f" (applied {applied})" if applied else " (nothing to do)"))
+
+
+def _agents_add(args):
+    with closing(mysql.connect(config.mysql())) as conn:
+        token = txlog.add_agent(conn, args.agent_id, args.geo)
+    print(f"agent {args.agent_id} (geo {args.geo}) added; its token, shown only now:\n{token}")
+
+
+def _agents_list(args):
+    with closing(mysql.connect(config.mysql())) as conn:
+        rows = txlog.list_agents(conn)
+    for r in rows:
+        state = "active" if r["active"] else f"revoked {r['revoked_at']:%Y-%m-%dT%H:%M:%SZ}"
+        print(f"{r['agent_id']:<24} {r['geo']:<12} {state}")
+
+
+def _agents_revoke(args):
+    with closing(mysql.connect(config.mysql())) as conn:
+        txlog.revoke_agent(conn, args.agent_id)
+    print(f"agent {args.agent_id} revoked")
+
+
+def _admin_token(args):
+    with closing(mysql.connect(config.mysql())) as conn:
+        token = txlog.add_admin_token(conn, args.name)
+    print(f"admin token {args.name!r}, shown only now:\n{token}")
+
+
+def _demo(args):
+    from . import demo
+    return demo.main(args)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="ganymede", description="Ganymede administration")
+    sub = parser.add_subparsers(dest="command", required=True)
+    db = sub.add_parser("db", help="the MySQL schema").add_subparsers(dest="db_command", required=True)
+    db.add_parser("upgrade", help="create or upgrade the schema (idempotent)").set_defaults(func=_db_upgrade)
+    agents = sub.add_parser("agents", help="GEO agents").add_subparsers(dest="agents_command", required=True)
+    add = agents.add_parser("add", help="register an agent and print its token once")
+    add.add_argument("agent_id")
+    add.add_argument("--geo", required=True)
+    add.set_defaults(func=_agents_add)
+    agents.add_parser("list", help="list agents").set_defaults(func=_agents_list)
+    revoke = agents.add_parser("revoke", help="revoke an agent's token")
+    revoke.add_argument("agent_id")
+    revoke.set_defaults(func=_agents_revoke)
+    admin = sub.add_parser("admin-token", help="create (or rotate) an admin token and print it once")
+    admin.add_argument("name")
+    admin.set_defaults(func=_admin_token)
+    demo = sub.add_parser("demo", help="run a demo hour end to end on the local services")
+    demo.add_argument("--dir", default=".demo", help="where the demo keeps its config and state")
+    demo.add_argument("--agents", type=int, default=3)
+    demo.add_argument("--local-scheduler", action="store_true", help="do not use luigid")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except GanymedeError as exc:
+        return _fail(str(exc), 1)
+
+
+# --- the old scripts' manual commands -------------------------------------------
+
+def _transaction_task(task, argv, prog, option):
+    parser = argparse.ArgumentParser(prog=prog, description=f"Run {task} for one transaction through Luigi")
+    if option:
+        parser.add_argument(option, dest="transaction_id", required=True)
+    else:
+        parser.add_argument("transaction_id")
+    parser.add_argument("--local-scheduler", action="store_true", help="do not use luigid")
+    args = parser.parse_args(argv)
+    try:
+        with closing(mysql.connect(config.mysql())) as conn:
+            tx = txlog.get_transaction(conn, args.transaction_id)
+    except GanymedeError as exc:
+        sys.exit(_fail(str(exc), 1))
+    if not tx or tx["state"] not in ("completed", "superseded"):
+        sys.exit(_fail(f"no completed transaction {args.transaction_id!r}"
+                       + (f" (it is {tx['state']})" if tx else ""), 2))
+    run_luigi([task, "--transaction-id", tx["transaction_id"], "--hour", hours.format_hour(tx["hour"]),
+               "--agent-id", tx["agent_id"]], args.local_scheduler)
+
+
+def worker_main(argv=None):
+    """ganymede-worker TXID: stage one transaction."""
+    _transaction_task("StageTransaction", argv, "ganymede-worker", None)
+
+
+def worker_etl_main(argv=None):
+    """ganymede-worker-etl --transactionid=TXID: load one transaction into MongoDB."""
+    _transaction_task("LoadTransaction", argv, "ganymede-worker-etl", "--transactionid")
+
+
+def _hour_from_parts(args):
+    if all(v is None for v in (args.y, args.m, args.d, args.h)):
+        return hours.last_complete_hour()
+    if any(v is None for v in (args.y, args.m, args.d, args.h)):
+        raise GanymedeError("give all of -y -m -d -h, or none for the last complete UTC hour")
+    try:
+        return datetime(int(args.y), int(args.m), int(args.d), int(args.h))
+    except ValueError as exc:
+        raise GanymedeError(f"not a valid UTC hour: {exc}") from None
+
+
+def glassbeam_extract_main(argv=None):
+    """ganymede-glassbeam-extract [-y YYYY -m M -d D -h H]: the old script's options, hour in UTC."""
+    parser = argparse.ArgumentParser(prog="ganymede-glassbeam-extract", add_help=False,
+                                     description="Build (or rebuild) one UTC hour's Glassbeam extract")
+    parser.add_argument("--help", action="help", help="show this help and exit")
+    parser.add_argument("-y", metavar="YYYY", help="year")
+    parser.add_argument("-m", metavar="MM", help="month (1-12, leading zero optional)")
+    parser.add_argument("-d", metavar="DD", help="day")
+    parser.add_argument("-h", metavar="HH", help="hour, 0-23 UTC (military time)")
+    parser.add_argument("--force", action="store_true", help="rebuild the hour's extract even if it exists")
+    parser.add_argument("--local-scheduler", action="store_true", help="do not use luigid")
+    args = parser.parse_args(argv)
+    try:
+        hour = _hour_from_parts(args)
+        if args.force:
+            _forget_extract(hour)
+    except GanymedeError as exc:
+        sys.exit(_fail(str(exc)))
+    run_luigi(["GlassbeamExtract", "--hour", hours.format_hour(hour)], args.local_scheduler)
+
+
+def _forget_extract(hour):
+    """--force: set the round-0 extract's manifest aside so Luigi builds it again."""
+    import os
+    from .paths import StateRoot
+    manifest = StateRoot(config.state().root).extract_manifest(hour, 0)
+    if os.path.exists(manifest):
+        os.replace(manifest, manifest + f".replaced-{hours.now():%Y%m%dT%H%M%S}")
+
+
+def hourly_backup_main(argv=None):
+    """ganymede-hourly-backup [--hour H]: the cron entry point, by hand."""
+    parser = argparse.ArgumentParser(prog="ganymede-hourly-backup", description="Run the whole graph for one UTC hour")
+    parser.add_argument("--hour", type=_hour_arg, default=None, help="YYYY-MM-DDTHH (default: last complete UTC hour)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--local-scheduler", action="store_true", help="do not use luigid")
+    args = parser.parse_args(argv)
+    hour = args.hour or hours.last_complete_hour()
+    run_luigi(["HourlyBackup", "--hour", hours.format_hour(hour), "--workers", str(args.workers)],
+              args.local_scheduler)

@@ -1,0 +1,71 @@
+"""The sections of luigi.cfg, one luigi.Config class each.
+
+Class names are the section names, as in Luigi's own `core` and `email`.
+Nothing here holds a secret: MySQL passwords come from an option file, S3 keys
+from .s3curl, agent tokens are stored hashed in MySQL.
+"""
+import luigi
+
+
+class state(luigi.Config):
+    root = luigi.Parameter(default="/var/lib/ganymede",
+                           description="State root: upload/, archives/, quarantine/, state/, extracts/, backup/")
+
+
+class mysql(luigi.Config):
+    host = luigi.Parameter(default="127.0.0.1", description="MySQL/MariaDB host")
+    port = luigi.IntParameter(default=3306, description="MySQL/MariaDB port")
+    user = luigi.Parameter(default="root", description="MySQL user")
+    database = luigi.Parameter(default="ganymede", description="Schema holding agents, transactions and staging")
+    option_file = luigi.Parameter(default="",
+                                  description="my.cnf-style file with the password ([client] section); empty: none")
+    connect_timeout = luigi.IntParameter(default=5, description="Seconds to wait for a connection")
+
+
+class mongodb(luigi.Config):
+    uri = luigi.Parameter(default="mongodb://127.0.0.1:27017/",
+                          description="MongoDB connection URI (no credentials here; use a URI file in production)")
+    database = luigi.Parameter(default="ganymede", description="Database holding one collection per dataset")
+    batch_size = luigi.IntParameter(default=2000, description="Documents per bulk write and per staged-row batch")
+
+
+class s3(luigi.Config):
+    endpoint_url = luigi.Parameter(default="http://127.0.0.1:9000", description="S3 API endpoint of Cloud Files")
+    region = luigi.Parameter(default="us-east-1", description="Region name sent in signatures")
+    s3curl_path = luigi.Parameter(default="~/.s3curl", description="The s3curl credentials file (mode 0600)")
+    profile = luigi.Parameter(default="ganymede", description="Profile name inside .s3curl")
+    bucket_template = luigi.Parameter(default="ganymede-{yyyymmddhh}",
+                                      description="Bucket per hour; {yyyymmddhh} is replaced by the UTC hour")
+    checksum_mode = luigi.ChoiceParameter(default="when_required", choices=["when_required", "when_supported"],
+                                          description="boto3 request/response checksum mode; when_required for non-AWS servers")
+    multipart_threshold_mb = luigi.IntParameter(default=64, description="Files at least this large go multipart")
+    multipart_chunk_mb = luigi.IntParameter(default=16, description="Part size for multipart uploads")
+    max_concurrency = luigi.IntParameter(default=4, description="Parallel part/object uploads")
+
+
+class api(luigi.Config):
+    host = luigi.Parameter(default="127.0.0.1", description="Address ganymede-api listens on")
+    port = luigi.IntParameter(default=8750, description="Port ganymede-api listens on")
+    max_archive_mb = luigi.IntParameter(default=512, description="Largest archive upload accepted (HTTP 413 above)")
+    retention_hours = luigi.IntParameter(default=24 * 14,
+                                         description="Oldest hour an agent may still send (HTTP 422 beyond)")
+    max_member_mb = luigi.IntParameter(default=4096,
+                                       description="Largest uncompressed file inside an archive (archive refused above)")
+    max_total_mb = luigi.IntParameter(default=8192,
+                                      description="Largest uncompressed total of an archive (archive refused above)")
+    min_free_mb = luigi.IntParameter(default=1024,
+                                     description="Free disk under the state root below which uploads get 507 and /healthz 503")
+    tls_cert = luigi.Parameter(default="", description="PEM certificate chain for HTTPS; empty with tls_key: plain HTTP")
+    tls_key = luigi.Parameter(default="", description="PEM private key for tls_cert (file mode 0600)")
+    idle_timeout = luigi.IntParameter(default=75, description="Seconds an idle keep-alive connection stays open")
+    body_timeout = luigi.IntParameter(default=3600, description="Seconds allowed to receive one request body (an upload)")
+    executor_threads = luigi.IntParameter(default=16,
+                                          description="Threads for disk, validation and MySQL work kept off the event loop")
+    retry_after = luigi.IntParameter(default=15,
+                                     description="Seconds sent in Retry-After with 503 answers (MySQL down, busy transaction)")
+
+
+class extract(luigi.Config):
+    deadline_minutes = luigi.IntParameter(default=45,
+                                          description="Minutes after an hour ends before its extract goes without missing agents")
+    outbox = luigi.Parameter(default="", description="Directory the extract is delivered to; empty: <state root>/outbox")

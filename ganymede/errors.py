@@ -1,0 +1,60 @@
+"""Every exception Ganymede raises on purpose, defined once.
+
+Archive format errors live with the format, in ganymede_agent.archive, since
+the agent must not import the server.
+
+Each carries the context an operator needs to act (which transaction, which
+file, which command and what it printed) and never a secret.
+"""
+
+
+class GanymedeError(Exception):
+    """Base class: an expected failure with a message fit for an operator."""
+
+
+class ConfigError(GanymedeError):
+    """A setting is missing or invalid."""
+
+
+class HourError(GanymedeError, ValueError):
+    """An hour string or value that is not a valid UTC hour."""
+
+
+class S3CredentialsError(GanymedeError):
+    """The .s3curl file is unreadable, too open, malformed or lacks the profile."""
+
+
+class S3BackupError(GanymedeError):
+    """An S3 operation failed: server down, bad credentials, foreign bucket, bad checksum."""
+
+
+class StoreUnavailable(GanymedeError):
+    """A database (MySQL or MongoDB) cannot be reached."""
+
+
+class SchemaError(GanymedeError):
+    """The MySQL schema is missing, too old or too new for this code."""
+
+
+class AgentError(GanymedeError):
+    """An agent registry operation failed (unknown agent, duplicate id)."""
+
+
+class TransactionError(GanymedeError):
+    """A transaction cannot make the requested move; `status` is the HTTP answer."""
+
+    def __init__(self, message, status=409, transaction_id=None):
+        super().__init__(message)
+        self.status = status
+        self.transaction_id = transaction_id
+
+
+class CommandError(GanymedeError):
+    """An external command failed; the message carries its stderr tail."""
+
+    def __init__(self, argv, returncode, stderr):
+        tail = (stderr or "").strip()[-2000:]
+        super().__init__(f"{argv[0]} exited {returncode}: {tail}")
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = tail

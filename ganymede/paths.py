@@ -1,0 +1,79 @@
+"""The state-root layout, in one place.
+
+Everything under the root is hour-stamped (…/YYYY/MM/DD/HH/…) so that a range
+of hours can be checked by looking at paths alone.
+"""
+import os
+import re
+
+from . import hours
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_id(value, what="id"):
+    """Agent ids and transaction ids become path parts: allow nothing that can escape."""
+    if not isinstance(value, str) or not _SAFE_ID.match(value) or ".." in value:
+        raise ValueError(f"invalid {what}: {value!r}")
+    return value
+
+
+def hour_dir(hour):
+    return hours.floor_hour(hour).strftime("%Y/%m/%d/%H")
+
+
+def day_dir(hour):
+    return hours.floor_hour(hour).strftime("%Y/%m/%d")
+
+
+class StateRoot:
+    """Paths under one state root; nothing here touches the disk."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(os.path.expanduser(root))
+
+    def _join(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    def incoming(self, transaction_id):
+        return self._join("incoming", check_id(transaction_id, "transaction id") + ".part")
+
+    def _archive(self, area, hour, agent_id, transaction_id):
+        return self._join(area, hour_dir(hour), check_id(agent_id, "agent id"),
+                          check_id(transaction_id, "transaction id") + ".tar.gz")
+
+    def upload(self, hour, agent_id, transaction_id):
+        return self._archive("upload", hour, agent_id, transaction_id)
+
+    def archived(self, hour, agent_id, transaction_id):
+        return self._archive("archives", hour, agent_id, transaction_id)
+
+    def quarantine(self, hour, agent_id, transaction_id):
+        return self._archive("quarantine", hour, agent_id, transaction_id)
+
+    def transaction_marker(self, hour, agent_id, transaction_id, stage):
+        """state/…/HH/<agent>/<tx>.<stage>.json, e.g. stage 'staged' or 'loaded'."""
+        return self._join("state", hour_dir(hour), check_id(agent_id, "agent id"),
+                          f"{check_id(transaction_id, 'transaction id')}.{stage}.json")
+
+    def hour_marker(self, hour, stage):
+        """state/…/HH/<stage>.json, e.g. 'extract' or 'backup'."""
+        return self._join("state", hour_dir(hour), f"{stage}.json")
+
+    def extract(self, hour, part=0):
+        """extracts/YYYY/MM/DD/ganymede-YYYYMMDDHH.jsonl.gz; part N>0 is the Nth supplementary extract."""
+        suffix = "" if part == 0 else f"-s{part}"
+        return self._join("extracts", day_dir(hour), f"ganymede-{hours.compact(hour)}{suffix}.jsonl.gz")
+
+    def extract_manifest(self, hour, part=0):
+        return self.extract(hour, part)[: -len(".jsonl.gz")] + ".manifest.json"
+
+    def backup_dump(self, hour, part=0):
+        return self._join("backup", hour_dir(hour), "ganymede.sql.gz" if part == 0 else f"ganymede-s{part}.sql.gz")
+
+    def hour_uploads(self, hour):
+        """The directory holding the hour's archives not yet backed up."""
+        return self._join("upload", hour_dir(hour))
+
+    def tmp(self):
+        return self._join("tmp")

@@ -1,0 +1,132 @@
+"""MySQL: connections and the versioned migrations of the `ganymede` schema.
+
+The password is never in luigi.cfg: it comes from a my.cnf-style option file
+named there (pymysql's read_default_file). Sessions run in UTC.
+"""
+import pymysql
+
+from .. import datasets
+from ..errors import SchemaError, StoreUnavailable
+
+
+def connect(cfg, database=None, autocommit=False):
+    """A new connection for `cfg` (a ganymede.config.mysql); database=None uses cfg.database, '' none."""
+    name = cfg.database if database is None else database
+    try:
+        return pymysql.connect(
+            host=cfg.host, port=cfg.port, user=cfg.user, database=name or None,
+            read_default_file=cfg.option_file or None, charset="utf8mb4",
+            local_infile=True, autocommit=autocommit, connect_timeout=cfg.connect_timeout,
+            init_command="SET time_zone = '+00:00'",
+        )
+    except pymysql.err.OperationalError as exc:
+        raise StoreUnavailable(f"MySQL at {cfg.host}:{cfg.port} (database {name!r}) unreachable: {exc.args[-1]}") from None
+
+
+def _staging_table(dataset):
+    cols = ",\n  ".join(f"`{c.name}` {c.sql_type} NOT NULL" for c in dataset.columns)
+    return (f"CREATE TABLE IF NOT EXISTS `{dataset.staging_table}` (\n"
+            f"  `row_id` BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,\n"
+            f"  `transaction_id` CHAR(36) NOT NULL,\n  {cols},\n"
+            f"  KEY `by_transaction` (`transaction_id`, `row_id`)\n) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4")
+
+
+MIGRATIONS = [
+    (1, "agents, transactions, transaction events, staging", [
+        """CREATE TABLE IF NOT EXISTS agents (
+          agent_id VARCHAR(64) NOT NULL PRIMARY KEY,
+          geo VARCHAR(64) NOT NULL,
+          token_hash CHAR(64) NOT NULL,
+          active TINYINT(1) NOT NULL DEFAULT 1,
+          created_at DATETIME(6) NOT NULL,
+          revoked_at DATETIME(6) NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+        """CREATE TABLE IF NOT EXISTS transactions (
+          transaction_id CHAR(36) NOT NULL PRIMARY KEY,
+          agent_id VARCHAR(64) NOT NULL,
+          hour DATETIME NOT NULL,
+          state VARCHAR(16) NOT NULL,
+          supersedes CHAR(36) NULL,
+          archive_path VARCHAR(512) NULL,
+          size BIGINT NULL,
+          sha256 CHAR(64) NULL,
+          error TEXT NULL,
+          created_at DATETIME(6) NOT NULL,
+          updated_at DATETIME(6) NOT NULL,
+          completed_at DATETIME(6) NULL,
+          KEY by_hour (hour, state),
+          KEY by_agent_hour (agent_id, hour),
+          CONSTRAINT fk_tx_agent FOREIGN KEY (agent_id) REFERENCES agents (agent_id)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+        """CREATE TABLE IF NOT EXISTS transaction_events (
+          event_id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+          transaction_id CHAR(36) NOT NULL,
+          at DATETIME(6) NOT NULL,
+          event VARCHAR(32) NOT NULL,
+          detail TEXT NULL,
+          KEY by_transaction (transaction_id, event_id)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+    ] + [_staging_table(d) for d in datasets.CATALOG.values()]),
+    (2, "admin tokens", [
+        """CREATE TABLE IF NOT EXISTS admin_tokens (
+          name VARCHAR(64) NOT NULL PRIMARY KEY,
+          token_hash CHAR(64) NOT NULL,
+          created_at DATETIME(6) NOT NULL,
+          revoked_at DATETIME(6) NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+    ]),
+]
+
+LATEST = MIGRATIONS[-1][0]
+
+
+def upgrade(cfg):
+    """Create the schema if needed and apply every migration not yet recorded; returns the versions applied.
+
+    Statements are idempotent (DDL commits implicitly in MySQL, so a crash
+    mid-migration is resumed by running it again); a named lock keeps two
+    upgrades from interleaving.
+    """
+    with connect(cfg, database="", autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE IF NOT EXISTS `{_quote_name(cfg.database)}` CHARACTER SET utf8mb4")
+    applied = []
+    with connect(cfg, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT GET_LOCK(%s, 60)", (f"ganymede-migrate-{cfg.database}",))
+        try:
+            cur.execute("""CREATE TABLE IF NOT EXISTS schema_version (
+                version INT NOT NULL PRIMARY KEY, description VARCHAR(200) NOT NULL,
+                applied_at DATETIME(6) NOT NULL) ENGINE=InnoDB""")
+            current = _current_version(cur)
+            for version, description, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    cur.execute(statement)
+                cur.execute("INSERT INTO schema_version VALUES (%s, %s, UTC_TIMESTAMP(6))", (version, description))
+                applied.append(version)
+        finally:
+            cur.execute("SELECT RELEASE_LOCK(%s)", (f"ganymede-migrate-{cfg.database}",))
+    return applied
+
+
+def _current_version(cur):
+    cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+    return cur.fetchone()[0]
+
+
+def check_schema(conn):
+    """Refuse to run against a schema this code does not match."""
+    with conn.cursor() as cur:
+        try:
+            version = _current_version(cur)
+        except pymysql.err.ProgrammingError:
+            raise SchemaError("no ganymede schema: run `ganymede db upgrade`") from None
+    if version != LATEST:
+        raise SchemaError(f"schema version {version}, code expects {LATEST}: run `ganymede db upgrade`")
+    return version
+
+
+def _quote_name(name):
+    if not name or "`" in name or len(name) > 64:
+        raise SchemaError(f"invalid database name {name!r}")
+    return name

@@ -1,0 +1,294 @@
+"""The backup's S3 side: one bucket per UTC hour, objects uploaded and verified.
+
+All transfer work is boto3's managed transfer (`upload_file` with a
+TransferConfig): multipart above the threshold, parts in parallel, each part
+sent with its SHA-256 so the server rejects a corrupted part. After the upload
+the object is checked against the local file (size, our sha256 in the user
+metadata, the server's ChecksumSHA256), so "uploaded" means "verified".
+
+Every boto3/botocore failure leaves this module as S3BackupError with a message
+an operator can act on; none of them carries the secret key.
+"""
+import base64
+import hashlib
+import logging
+import os
+import re
+from contextlib import contextmanager
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+
+from .. import hours, s3curl
+from ..errors import ConfigError, S3BackupError
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 120
+MAX_ATTEMPTS = 3
+MIN_PART_MB = 5  # S3's smallest part (all but the last)
+
+_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+               "AuthorizationHeaderMalformed", "InvalidClientTokenId"}
+_DENIED_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
+_MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+_COMPOSITE = re.compile(r"-\d+$")
+
+
+class S3Store:
+    """A configured S3 client plus the transfer settings backups use.
+
+    `profile` and `s3curl_path` are only names for error messages: they tell
+    the operator which credentials to fix, without ever holding the secret.
+    """
+
+    def __init__(self, client, transfer, endpoint_url, profile="", s3curl_path=""):
+        self.client = client
+        self.transfer = transfer
+        self.endpoint_url = endpoint_url
+        self.profile = profile
+        self.s3curl_path = s3curl_path
+
+    def __repr__(self):
+        return f"S3Store({self.endpoint_url!r}, profile={self.profile!r})"
+
+    # --- buckets -----------------------------------------------------------
+
+    def ensure_bucket(self, name):
+        """Create the bucket, or accept it if it exists and is ours; refuse someone else's."""
+        try:
+            with self._errors(f"creating bucket {name}"):
+                self.client.create_bucket(Bucket=name, **self._location())
+            log.info("bucket %s ready", name)
+        except S3BackupError as exc:
+            code = _code(exc.__cause__)
+            if code == "BucketAlreadyOwnedByYou":
+                return
+            if code == "BucketAlreadyExists" and self._owns(name):
+                return
+            if code == "BucketAlreadyExists":
+                raise S3BackupError(
+                    f"bucket {name} already exists at {self.endpoint_url} and belongs to another account: "
+                    "change bucket_template in luigi.cfg [s3]") from None
+            if code in _DENIED_CODES and self._usable(name):
+                return  # keys without CreateBucket, bucket made by an administrator
+            raise
+
+    def _usable(self, name):
+        try:
+            with self._errors(f"checking bucket {name}"):
+                self.client.head_bucket(Bucket=name)
+            return True
+        except S3BackupError:
+            return False
+
+    def _location(self):
+        region = self.client.meta.region_name
+        if region and region != "us-east-1":
+            return {"CreateBucketConfiguration": {"LocationConstraint": region}}
+        return {}
+
+    def _owns(self, name):
+        """ListBuckets lists exactly the buckets the caller owns: the one reliable ownership test."""
+        with self._errors(f"checking who owns bucket {name}"):
+            pages = self.client.get_paginator("list_buckets").paginate(Prefix=name)
+            return any(bucket["Name"] == name for page in pages for bucket in page.get("Buckets", []))
+
+    # --- objects -----------------------------------------------------------
+
+    def put_verified(self, bucket, key, path, sha256=None):
+        """Upload `path` to bucket/key unless an identical verified copy is there; return what happened.
+
+        Returns "skipped" or "uploaded". A copy that fails verification after
+        upload is deleted, so a later run uploads again instead of skipping it.
+        """
+        digest = sha256 or sha256_file(path)
+        size = os.path.getsize(path)
+        existing = self.describe(bucket, key)
+        if existing and not self._mismatch(existing, size, digest):
+            log.info("s3://%s/%s already verified, skipped", bucket, key)
+            return "skipped"
+        self._upload(bucket, key, path, digest)
+        uploaded = self.describe(bucket, key)
+        problem = self._mismatch(uploaded, size, digest) if uploaded else "object missing after upload"
+        if problem:
+            with self._errors(f"removing unverified s3://{bucket}/{key}"):
+                self.client.delete_object(Bucket=bucket, Key=key)
+            raise S3BackupError(f"verification of s3://{bucket}/{key} (from {path}) failed: {problem}")
+        log.info("uploaded and verified s3://%s/%s (%d bytes)", bucket, key, size)
+        return "uploaded"
+
+    def _upload(self, bucket, key, path, digest):
+        extra = {"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": digest}}
+        with self._errors(f"uploading {path} to s3://{bucket}/{key}"):
+            self.client.upload_file(path, bucket, key, ExtraArgs=extra, Config=self.transfer)
+
+    def _mismatch(self, described, size, digest):
+        """Why the object does not match the local file, or None if it does."""
+        if described["Size"] != size:
+            return f"size {described['Size']} != local {size}"
+        if described["sha256"] != digest:
+            return "sha256 metadata differs from the local file"
+        checksum = described["ChecksumSHA256"]
+        if not checksum:
+            return "the server reports no SHA-256 checksum"
+        if checksum == _b64(digest):
+            return None
+        # A multipart object's checksum covers its parts' checksums ("...-N");
+        # each part was checked by the server on upload. Some servers omit "-N".
+        if _COMPOSITE.search(checksum) or size >= self.transfer.multipart_threshold:
+            return None
+        return "the server's SHA-256 differs from the local file's"
+
+    def describe(self, bucket, key):
+        """Size, ETag, our sha256 and the server's SHA-256 of one object; None if absent."""
+        try:
+            with self._errors(f"reading s3://{bucket}/{key}"):
+                head = self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        except S3BackupError as exc:
+            if _code(exc.__cause__) in _MISSING_CODES:
+                return None
+            raise
+        return {
+            "Key": key,
+            "Size": head["ContentLength"],
+            "ETag": head.get("ETag", "").strip('"'),
+            "sha256": head.get("Metadata", {}).get("sha256"),
+            "ChecksumSHA256": head.get("ChecksumSHA256"),
+            "LastModified": head.get("LastModified"),
+        }
+
+    def list_objects(self, bucket, prefix=""):
+        """Every object of the bucket as {Key, Size, ETag}; one request per 1000 keys, no HEADs."""
+        with self._errors(f"listing s3://{bucket}/{prefix}"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            return [{"Key": obj["Key"], "Size": obj["Size"], "ETag": obj.get("ETag", "").strip('"')}
+                    for page in pages for obj in page.get("Contents", [])]
+
+    # --- errors ------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, action):
+        """Turn whatever boto3 raises into S3BackupError with an operator's message."""
+        try:
+            yield
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, S3UploadFailedError) as exc:
+            cause = _root(exc)
+            raise S3BackupError(self._explain(cause, action)) from cause
+
+    def _explain(self, exc, action):
+        where = self.endpoint_url
+        if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
+            return f"S3 endpoint {where} unreachable while {action}: {exc}"
+        if isinstance(exc, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectionClosedError)):
+            return f"S3 endpoint {where} stopped answering while {action}: {exc}"
+        code = _code(exc)
+        if code is None:
+            return f"S3 {action} failed at {where}: {exc}"
+        message = exc.response.get("Error", {}).get("Message") or ""
+        if code in _AUTH_CODES:
+            return (f"S3 at {where} rejected the credentials of profile {self.profile!r} ({code}) "
+                    f"while {action}: check {self.s3curl_path or '.s3curl'}")
+        if code in _DENIED_CODES:
+            return (f"S3 at {where} denied access ({code}) while {action}: the credentials of profile "
+                    f"{self.profile!r} in {self.s3curl_path or '.s3curl'} are wrong or lack permission")
+        if code == "NoSuchBucket":
+            return f"S3 at {where}: no such bucket while {action}"
+        return f"S3 at {where} refused {action}: {code} {message}".rstrip()
+
+
+def _root(exc):
+    """The botocore error behind boto3's S3UploadFailedError, which keeps it only as context."""
+    seen = exc
+    while isinstance(seen, S3UploadFailedError) and (seen.__cause__ or seen.__context__):
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
+def _code(exc):
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code") or exc.response.get(
+            "ResponseMetadata", {}).get("HTTPStatusCode", "")) or None
+    return None
+
+
+def _b64(hex_digest):
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode("ascii")
+
+
+def make_client(cfg, creds):
+    """An S3Store for a `ganymede.config.s3` section and the Credentials from .s3curl.
+
+    Path-style addressing because hourly bucket names are not DNS entries of
+    Cloud Files; checksum mode from the config because boto3's default CRC32
+    headers are rejected by some S3-compatible stores.
+    """
+    if cfg.multipart_chunk_mb < MIN_PART_MB:
+        raise ConfigError(f"[s3] multipart_chunk_mb must be at least {MIN_PART_MB} (S3's smallest part)")
+    if cfg.max_concurrency < 1:
+        raise ConfigError("[s3] max_concurrency must be at least 1")
+    boto_config = botocore.config.Config(
+        region_name=cfg.region,
+        s3={"addressing_style": "path"},
+        signature_version="s3v4",
+        request_checksum_calculation=cfg.checksum_mode,
+        response_checksum_validation=cfg.checksum_mode,
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=READ_TIMEOUT_S,
+        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        max_pool_connections=max(10, cfg.max_concurrency),
+    )
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=cfg.endpoint_url, aws_access_key_id=creds.id,
+        aws_secret_access_key=creds.key, config=boto_config)
+    transfer = TransferConfig(
+        multipart_threshold=cfg.multipart_threshold_mb * MIB,
+        multipart_chunksize=cfg.multipart_chunk_mb * MIB,
+        max_concurrency=cfg.max_concurrency,
+        use_threads=True,
+    )
+    return S3Store(client, transfer, cfg.endpoint_url,
+                   profile=getattr(cfg, "profile", ""), s3curl_path=getattr(cfg, "s3curl_path", ""))
+
+
+def connect(cfg):
+    """make_client with the credentials of cfg.profile read from cfg.s3curl_path."""
+    return make_client(cfg, s3curl.load(cfg.s3curl_path, cfg.profile))
+
+
+_INVALID = re.compile(r"[^a-z0-9-]+")
+_HYPHENS = re.compile(r"-{2,}")
+
+
+def bucket_name(template, hour, prefix=""):
+    """The bucket for one UTC hour: `prefix` + template with {yyyymmddhh} filled, made S3-valid.
+
+    Invalid characters become '-' rather than an error, so a template like
+    'Ganymede_Backups.{yyyymmddhh}' just works; a name that cannot be valid
+    (too long, too short, no hour in it) is a ConfigError, never truncated,
+    because truncation could map two hours to one bucket.
+    """
+    if "{yyyymmddhh}" not in template:
+        raise ConfigError(f"[s3] bucket_template {template!r} must contain {{yyyymmddhh}}: one bucket per hour")
+    raw = prefix + template.replace("{yyyymmddhh}", hours.compact(hour))
+    name = _HYPHENS.sub("-", _INVALID.sub("-", raw.lower())).strip("-")
+    if not 3 <= len(name) <= 63:
+        raise ConfigError(f"bucket name {name!r} from template {template!r} is {len(name)} characters; "
+                          "S3 allows 3 to 63")
+    if name.startswith("sthree-") or name.endswith("-s3alias"):
+        raise ConfigError(f"bucket name {name!r} uses a prefix or suffix S3 reserves")
+    return name
+
+
+def sha256_file(path, chunk_size=MIB):
+    """Hex SHA-256 of a file, read in chunks so a large dump never sits in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,238 @@
+"""The transaction log: agents, transactions and their append-only events.
+
+Every function takes an open pymysql connection and commits what it changed
+together with the matching event row, so the log never disagrees with the
+state. Rules (one accepted transaction per agent and hour, replacements,
+idempotent retries) live here, not in the HTTP handlers.
+"""
+import hashlib
+import hmac
+import json
+import secrets
+import uuid
+
+import pymysql
+
+from .. import hours
+from ..errors import AgentError, TransactionError
+
+OPEN_STATES = ("created", "uploaded")
+_TX_COLUMNS = ("transaction_id, agent_id, hour, state, supersedes, archive_path, size, sha256, error, "
+               "created_at, updated_at, completed_at")
+
+
+def hash_token(token):
+    """Tokens are 256-bit random strings, so one SHA-256 is enough to make a stored hash useless to a thief."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token():
+    return secrets.token_urlsafe(32)
+
+
+# --- agents -----------------------------------------------------------------
+
+def add_agent(conn, agent_id, geo):
+    """Register an agent; returns its token, which is shown once and stored only hashed."""
+    token = new_token()
+    with conn.cursor() as cur:
+        try:
+            cur.execute("INSERT INTO agents (agent_id, geo, token_hash, active, created_at) "
+                        "VALUES (%s, %s, %s, 1, UTC_TIMESTAMP(6))", (agent_id, geo, hash_token(token)))
+        except pymysql.err.IntegrityError:
+            conn.rollback()
+            raise AgentError(f"agent {agent_id!r} already exists") from None
+    conn.commit()
+    return token
+
+
+def list_agents(conn):
+    with conn.cursor(pymysql.cursors.DictCursor) as cur:
+        cur.execute("SELECT agent_id, geo, active, created_at, revoked_at FROM agents ORDER BY agent_id")
+        return cur.fetchall()
+
+
+def revoke_agent(conn, agent_id):
+    with conn.cursor() as cur:
+        cur.execute("UPDATE agents SET active = 0, revoked_at = COALESCE(revoked_at, UTC_TIMESTAMP(6)) "
+                    "WHERE agent_id = %s", (agent_id,))
+        found = cur.rowcount
+    conn.commit()
+    if not found:
+        raise AgentError(f"no agent {agent_id!r}")
+
+
+def authenticate(conn, agent_id, token):
+    """The agent row if `token` is this agent's and it is active; None otherwise (never says which)."""
+    with conn.cursor(pymysql.cursors.DictCursor) as cur:
+        cur.execute("SELECT agent_id, geo, token_hash, active FROM agents WHERE agent_id = %s", (agent_id,))
+        row = cur.fetchone()
+    expected = row["token_hash"] if row else hash_token("no-such-agent")
+    if hmac.compare_digest(expected, hash_token(token or "")) and row and row["active"]:
+        return row
+    return None
+
+
+def add_admin_token(conn, name):
+    """A token for the roster and status endpoints; shown once, stored hashed."""
+    token = new_token()
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO admin_tokens (name, token_hash, created_at) VALUES (%s, %s, UTC_TIMESTAMP(6)) "
+                    "ON DUPLICATE KEY UPDATE token_hash = VALUES(token_hash), created_at = VALUES(created_at), "
+                    "revoked_at = NULL", (name, hash_token(token)))
+    conn.commit()
+    return token
+
+
+def authenticate_admin(conn, token):
+    """True if `token` is a live admin token (compared in constant time against each)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT token_hash FROM admin_tokens WHERE revoked_at IS NULL")
+        hashes = [r[0] for r in cur.fetchall()]
+    presented = hash_token(token or "")
+    return any([hmac.compare_digest(h, presented) for h in hashes])
+
+
+def expected_agents(conn, hour):
+    """Agents active at `hour`: registered before it ended and not revoked before it began."""
+    start, end = hours.window(hour)
+    with conn.cursor() as cur:
+        cur.execute("SELECT agent_id FROM agents WHERE created_at < %s AND (revoked_at IS NULL OR revoked_at >= %s) "
+                    "ORDER BY agent_id", (end, start))
+        return [r[0] for r in cur.fetchall()]
+
+
+# --- transactions -------------------------------------------------------------
+
+def _event(cur, transaction_id, event, detail=None):
+    cur.execute("INSERT INTO transaction_events (transaction_id, at, event, detail) VALUES (%s, UTC_TIMESTAMP(6), %s, %s)",
+                (transaction_id, event, json.dumps(detail, sort_keys=True, default=str) if detail is not None else None))
+
+
+def _rows(cur):
+    return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
+
+
+def get_transaction(conn, transaction_id, for_update=False):
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE transaction_id = %s"
+                    + (" FOR UPDATE" if for_update else ""), (transaction_id,))
+        rows = _rows(cur)
+    return rows[0] if rows else None
+
+
+def create_transaction(conn, agent_id, hour, replace=False):
+    """(transaction row, created?) for agent and hour.
+
+    A retry gets the open transaction it created before. A completed hour
+    answers 409 unless `replace`; a replacement supersedes the completed one
+    once it completes itself.
+    """
+    hour = hours.floor_hour(hour)
+    with conn.cursor() as cur:
+        cur.execute("SELECT agent_id FROM agents WHERE agent_id = %s FOR UPDATE", (agent_id,))
+        if not cur.fetchone():
+            conn.rollback()
+            raise TransactionError(f"unknown agent {agent_id!r}", status=403)
+        cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE agent_id = %s AND hour = %s "
+                    "AND state IN ('created', 'uploaded', 'completed') ORDER BY created_at", (agent_id, hour))
+        existing = _rows(cur)
+        completed = [t for t in existing if t["state"] == "completed"]
+        open_ = [t for t in existing if t["state"] in OPEN_STATES]
+        if open_ and bool(open_[0]["supersedes"]) == bool(replace and completed):
+            conn.rollback()
+            return open_[0], False
+        if completed and not replace:
+            conn.rollback()
+            raise TransactionError(f"agent {agent_id!r} already completed hour {hours.format_hour(hour)} "
+                                   f"(transaction {completed[0]['transaction_id']}); send replace=true to replace it",
+                                   status=409, transaction_id=completed[0]["transaction_id"])
+        for stale in open_:
+            cur.execute("UPDATE transactions SET state = 'failed', error = %s, updated_at = UTC_TIMESTAMP(6) "
+                        "WHERE transaction_id = %s", ("abandoned for a newer request", stale["transaction_id"]))
+            _event(cur, stale["transaction_id"], "failed", {"reason": "abandoned for a newer request"})
+        transaction_id = str(uuid.uuid4())
+        supersedes = completed[0]["transaction_id"] if completed else None
+        cur.execute("INSERT INTO transactions (transaction_id, agent_id, hour, state, supersedes, created_at, updated_at) "
+                    "VALUES (%s, %s, %s, 'created', %s, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+                    (transaction_id, agent_id, hour, supersedes))
+        _event(cur, transaction_id, "created", {"agent_id": agent_id, "hour": hours.format_hour(hour),
+                                                "supersedes": supersedes})
+    conn.commit()
+    return get_transaction(conn, transaction_id), True
+
+
+def mark_uploaded(conn, transaction_id, size, sha256):
+    """The archive's bytes are on disk and match the sha256 the agent announced."""
+    with conn.cursor() as cur:
+        tx = _locked(conn, cur, transaction_id, OPEN_STATES)
+        if tx["state"] == "uploaded" and tx["sha256"] == sha256 and tx["size"] == size:
+            conn.rollback()
+            return tx
+        cur.execute("UPDATE transactions SET state = 'uploaded', size = %s, sha256 = %s, updated_at = UTC_TIMESTAMP(6) "
+                    "WHERE transaction_id = %s", (size, sha256, transaction_id))
+        _event(cur, transaction_id, "uploaded", {"size": size, "sha256": sha256})
+    conn.commit()
+    return get_transaction(conn, transaction_id)
+
+
+def mark_completed(conn, transaction_id, archive_path, counts):
+    """The archive was validated and moved into upload/; a replacement retires what it supersedes."""
+    with conn.cursor() as cur:
+        tx = _locked(conn, cur, transaction_id, ("uploaded",))
+        cur.execute("UPDATE transactions SET state = 'completed', archive_path = %s, completed_at = UTC_TIMESTAMP(6), "
+                    "updated_at = UTC_TIMESTAMP(6) WHERE transaction_id = %s", (archive_path, transaction_id))
+        _event(cur, transaction_id, "completed", {"rows": counts})
+        if tx["supersedes"]:
+            cur.execute("UPDATE transactions SET state = 'superseded', updated_at = UTC_TIMESTAMP(6) "
+                        "WHERE transaction_id = %s AND state = 'completed'", (tx["supersedes"],))
+            _event(cur, tx["supersedes"], "superseded", {"by": transaction_id})
+    conn.commit()
+    return get_transaction(conn, transaction_id)
+
+
+def mark_failed(conn, transaction_id, reason, detail=None):
+    with conn.cursor() as cur:
+        _locked(conn, cur, transaction_id, OPEN_STATES)
+        cur.execute("UPDATE transactions SET state = 'failed', error = %s, updated_at = UTC_TIMESTAMP(6) "
+                    "WHERE transaction_id = %s", (reason[:2000], transaction_id))
+        _event(cur, transaction_id, "failed", dict(detail or {}, reason=reason[:2000]))
+    conn.commit()
+    return get_transaction(conn, transaction_id)
+
+
+def _locked(conn, cur, transaction_id, states):
+    cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE transaction_id = %s FOR UPDATE", (transaction_id,))
+    rows = _rows(cur)
+    if not rows:
+        conn.rollback()
+        raise TransactionError(f"no transaction {transaction_id}", status=404, transaction_id=transaction_id)
+    if rows[0]["state"] not in states:
+        conn.rollback()
+        raise TransactionError(f"transaction {transaction_id} is {rows[0]['state']}, not {' or '.join(states)}",
+                               status=409, transaction_id=transaction_id)
+    return rows[0]
+
+
+def append_event(conn, transaction_id, event, detail=None):
+    """A pipeline step (staged, loaded, backed_up, …) finished for this transaction."""
+    with conn.cursor() as cur:
+        _event(cur, transaction_id, event, detail)
+    conn.commit()
+
+
+def events(conn, transaction_id):
+    with conn.cursor() as cur:
+        cur.execute("SELECT at, event, detail FROM transaction_events WHERE transaction_id = %s ORDER BY event_id",
+                    (transaction_id,))
+        return [{"at": at, "event": event, "detail": json.loads(detail) if detail else None}
+                for at, event, detail in cur.fetchall()]
+
+
+def hour_transactions(conn, hour, states=("completed",)):
+    """The hour's transactions in the given states, oldest completion first: one query per hour."""
+    marks = ", ".join(["%s"] * len(states))
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE hour = %s AND state IN ({marks}) "
+                    "ORDER BY completed_at, transaction_id", (hours.floor_hour(hour), *states))
+        return _rows(cur)

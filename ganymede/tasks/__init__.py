@@ -1,0 +1,8 @@
+"""The Luigi graph, one module per stage; `luigi --module ganymede.tasks HourlyBackup --hour H`."""
+from .agent import AgentArchive
+from .worker import LoadTransaction, StageTransaction
+from .extract import ExtractDeadline, ExtractTimeout, GlassbeamExtract
+from .backup import DumpSchema, HourlyBackup
+
+__all__ = ["AgentArchive", "StageTransaction", "LoadTransaction", "ExtractDeadline", "ExtractTimeout",
+           "GlassbeamExtract", "DumpSchema", "HourlyBackup"]

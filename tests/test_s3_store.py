@@ -1,0 +1,330 @@
+"""The S3 store against a real S3 API: the moto server that `make services` starts.
+
+Each test makes its own uniquely named buckets and removes them afterwards.
+The bad-credentials tests start a second moto server with authentication on.
+"""
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.config
+import pytest
+
+from ganymede import config
+from ganymede.errors import ConfigError, S3BackupError
+from ganymede.s3curl import Credentials
+from ganymede.stores import s3
+from ganymede.stores.s3 import bucket_name, make_client, sha256_file
+
+ENDPOINT = os.environ.get("GANYMEDE_S3_ENDPOINT", "http://127.0.0.1:9000")
+HOUR = datetime(2026, 11, 30, 5)
+TEST_CREDS = Credentials("testing", "testing-secret-key-never-shown")
+
+
+def _port_open(host, port):
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cfg(endpoint, **overrides):
+    values = dict(endpoint_url=endpoint, region="us-east-1", profile="ganymede", s3curl_path="~/.s3curl",
+                  checksum_mode="when_required", multipart_threshold_mb=5, multipart_chunk_mb=5,
+                  max_concurrency=4)
+    values.update(overrides)
+    return config.s3(**values)
+
+
+def _raw_client(endpoint, creds=TEST_CREDS, account=None):
+    """A plain boto3 client for set-up and clean-up; `account` impersonates another moto account."""
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=creds.id, aws_secret_access_key=creds.key,
+                          config=botocore.config.Config(s3={"addressing_style": "path"},
+                                                        request_checksum_calculation="when_required",
+                                                        response_checksum_validation="when_required"))
+    if account:
+        client.meta.events.register(
+            "before-sign.s3.*", lambda request, **_: request.headers.__setitem__("x-moto-account-id", account))
+    return client
+
+
+def _drop_bucket(client, name):
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=name, Delete={"Objects": keys})
+        for upload in client.list_multipart_uploads(Bucket=name).get("Uploads", []):
+            client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+        client.delete_bucket(Bucket=name)
+    except client.exceptions.NoSuchBucket:
+        pass
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    parts = urlsplit(ENDPOINT)
+    if not _port_open(parts.hostname, parts.port or 80):
+        pytest.fail(f"S3 test server (moto) at {ENDPOINT} is not answering; start it with: make services",
+                    pytrace=False)
+    return ENDPOINT
+
+
+@pytest.fixture
+def store(endpoint):
+    return make_client(_cfg(endpoint), TEST_CREDS)
+
+
+@pytest.fixture
+def new_bucket(endpoint):
+    """Hands out unique bucket names (prefix per test) and drops them all afterwards."""
+    prefix = f"gt-{uuid.uuid4().hex[:10]}-"
+    made = []
+
+    def make(label="b"):
+        made.append(f"{prefix}{label}")
+        return made[-1]
+
+    yield make
+    client = _raw_client(endpoint)
+    for name in made:
+        _drop_bucket(client, name)
+
+
+def _write(path, size, seed=b"x"):
+    """A file of `size` bytes whose content depends on `seed`, written in 1 MiB blocks."""
+    block = (seed * (s3.MIB // len(seed) + 1))[:s3.MIB]
+    with open(path, "wb") as handle:
+        left = size
+        while left:
+            handle.write(block[:min(left, s3.MIB)])
+            left -= min(left, s3.MIB)
+    return str(path)
+
+
+# --- bucket names (pure) ---------------------------------------------------
+
+@pytest.mark.parametrize("template, prefix, expected", [
+    ("ganymede-{yyyymmddhh}", "", "ganymede-2026113005"),
+    ("ganymede-{yyyymmddhh}", "gt-ab12-", "gt-ab12-ganymede-2026113005"),
+    ("Ganymede_Backups.{yyyymmddhh}", "", "ganymede-backups-2026113005"),
+    ("--GANY  mede!!{yyyymmddhh}__", "", "gany-mede-2026113005"),
+    ("{yyyymmddhh}", "", "2026113005"),
+    ("bk/{yyyymmddhh}/cf", "T_", "t-bk-2026113005-cf"),
+    ("x" * 53 + "{yyyymmddhh}", "", "x" * 53 + "2026113005"),
+])
+def test_bucket_name(template, prefix, expected):
+    assert bucket_name(template, HOUR, prefix=prefix) == expected
+
+
+def test_bucket_name_folds_aware_hours_to_utc():
+    aware = datetime(2026, 11, 30, 7, tzinfo=timezone(timedelta(hours=2)))
+    assert bucket_name("g-{yyyymmddhh}", aware) == "g-2026113005"
+
+
+@pytest.mark.parametrize("template, prefix, message", [
+    ("x" * 54 + "{yyyymmddhh}", "", "3 to 63"),
+    ("ganymede-{yyyymmddhh}", "p" * 45, "3 to 63"),
+    ("ganymede", "", "must contain {yyyymmddhh}"),
+    ("ganymede-{YYYYMMDDHH}", "", "must contain {yyyymmddhh}"),
+    ("sthree-{yyyymmddhh}", "", "reserves"),
+    ("{yyyymmddhh}-s3alias", "", "reserves"),
+])
+def test_bucket_name_that_cannot_be_valid_is_a_config_error(template, prefix, message):
+    with pytest.raises(ConfigError, match=message):
+        bucket_name(template, HOUR, prefix=prefix)
+
+
+def test_sha256_file_streams(tmp_path):
+    path = _write(tmp_path / "f", 3 * s3.MIB + 7)
+    with open(path, "rb") as handle:
+        assert sha256_file(path) == hashlib.sha256(handle.read()).hexdigest()
+
+
+def test_part_size_below_s3_minimum_is_a_config_error(endpoint):
+    with pytest.raises(ConfigError, match="multipart_chunk_mb"):
+        make_client(_cfg(endpoint, multipart_chunk_mb=1), TEST_CREDS)
+
+
+def test_repr_hides_the_secret(store):
+    assert TEST_CREDS.key not in repr(store)
+
+
+# --- against the server ----------------------------------------------------
+
+def test_ensure_bucket_twice_is_fine(store, new_bucket):
+    name = new_bucket()
+    store.ensure_bucket(name)
+    store.ensure_bucket(name)
+    assert store.list_objects(name) == []
+
+
+def test_ensure_bucket_refuses_another_accounts_bucket(store, new_bucket, endpoint):
+    name = new_bucket("foreign")
+    foreign = _raw_client(endpoint, account="111111111111")
+    foreign.create_bucket(Bucket=name)
+    try:
+        with pytest.raises(S3BackupError, match="belongs to another account"):
+            store.ensure_bucket(name)
+    finally:
+        _drop_bucket(foreign, name)
+
+
+def test_put_verified_uploads_then_skips(store, new_bucket, tmp_path):
+    name = new_bucket()
+    store.ensure_bucket(name)
+    path = _write(tmp_path / "ganymede.sql.gz", 100_000)
+    assert store.put_verified(name, "2026/11/30/05/ganymede.sql.gz", path) == "uploaded"
+    assert store.put_verified(name, "2026/11/30/05/ganymede.sql.gz", path) == "skipped"
+    described = store.describe(name, "2026/11/30/05/ganymede.sql.gz")
+    assert described["Size"] == 100_000 and described["sha256"] == sha256_file(path)
+    assert described["ChecksumSHA256"] == s3._b64(sha256_file(path))
+    assert store.list_objects(name) == [
+        {"Key": "2026/11/30/05/ganymede.sql.gz", "Size": 100_000, "ETag": described["ETag"]}]
+
+
+def test_multipart_upload_verifies(store, new_bucket, tmp_path):
+    name = new_bucket()
+    store.ensure_bucket(name)
+    path = _write(tmp_path / "big", 12 * s3.MIB, seed=b"multipart")
+    assert store.put_verified(name, "big", path) == "uploaded"
+    described = store.describe(name, "big")
+    assert described["Size"] == 12 * s3.MIB and described["sha256"] == sha256_file(path)
+    assert described["ChecksumSHA256"]
+    assert described["ETag"].endswith("-3"), "expected a 3-part multipart upload"
+    assert store.put_verified(name, "big", path) == "skipped"
+
+
+def test_changed_file_is_uploaded_again(store, new_bucket, tmp_path):
+    name = new_bucket()
+    store.ensure_bucket(name)
+    path = _write(tmp_path / "f", 50_000, seed=b"old")
+    assert store.put_verified(name, "f", path) == "uploaded"
+    _write(path, 50_000, seed=b"new")  # same size, other bytes
+    assert store.put_verified(name, "f", path) == "uploaded"
+    assert store.describe(name, "f")["sha256"] == sha256_file(path)
+
+
+def test_failed_verification_removes_the_object(store, new_bucket, tmp_path):
+    """A caller's sha256 that does not match the file: the server's checksum disagrees."""
+    name = new_bucket()
+    store.ensure_bucket(name)
+    path = _write(tmp_path / "f", 1000)
+    with pytest.raises(S3BackupError, match=f"s3://{name}/f"):
+        store.put_verified(name, "f", path, sha256="0" * 64)
+    assert store.describe(name, "f") is None
+
+
+def test_list_objects_pages_past_1000_keys(store, new_bucket):
+    name = new_bucket()
+    store.ensure_bucket(name)
+    for i in range(1003):
+        store.client.put_object(Bucket=name, Key=f"k{i:05d}", Body=b"")
+    listed = store.list_objects(name)
+    assert len(listed) == 1003 and listed[-1]["Key"] == "k01002"
+    assert len(store.list_objects(name, prefix="k0100")) == 3
+
+
+def test_missing_object_describes_as_none(store, new_bucket):
+    name = new_bucket()
+    store.ensure_bucket(name)
+    assert store.describe(name, "nothing") is None
+
+
+def test_missing_bucket_is_an_s3_backup_error(store, new_bucket, tmp_path):
+    name = new_bucket("never-made")
+    with pytest.raises(S3BackupError, match=name):
+        store.put_verified(name, "f", _write(tmp_path / "f", 10))
+
+
+def test_unreachable_endpoint(tmp_path):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    store = make_client(_cfg(dead), TEST_CREDS)
+    with pytest.raises(S3BackupError, match=f"S3 endpoint {dead} unreachable") as caught:
+        store.ensure_bucket("gt-unreachable")
+    assert TEST_CREDS.key not in str(caught.value)
+    with pytest.raises(S3BackupError, match="unreachable"):
+        store.put_verified("gt-unreachable", "f", _write(tmp_path / "f", 10))
+
+
+# --- credentials, with authentication switched on ---------------------------
+
+@pytest.fixture(scope="module")
+def auth_server():
+    """A second moto server that checks signatures after its first 4 calls, which make our user."""
+    binary = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    if not os.path.exists(binary):
+        pytest.fail(f"{binary} not found; install the services extra (make venv)", pytrace=False)
+    port = _free_port()
+    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)],
+                            env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="4"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not _port_open("127.0.0.1", port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moto_server with authentication did not start on port {port}", pytrace=False)
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1",
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="ganymede")
+        iam.put_user_policy(UserName="ganymede", PolicyName="s3", PolicyDocument=(
+            '{"Version": "2012-10-17", "Statement": '
+            '[{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}'))
+        key = iam.create_access_key(UserName="ganymede")["AccessKey"]
+        iam.get_user(UserName="ganymede")  # the 4th free call: from here on every call is checked
+        yield url, Credentials(key["AccessKeyId"], key["SecretAccessKey"])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_right_credentials_work(auth_server, tmp_path):
+    url, creds = auth_server
+    store = make_client(_cfg(url), creds)
+    name = f"gt-{uuid.uuid4().hex[:10]}-auth"
+    store.ensure_bucket(name)
+    try:
+        assert store.put_verified(name, "f", _write(tmp_path / "f", 10)) == "uploaded"
+    finally:
+        _drop_bucket(_raw_client(url, creds), name)
+
+
+@pytest.mark.parametrize("wrong, code", [
+    ("secret", "SignatureDoesNotMatch"),
+    ("id", "InvalidAccessKeyId"),
+])
+def test_wrong_credentials_are_an_s3_backup_error(auth_server, tmp_path, wrong, code):
+    url, creds = auth_server
+    bad = Credentials(creds.id, "wrong-secret-wrong-secret-wrong-secret00") if wrong == "secret" \
+        else Credentials("AKIAUNKNOWNUNKNOWN00", creds.key)
+    store = make_client(_cfg(url, profile="backup", s3curl_path="/home/ganymede/.s3curl"), bad)
+    with pytest.raises(S3BackupError) as caught:
+        store.ensure_bucket(f"gt-{uuid.uuid4().hex[:10]}-denied")
+    message = str(caught.value)
+    assert "credentials of profile 'backup'" in message and code in message
+    assert "check /home/ganymede/.s3curl" in message
+    assert bad.key not in message and creds.key not in message
+    with pytest.raises(S3BackupError) as caught:
+        store.put_verified(f"gt-{uuid.uuid4().hex[:10]}-denied", "f", _write(tmp_path / "f", 10))
+    assert "profile 'backup'" in str(caught.value) and bad.key not in str(caught.value)
