@@ -56,7 +56,8 @@ class GanymedeEnv:
         self.config_path = str(tmp_path / "luigi.cfg")
         self.settings = {
             "state": {"root": self.root},
-            "mysql": {"host": "127.0.0.1", "port": "3306", "user": "root", "database": self.mysql_database},
+            "mysql": {"host": "127.0.0.1", "port": "3306", "user": "root", "database": self.mysql_database,
+                      "option_file": ""},
             "mongodb": {"uri": MONGO_URI, "database": self.mongo_database},
             "s3": {"endpoint_url": S3_ENDPOINT, "s3curl_path": self.s3curl_path, "profile": "ganymede",
                    "bucket_template": self.bucket_prefix + "{yyyymmddhh}"},

@@ -1,0 +1,34 @@
+# Ganymede developer targets. Services run on loopback; see scripts/services.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv services services-stop demo test test-fast bench
+
+venv: $(VENV)/.installed
+
+# The stamp is rebuilt only when setup.py changes, so repeated runs are fast.
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,services]'
+	touch $@
+
+services: venv
+	$(PY) scripts/services start
+
+services-stop:
+	$(PY) scripts/services stop
+
+demo: services
+	$(VENV)/bin/ganymede demo
+
+test: services
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: services
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: services
+	$(PY) bench/run_all.py
