@@ -8,7 +8,7 @@ so a manual run and a cron run cannot disagree, share the central scheduler
 import argparse
 import sys
 from contextlib import closing
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import luigi.retcodes
 
@@ -68,6 +68,34 @@ def _admin_token(args):
     print(f"admin token {args.name!r}, shown only now:\n{token}")
 
 
+def _status_rows(args):
+    from . import status
+    from .paths import StateRoot
+    last = args.hour or hours.last_complete_hour()
+    first = args.hour or last - timedelta(hours=(args.last or config.alerts().status_hours) - 1)
+    with closing(mysql.connect(config.mysql())) as conn:
+        return status.hours_status(conn, StateRoot(config.state().root), first, last,
+                                   config.extract().deadline_minutes, config.alerts().overdue_minutes)
+
+
+def _status(args):
+    for row in _status_rows(args):
+        print(row.line())
+
+
+def _alerts(args):
+    """Overdue hours: printed, and mailed through Luigi's [email] settings; exit 1 if any."""
+    from luigi.notifications import send_error_email
+    overdue = [row for row in _status_rows(args) if row.verdict in ("overdue", "failed")]
+    if not overdue:
+        print("no overdue hour")
+        return 0
+    text = "\n".join(row.line() for row in overdue)
+    print(text)
+    send_error_email(f"Ganymede: {len(overdue)} hour(s) not closed after their deadline", text)
+    return 1
+
+
 def _demo(args):
     from . import demo
     return demo.main(args)
@@ -90,6 +118,13 @@ def build_parser():
     admin = sub.add_parser("admin-token", help="create (or rotate) an admin token and print it once")
     admin.add_argument("name")
     admin.set_defaults(func=_admin_token)
+    for name, func, text in (("status", _status, "one line per hour: agents, staged, loaded, extract, backup"),
+                             ("alerts", _alerts, "report hours still not closed after their deadline")):
+        cmd = sub.add_parser(name, help=text)
+        which = cmd.add_mutually_exclusive_group()
+        which.add_argument("--hour", type=_hour_arg, help="one UTC hour, YYYY-MM-DDTHH")
+        which.add_argument("--last", type=int, help="the last N complete hours (default [alerts] status_hours)")
+        cmd.set_defaults(func=func)
     demo = sub.add_parser("demo", help="run a demo hour end to end on the local services")
     demo.add_argument("--dir", default=".demo", help="where the demo keeps its config and state")
     demo.add_argument("--agents", type=int, default=3)

@@ -69,3 +69,9 @@ class extract(luigi.Config):
     deadline_minutes = luigi.IntParameter(default=45,
                                           description="Minutes after an hour ends before its extract goes without missing agents")
     outbox = luigi.Parameter(default="", description="Directory the extract is delivered to; empty: <state root>/outbox")
+
+
+class alerts(luigi.Config):
+    overdue_minutes = luigi.IntParameter(default=60,
+                                         description="An hour not closed this long after its deadline is overdue and alerts")
+    status_hours = luigi.IntParameter(default=24, description="Hours shown by `ganymede status` and the status page")

@@ -236,3 +236,18 @@ def hour_transactions(conn, hour, states=("completed",)):
         cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE hour = %s AND state IN ({marks}) "
                     "ORDER BY completed_at, transaction_id", (hours.floor_hour(hour), *states))
         return _rows(cur)
+
+
+def agent_windows(conn):
+    """(agent_id, created_at, revoked_at) of every agent: one query serves any range of hours."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT agent_id, created_at, revoked_at FROM agents ORDER BY agent_id")
+        return cur.fetchall()
+
+
+def transactions_between(conn, first, last):
+    """Every transaction of the hours first..last (inclusive), with agent, hour and state: one query."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT transaction_id, agent_id, hour, state FROM transactions WHERE hour BETWEEN %s AND %s "
+                    "ORDER BY hour, agent_id, created_at", (hours.floor_hour(first), hours.floor_hour(last)))
+        return _rows(cur)

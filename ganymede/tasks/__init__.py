@@ -3,6 +3,7 @@ from .agent import AgentArchive
 from .worker import LoadTransaction, StageTransaction
 from .extract import ExtractDeadline, ExtractTimeout, GlassbeamExtract
 from .backup import DumpSchema, HourlyBackup
+from . import events  # noqa: F401  (registers the failure markers)
 
 __all__ = ["AgentArchive", "StageTransaction", "LoadTransaction", "ExtractDeadline", "ExtractTimeout",
            "GlassbeamExtract", "DumpSchema", "HourlyBackup"]

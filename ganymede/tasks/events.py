@@ -1,0 +1,30 @@
+"""Failures leave a marker under the hour's state directory, so `ganymede status` sees a
+failed hour without asking luigid; a later success of the same task removes it."""
+import os
+
+import luigi
+
+from .. import hours, markers
+from .agent import state_root
+
+
+def failure_marker(task):
+    hour = getattr(task, "hour", None)
+    if hour is None:
+        return None
+    return os.path.join(os.path.dirname(state_root().hour_marker(hour, "x")), "failures", task.task_id + ".json")
+
+
+@luigi.Task.event_handler(luigi.Event.FAILURE)
+def record_failure(task, exception):
+    path = failure_marker(task)
+    if path:
+        markers.write_json(path, {"task": task.task_id, "at": hours.now(),
+                                  "error": f"{type(exception).__name__}: {exception}"[:2000]})
+
+
+@luigi.Task.event_handler(luigi.Event.SUCCESS)
+def clear_failure(task):
+    path = failure_marker(task)
+    if path and os.path.exists(path):
+        os.unlink(path)
