@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv services services-stop demo test test-fast bench
+.PHONY: venv services services-stop browser demo test test-fast bench
 
 venv: $(VENV)/.installed
 
@@ -12,11 +12,15 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,services]'
+	$(PY) -m pip install -q -e '.[test,services,scheduler]'
 	touch $@
 
 services: venv
 	$(PY) scripts/services start
+
+# Headless Chromium (Debian package) for the status page's browser test and the docs' screenshots.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 services-stop:
 	$(PY) scripts/services stop
@@ -24,10 +28,10 @@ services-stop:
 demo: services
 	$(VENV)/bin/ganymede demo
 
-test: services
+test: services browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: services
+test-fast: services browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: services

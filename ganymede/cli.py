@@ -44,7 +44,7 @@ def _db_upgrade(args):
 
 def _agents_add(args):
     with closing(mysql.connect(config.mysql())) as conn:
-        token = txlog.add_agent(conn, args.agent_id, args.geo)
+        token = txlog.add_agent(conn, args.agent_id, args.geo, expected_from=args.since)
     print(f"agent {args.agent_id} (geo {args.geo}) added; its token, shown only now:\n{token}")
 
 
@@ -110,6 +110,8 @@ def build_parser():
     add = agents.add_parser("add", help="register an agent and print its token once")
     add.add_argument("agent_id")
     add.add_argument("--geo", required=True)
+    add.add_argument("--since", type=_hour_arg, default=None,
+                     help="first UTC hour the agent is expected for (default: the hour it is added), for backfills")
     add.set_defaults(func=_agents_add)
     agents.add_parser("list", help="list agents").set_defaults(func=_agents_list)
     revoke = agents.add_parser("revoke", help="revoke an agent's token")
@@ -174,53 +176,85 @@ def worker_etl_main(argv=None):
 
 
 def _hour_from_parts(args):
-    if all(v is None for v in (args.y, args.m, args.d, args.h)):
+    """-y -m -d -h (numbers, leading zeros optional) -> a UTC hour that has ended; none given: the last one."""
+    parts = {"-y": args.y, "-m": args.m, "-d": args.d, "-h": args.h}
+    if all(v is None for v in parts.values()):
         return hours.last_complete_hour()
-    if any(v is None for v in (args.y, args.m, args.d, args.h)):
+    if any(v is None for v in parts.values()):
         raise GanymedeError("give all of -y -m -d -h, or none for the last complete UTC hour")
+    for flag, value in parts.items():
+        if not (value.strip().isascii() and value.strip().isdigit()):
+            raise GanymedeError(f"{flag} {value!r} is not a number")
     try:
-        return datetime(int(args.y), int(args.m), int(args.d), int(args.h))
+        hour = datetime(*(int(v) for v in parts.values()))
     except ValueError as exc:
-        raise GanymedeError(f"not a valid UTC hour: {exc}") from None
+        raise GanymedeError(f"-y {args.y} -m {args.m} -d {args.d} -h {args.h} is not a UTC hour: {exc}") from None
+    if hour > hours.last_complete_hour():
+        raise GanymedeError(f"{hours.format_hour(hour)} UTC has not ended yet "
+                            f"(the last complete UTC hour is {hours.format_hour(hours.last_complete_hour())})")
+    return hour
 
 
 def glassbeam_extract_main(argv=None):
-    """ganymede-glassbeam-extract [-y YYYY -m M -d D -h H]: the old script's options, hour in UTC."""
-    parser = argparse.ArgumentParser(prog="ganymede-glassbeam-extract", add_help=False,
-                                     description="Build (or rebuild) one UTC hour's Glassbeam extract")
+    """ganymede-glassbeam-extract [-y YYYY -m M -d D -h H]: the old script's options, hour in UTC.
+
+    Builds the round the hour needs now (the hour's extract, or a
+    supplementary one for late arrivals); --force rebuilds the hour's extract.
+    """
+    from .tasks.extract import current_round
+    parser = argparse.ArgumentParser(
+        prog="ganymede-glassbeam-extract", add_help=False,
+        description="Build (or rebuild) one UTC hour's Glassbeam extract, as ganymede_glassbeam_extract.sh did. "
+                    "Without -y -m -d -h: the last complete UTC hour. Exit codes are luigi.cfg's [retcode] "
+                    "(missing_data while the hour still waits for agents and its deadline).")
+    # usage mistakes end in one line on stderr and exit 2, like bad values
+    parser.error = lambda message: sys.exit(_fail(f"{message} (see {parser.prog} --help)"))
     parser.add_argument("--help", action="help", help="show this help and exit")
     parser.add_argument("-y", metavar="YYYY", help="year")
-    parser.add_argument("-m", metavar="MM", help="month (1-12, leading zero optional)")
-    parser.add_argument("-d", metavar="DD", help="day")
-    parser.add_argument("-h", metavar="HH", help="hour, 0-23 UTC (military time)")
-    parser.add_argument("--force", action="store_true", help="rebuild the hour's extract even if it exists")
+    parser.add_argument("-m", metavar="MM", help="month, 1-12 (leading zero optional)")
+    parser.add_argument("-d", metavar="DD", help="day of the month (leading zero optional)")
+    parser.add_argument("-h", metavar="HH", help="hour, 0-23 UTC, military time (leading zero optional)")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild the hour's extract (round 0) even if it exists; same data gives the same bytes")
     parser.add_argument("--local-scheduler", action="store_true", help="do not use luigid")
     args = parser.parse_args(argv)
     try:
         hour = _hour_from_parts(args)
-        if args.force:
-            _forget_extract(hour)
+        round_ = _forget_extract(hour) if args.force else current_round(hour)
     except GanymedeError as exc:
         sys.exit(_fail(str(exc)))
-    run_luigi(["GlassbeamExtract", "--hour", hours.format_hour(hour)], args.local_scheduler)
+    run_luigi(["GlassbeamExtract", "--hour", hours.format_hour(hour), "--round", str(round_)], args.local_scheduler)
 
 
 def _forget_extract(hour):
-    """--force: set the round-0 extract's manifest aside so Luigi builds it again."""
+    """--force: set the round-0 manifest aside (kept, renamed) so Luigi builds round 0 again; returns 0.
+
+    The rebuild leaves out what the supplementary rounds hold, so it gives
+    the same file as before unless the data changed since.
+    """
     import os
     from .paths import StateRoot
     manifest = StateRoot(config.state().root).extract_manifest(hour, 0)
     if os.path.exists(manifest):
-        os.replace(manifest, manifest + f".replaced-{hours.now():%Y%m%dT%H%M%S}")
+        os.replace(manifest, manifest + f".replaced-{hours.now():%Y%m%dT%H%M%S%f}")
+    return 0
 
 
 def hourly_backup_main(argv=None):
     """ganymede-hourly-backup [--hour H]: the cron entry point, by hand."""
-    parser = argparse.ArgumentParser(prog="ganymede-hourly-backup", description="Run the whole graph for one UTC hour")
+    parser = argparse.ArgumentParser(
+        prog="ganymede-hourly-backup",
+        description="Run the whole graph for one UTC hour (stage, load, extract, backup), as cron does. "
+                    "Exit codes are luigi.cfg's [retcode].")
+    parser.error = lambda message: sys.exit(_fail(f"{message} (see {parser.prog} --help)"))
     parser.add_argument("--hour", type=_hour_arg, default=None, help="YYYY-MM-DDTHH (default: last complete UTC hour)")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="Luigi workers (default 1)")
     parser.add_argument("--local-scheduler", action="store_true", help="do not use luigid")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     hour = args.hour or hours.last_complete_hour()
+    if hour > hours.last_complete_hour():
+        parser.error(f"{hours.format_hour(hour)} UTC has not ended yet")
     run_luigi(["HourlyBackup", "--hour", hours.format_hour(hour), "--workers", str(args.workers)],
               args.local_scheduler)

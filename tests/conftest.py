@@ -63,7 +63,7 @@ class GanymedeEnv:
                    "bucket_template": self.bucket_prefix + "{yyyymmddhh}"},
             "api": {"host": "127.0.0.1", "port": str(self.api_port)},
             "extract": {"deadline_minutes": "45"},
-            "core": {"no_configure_logging": "true", "autoload_range": "true"},
+            "core": {"autoload_range": "true"},
         }
         self.write_config()
 

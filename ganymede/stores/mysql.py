@@ -75,6 +75,9 @@ MIGRATIONS = [
           revoked_at DATETIME(6) NULL
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
     ]),
+    (3, "agents.expected_from: the first hour an agent is expected for", [
+        "ALTER TABLE agents ADD COLUMN IF NOT EXISTS expected_from DATETIME NULL AFTER created_at",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -32,13 +32,19 @@ def new_token():
 
 # --- agents -----------------------------------------------------------------
 
-def add_agent(conn, agent_id, geo):
-    """Register an agent; returns its token, which is shown once and stored only hashed."""
+def add_agent(conn, agent_id, geo, expected_from=None):
+    """Register an agent; returns its token, which is shown once and stored only hashed.
+
+    The agent is expected for every hour from `expected_from` (default: the
+    hour it is registered in), so an agent installed to backfill past hours
+    holds those hours' extracts until it has sent them or their deadline passed.
+    """
     token = new_token()
     with conn.cursor() as cur:
         try:
-            cur.execute("INSERT INTO agents (agent_id, geo, token_hash, active, created_at) "
-                        "VALUES (%s, %s, %s, 1, UTC_TIMESTAMP(6))", (agent_id, geo, hash_token(token)))
+            cur.execute("INSERT INTO agents (agent_id, geo, token_hash, active, created_at, expected_from) "
+                        "VALUES (%s, %s, %s, 1, UTC_TIMESTAMP(6), %s)",
+                        (agent_id, geo, hash_token(token), expected_from and hours.floor_hour(expected_from)))
         except pymysql.err.IntegrityError:
             conn.rollback()
             raise AgentError(f"agent {agent_id!r} already exists") from None
@@ -48,7 +54,7 @@ def add_agent(conn, agent_id, geo):
 
 def list_agents(conn):
     with conn.cursor(pymysql.cursors.DictCursor) as cur:
-        cur.execute("SELECT agent_id, geo, active, created_at, revoked_at FROM agents ORDER BY agent_id")
+        cur.execute("SELECT agent_id, geo, active, created_at, expected_from, revoked_at FROM agents ORDER BY agent_id")
         return cur.fetchall()
 
 
@@ -97,8 +103,8 @@ def expected_agents(conn, hour):
     """Agents active at `hour`: registered before it ended and not revoked before it began."""
     start, end = hours.window(hour)
     with conn.cursor() as cur:
-        cur.execute("SELECT agent_id FROM agents WHERE created_at < %s AND (revoked_at IS NULL OR revoked_at >= %s) "
-                    "ORDER BY agent_id", (end, start))
+        cur.execute("SELECT agent_id FROM agents WHERE COALESCE(expected_from, created_at) < %s "
+                    "AND (revoked_at IS NULL OR revoked_at >= %s) ORDER BY agent_id", (end, start))
         return [r[0] for r in cur.fetchall()]
 
 
@@ -239,9 +245,9 @@ def hour_transactions(conn, hour, states=("completed",)):
 
 
 def agent_windows(conn):
-    """(agent_id, created_at, revoked_at) of every agent: one query serves any range of hours."""
+    """(agent_id, expected from, revoked_at) of every agent: one query serves any range of hours."""
     with conn.cursor() as cur:
-        cur.execute("SELECT agent_id, created_at, revoked_at FROM agents ORDER BY agent_id")
+        cur.execute("SELECT agent_id, COALESCE(expected_from, created_at), revoked_at FROM agents ORDER BY agent_id")
         return cur.fetchall()
 
 
