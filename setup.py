@@ -19,7 +19,7 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.2"],
         "services": ["moto[s3]>=5,<6", "flask", "flask-cors", "nx-27017==0.8.1"],
         # luigid's task history (SQLAlchemy) and Prometheus metrics, as deploy/luigid.cfg turns on
-        "scheduler": ["sqlalchemy>=2", "prometheus_client>=0.17"],
+        "scheduler": ["sqlalchemy>=1.4,<2", "prometheus_client>=0.17"],
     },
     entry_points={
         "console_scripts": [

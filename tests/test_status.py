@@ -22,9 +22,10 @@ def test_status_lines_for_a_mix_of_hours(genv, mongo_up, s3_up):
     completed_transaction(genv, "agent-b", closed)
     assert luigi.build([HourlyBackup(hour=closed)], local_scheduler=True)
     completed_transaction(genv, "agent-b", failed)
+    endpoint = genv.settings["s3"]["endpoint_url"]
     genv.write_config(s3={"endpoint_url": "http://127.0.0.1:9"})  # nothing listens: the backup fails
     assert not luigi.build([HourlyBackup(hour=failed)], local_scheduler=True)
-    genv.write_config(s3={"endpoint_url": genv.settings["s3"]["endpoint_url"]})
+    genv.write_config(s3={"endpoint_url": endpoint})
     with genv.mysql() as conn:
         rows = {r.hour: r for r in status.hours_status(conn, StateRoot(genv.root), overdue - timedelta(hours=2),
                                                        waiting, deadline_minutes=45, overdue_minutes=60)}
