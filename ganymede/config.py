@@ -61,6 +61,10 @@ class api(luigi.Config):
     body_timeout = luigi.IntParameter(default=3600, description="Seconds allowed to receive one request body (an upload)")
     executor_threads = luigi.IntParameter(default=16,
                                           description="Threads for disk, validation and MySQL work kept off the event loop")
+    mysql_connections = luigi.IntParameter(default=16,
+                                           description="MySQL connections ganymede-api keeps open for reuse between requests")
+    upload_chunk_kb = luigi.IntParameter(default=512,
+                                         description="Socket read size for uploads; memory per upload is about twice this")
     retry_after = luigi.IntParameter(default=15,
                                      description="Seconds sent in Retry-After with 503 answers (MySQL down, busy transaction)")
 
@@ -69,6 +73,17 @@ class extract(luigi.Config):
     deadline_minutes = luigi.IntParameter(default=45,
                                           description="Minutes after an hour ends before its extract goes without missing agents")
     outbox = luigi.Parameter(default="", description="Directory the extract is delivered to; empty: <state root>/outbox")
+    endpoint_url = luigi.Parameter(default="",
+                                   description="https:// URL each extract file is also POSTed to; empty: outbox only")
+    token_file = luigi.Parameter(default="",
+                                 description="File (mode 0600) holding the bearer token sent to endpoint_url; empty: none")
+    ca_file = luigi.Parameter(default="",
+                              description="PEM CA bundle that verifies endpoint_url's certificate; empty: the system's")
+    timeout_seconds = luigi.FloatParameter(default=60.0, description="Seconds one POST may take to connect or answer")
+    attempts = luigi.IntParameter(default=4, description="POST attempts before the extract task fails (retried: "
+                                                         "network errors, 408, 429, 5xx)")
+    retry_wait_seconds = luigi.FloatParameter(default=5.0, description="Wait before the second attempt, doubled for "
+                                                                       "each later one (a numeric Retry-After wins)")
 
 
 class alerts(luigi.Config):

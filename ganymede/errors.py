@@ -58,3 +58,7 @@ class CommandError(GanymedeError):
         self.argv = argv
         self.returncode = returncode
         self.stderr = tail
+
+
+class DeliveryError(GanymedeError):
+    """The extract could not be delivered to the vendor's endpoint after every attempt."""

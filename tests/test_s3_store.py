@@ -3,6 +3,7 @@
 Each test makes its own uniquely named buckets and removes them afterwards.
 The bad-credentials tests start a second moto server with authentication on.
 """
+import base64
 import hashlib
 import os
 import socket
@@ -208,6 +209,29 @@ def test_multipart_upload_verifies(store, new_bucket, tmp_path):
     assert described["ChecksumSHA256"]
     assert described["ETag"].endswith("-3"), "expected a 3-part multipart upload"
     assert store.put_verified(name, "big", path) == "skipped"
+
+
+def test_composite_sha256_is_s3s_multipart_checksum(tmp_path):
+    path = _write(tmp_path / "f", 12 * s3.MIB + 5, seed=b"parts")
+    data = open(path, "rb").read()
+    parts = [hashlib.sha256(data[i:i + 5 * s3.MIB]).digest() for i in range(0, len(data), 5 * s3.MIB)]
+    expected = base64.b64encode(hashlib.sha256(b"".join(parts)).digest()).decode()
+    assert s3.composite_sha256(path, 5 * s3.MIB) == f"{expected}-3"
+
+
+def test_multipart_object_with_other_bytes_is_not_taken_for_ours(store, new_bucket, tmp_path, endpoint):
+    """Same size, same sha256 metadata, a valid multipart checksum, other content: uploaded again, not skipped."""
+    name = new_bucket()
+    store.ensure_bucket(name)
+    ours = _write(tmp_path / "ours", 12 * s3.MIB, seed=b"ours")
+    other = _write(tmp_path / "other", 12 * s3.MIB, seed=b"theirs")
+    _raw_client(endpoint).upload_file(
+        other, name, "big", ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": sha256_file(ours)}},
+        Config=store.transfer)
+    assert store.put_verified(name, "big", ours) == "uploaded"
+    assert store.put_verified(name, "big", ours) == "skipped"
+    body = store.client.get_object(Bucket=name, Key="big")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == sha256_file(ours)
 
 
 def test_changed_file_is_uploaded_again(store, new_bucket, tmp_path):

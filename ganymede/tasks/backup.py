@@ -5,9 +5,11 @@ archive of the hour is still waiting in upload/; a late arrival therefore
 reopens the hour, and the same command delivers a supplementary extract and
 backs it up. Uploads skip objects already verified, so a rerun after a crash
 uploads only what is missing, and archives move only after every object of
-the round is verified in the bucket.
+the hour is verified in the bucket. Only archives an extract round holds are
+backed up and moved: one the log completed after the extract stays in upload/
+for the next round, and while an archive in upload/ is not yet completed in
+the log (the API moves the file, then marks it), the hour waits: missing data.
 """
-import glob
 import gzip
 import os
 import shutil
@@ -22,7 +24,8 @@ from ..stores import mysql, txlog
 from ..stores import s3
 from ..stores.s3 import bucket_name, sha256_file
 from .agent import state_root
-from .extract import GlassbeamExtract, covered_transactions, earlier_rounds, extract_rounds
+from .extract import (GlassbeamExtract, TransactionCompletion, covered_transactions, current_round,
+                      pending_archives, round_manifests, uncovered_archives)
 
 
 # --- plain functions -----------------------------------------------------------
@@ -48,25 +51,12 @@ def dump_schema(cfg, path):
             raise CommandError(argv[:1] + argv[2:] if cfg.option_file else argv, proc.returncode, stderr)
 
 
-def pending_archives(root, hour):
-    """Transaction ids of archives still in upload/ for the hour (cheap: one directory walk)."""
-    return {os.path.basename(p)[: -len(".tar.gz")]
-            for p in glob.glob(os.path.join(root.hour_uploads(hour), "*", "*.tar.gz"))}
-
-
-def current_round(root, hour):
-    """The extract round this run must finish: a new one when upload/ holds archives no round covers."""
-    rounds = extract_rounds(hour)
-    if rounds == 0:
-        return 0
-    uncovered = pending_archives(root, hour) - covered_transactions(earlier_rounds(hour, rounds))
-    return rounds if uncovered else rounds - 1
-
-
-def archive_locations(root, hour, transactions):
-    """(agent, tx, current path, done path) of each archive of the hour; a missing archive is an error."""
+def archive_locations(root, hour, transactions, covered):
+    """(agent, tx, current path, done path) of each archive an extract round holds; a missing one is an error."""
     located = []
     for t in transactions:
+        if t["transaction_id"] not in covered:
+            continue
         upload = root.upload(hour, t["agent_id"], t["transaction_id"])
         done = root.archived(hour, t["agent_id"], t["transaction_id"])
         path = upload if os.path.exists(upload) else done
@@ -76,10 +66,19 @@ def archive_locations(root, hour, transactions):
     return located
 
 
+def finished_rounds(root, hour):
+    """{round: manifest} of the extract rounds whose dump is also on disk: what a backup can hold.
+
+    Read at run time rather than taken from requires(), which may by then see
+    a round that a late arrival has just opened and nobody has built yet.
+    """
+    return {r: m for r, m in round_manifests(hour).items() if os.path.exists(root.backup_dump(hour, r))}
+
+
 def backup_plan(root, hour, rounds, archives):
     """Every object of the hour's bucket as {key: local path}."""
     plan = {}
-    for r in range(rounds + 1):
+    for r in sorted(rounds):
         dump = root.backup_dump(hour, r)
         plan[f"mysql/{os.path.basename(dump)}"] = dump
         for path in (root.extract(hour, r), root.extract_manifest(hour, r)):
@@ -90,11 +89,15 @@ def backup_plan(root, hour, rounds, archives):
 
 
 def upload_plan(store, bucket, plan, manifest_path):
-    """Upload and verify every object, then MANIFEST.json (key, size, sha256 of each); returns the listing."""
-    listing = []
+    """Upload and verify every object, then MANIFEST.json (key, size, sha256 of each); returns the listing.
+
+    One listing of the bucket first: only keys already there need a HEAD to
+    decide whether they can be skipped.
+    """
+    listing, present = [], {o["Key"] for o in store.list_objects(bucket)}
     for key, path in plan.items():
-        sha256 = sha256_file(path)
-        action = store.put_verified(bucket, key, path, sha256=sha256)
+        sha256, composite = store.digests(path)
+        action = store.put_verified(bucket, key, path, sha256=sha256, composite=composite, present=key in present)
         listing.append({"key": key, "size": os.path.getsize(path), "sha256": sha256, "action": action})
     markers.write_json(manifest_path, {"bucket": bucket,
                                        "objects": [{k: o[k] for k in ("key", "size", "sha256")} for o in listing]})
@@ -132,30 +135,49 @@ class DumpSchema(luigi.Task):
 
 
 class HourlyBackup(luigi.Task):
-    """The hour in its bucket (dump, archives, extracts, MANIFEST.json), verified; archives then in archives/."""
+    """The hour in its bucket (dumps, archives, extracts, MANIFEST.json), verified; archives then in archives/."""
     hour = luigi.DateHourParameter(description="The UTC hour")
 
     def output(self):
         return luigi.LocalTarget(state_root().hour_marker(self.hour, "backup"))
 
     def complete(self):
-        return self.output().exists() and not pending_archives(state_root(), self.hour)
+        return self.output().exists() and not pending_archives(self.hour)
+
+    @classmethod
+    def bulk_complete(cls, parameter_tuples):
+        """For RangeHourly: hours backed up with nothing left in upload/ (a few stat() calls per hour)."""
+        root = state_root()
+        return [hour for hour in parameter_tuples
+                if os.path.exists(root.hour_marker(hour, "backup")) and not pending_archives(hour)]
 
     def requires(self):
-        return DumpSchema(hour=self.hour, round=current_round(state_root(), self.hour))
+        with closing(mysql.connect(config.mysql())) as conn:
+            done = {t["transaction_id"] for t in txlog.hour_transactions(conn, self.hour,
+                                                                        ("completed", "superseded"))}
+        return [DumpSchema(hour=self.hour, round=0)] + [
+            TransactionCompletion(hour=self.hour, agent_id=agent, transaction_id=tx)
+            for tx, agent in sorted(uncovered_archives(self.hour).items()) if tx not in done]
 
     def run(self):
-        root, cfg, rounds = state_root(), config.s3(), self.requires().round
-        store = s3.connect(cfg)
-        bucket = bucket_name(cfg.bucket_template, self.hour)
         with closing(mysql.connect(config.mysql())) as conn:
-            archives = archive_locations(root, self.hour,
-                                         txlog.hour_transactions(conn, self.hour, ("completed", "superseded")))
-            store.ensure_bucket(bucket)
-            listing = upload_plan(store, bucket, backup_plan(root, self.hour, rounds, archives),
-                                  os.path.join(os.path.dirname(self.output().path), "MANIFEST.json"))
-            moved = move_archives(archives)
-            for transaction_id in moved:
-                txlog.append_event(conn, transaction_id, "backed_up", {"bucket": bucket})
+            logged = txlog.hour_transactions(conn, self.hour, ("completed", "superseded"))
+        completed = [t["transaction_id"] for t in logged if t["state"] == "completed"]
+        # Supplementary rounds are dynamic dependencies: a late arrival opens one after Luigi scheduled
+        # this task, and Luigi checks requires() again just before run().
+        yield [DumpSchema(hour=self.hour, round=r) for r in range(1, current_round(self.hour, completed) + 1)]
+        root, cfg = state_root(), config.s3()
+        rounds = finished_rounds(root, self.hour)
+        archives = archive_locations(root, self.hour, logged, covered_transactions(rounds.values()))
+        bucket = bucket_name(cfg.bucket_template, self.hour)
+        store = s3.connect(cfg)
+        store.ensure_bucket(bucket)
+        listing = upload_plan(store, bucket, backup_plan(root, self.hour, rounds, archives),
+                              os.path.join(os.path.dirname(self.output().path), "MANIFEST.json"))
+        with closing(mysql.connect(config.mysql())) as conn:  # before the move: no moved archive lacks its event
+            for _, transaction_id, path, done in archives:
+                if path != done:
+                    txlog.append_event(conn, transaction_id, "backed_up", {"bucket": bucket})
+        moved = move_archives(archives)
         markers.write_json(self.output().path, {"hour": hours.format_hour(self.hour), "bucket": bucket,
-                                                "rounds": rounds + 1, "objects": listing, "moved": moved})
+                                                "rounds": len(rounds), "objects": listing, "moved": moved})

@@ -1,0 +1,472 @@
+"""GlassbeamExtract: all agents or the deadline, waiting as missing data, late arrivals, deterministic files,
+delivery to the outbox and over HTTPS. Against the real MariaDB, MongoDB test server and S3 test server;
+the HTTPS receiver is a real TLS server on loopback with a throw-away certificate.
+"""
+import gzip
+import hashlib
+import http.server
+import json
+import os
+import ssl
+import subprocess
+import sys
+import threading
+from datetime import datetime, timedelta
+
+import luigi
+import pytest
+from luigi.execution_summary import LuigiStatusCode
+
+from ganymede import datasets
+from ganymede.errors import ConfigError
+from ganymede.paths import StateRoot
+from ganymede.stores import txlog
+from ganymede.tasks import GlassbeamExtract, HourlyBackup, LoadTransaction
+from ganymede.tasks.extract import TransactionCompletion, current_round, https_target, plan_round, round0_cutoff
+from conftest import build_test_archive, completed_transaction, sample_rows
+from test_backup import RETCODES, archive_places, bucket_keys, clean_buckets, failures  # noqa: F401
+
+HOUR = datetime(2026, 11, 30, 5)
+BIN = os.path.dirname(sys.executable)
+NEVER = 10 ** 7  # deadline_minutes that will not pass during the test
+
+
+def build(*tasks):
+    return luigi.build(list(tasks), local_scheduler=True, detailed_summary=True)
+
+
+def register_agent(genv, agent_id, hour=HOUR):
+    """An agent expected for `hour` (registered a year before) that has sent nothing."""
+    with genv.mysql() as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO agents (agent_id, geo, token_hash, active, created_at) VALUES (%s, %s, %s, 1, %s)",
+                    (agent_id, "geo-test", "0" * 64, hour.replace(year=hour.year - 1)))
+        conn.commit()
+
+
+def uploaded_not_completed(genv, agent_id, hour=HOUR):
+    """The API's state between moving an archive into upload/ and marking its transaction completed."""
+    from ganymede_agent.archive import sha256_file
+    with genv.mysql() as conn:
+        tx, _ = txlog.create_transaction(conn, agent_id, hour)
+        path = StateRoot(genv.root).upload(hour, agent_id, tx["transaction_id"])
+        manifest = build_test_archive(path, agent_id, "geo-test", hour, sample_rows(hour, agent_tag=agent_id))
+        txlog.mark_uploaded(conn, tx["transaction_id"], os.path.getsize(path), sha256_file(path))
+    return tx["transaction_id"], path, {k: v["rows"] for k, v in manifest["datasets"].items()}
+
+
+def txlog_rows(genv, hour=HOUR):
+    with genv.mysql() as conn:
+        return txlog.hour_transactions(conn, hour)
+
+
+def manifest(genv, round_=0, hour=HOUR):
+    return json.load(open(StateRoot(genv.root).extract_manifest(hour, round_)))
+
+
+def lines(genv, round_=0, hour=HOUR):
+    with gzip.open(StateRoot(genv.root).extract(hour, round_)) as f:
+        return [json.loads(line) for line in f]
+
+
+def sha256_of(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+# --- the round plan (pure) ---------------------------------------------------------
+
+END = HOUR + timedelta(hours=1)
+DEADLINE = END + timedelta(minutes=45)
+
+
+def row(tx, agent, minutes_after_end, state="completed"):
+    return {"transaction_id": tx, "agent_id": agent, "state": state,
+            "completed_at": END + timedelta(minutes=minutes_after_end)}
+
+
+@pytest.mark.parametrize("expected, rows, cutoff, needs_deadline", [
+    pytest.param(["a", "b"], [row("t1", "a", 3), row("t2", "b", 9)], END + timedelta(minutes=9), False,
+                 id="all in before the deadline: the last one's completion"),
+    pytest.param(["a", "b"], [row("t1", "a", 3)], DEADLINE, True, id="one missing: the deadline"),
+    pytest.param(["a", "b"], [row("t1", "a", 3), row("t2", "b", 50)], DEADLINE, True,
+                 id="the last one after the deadline: the deadline"),
+    pytest.param(["a"], [row("t1", "a", 20, "superseded"), row("t2", "a", 30)], END + timedelta(minutes=20), False,
+                 id="a replaced transaction still counts as the agent's first completion"),
+    pytest.param([], [row("t1", "x", 3)], DEADLINE, True, id="nobody expected: the deadline"),
+])
+def test_round0_cutoff(expected, rows, cutoff, needs_deadline):
+    assert round0_cutoff(expected, rows, DEADLINE) == (cutoff, needs_deadline)
+
+
+def test_round0_plan_requires_only_what_completed_by_its_cutoff():
+    rows = [row("t1", "a", 3), row("t2", "b", 9), row("t3", "c", 10), row("t0", "b", 1, "superseded")]
+    plan = plan_round(0, ["a", "b"], rows, [], {}, DEADLINE)
+    assert [t["transaction_id"] for t in plan.transactions] == ["t1", "t2", "t3"]
+    # b first completed with t0 (since replaced by t2): every agent was in at minute 3
+    assert [t["transaction_id"] for t in plan.early] == ["t1"] and not plan.needs_deadline
+    assert plan.superseded == ["t0"] and plan.waiting == []
+
+
+def test_supplementary_plan_takes_what_no_round_holds_or_waits_for_completion():
+    rounds = [{"transactions": ["t1"], "superseded": []}]
+    rows = [row("t1", "a", 3), row("t2", "b", 90)]
+    plan = plan_round(1, ["a", "b"], rows, rounds, {"t1": "a", "t2": "b"}, DEADLINE)
+    assert [t["transaction_id"] for t in plan.transactions] == ["t2"] and plan.waiting == []
+    rows = [row("t1", "a", 3)]
+    plan = plan_round(1, ["a", "b"], rows, rounds, {"t1": "a", "t9": "b"}, DEADLINE)
+    assert plan.transactions == [] and plan.waiting == [("b", "t9")]
+    plan = plan_round(1, ["a"], rows, rounds, {"t1": "a"}, DEADLINE)
+    assert plan.transactions == [] and plan.waiting == []
+
+
+# --- all agents, or the deadline --------------------------------------------------
+
+def test_all_agents_in_extract_without_waiting_for_the_deadline(genv, mongo_up):
+    genv.write_config(extract={"deadline_minutes": NEVER})
+    txs = [completed_transaction(genv, agent, HOUR) for agent in ("agent-a", "agent-b")]
+    result = build(GlassbeamExtract(hour=HOUR))
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    m = manifest(genv)
+    assert m["counts"] == {"account_usage": 10, "api_requests": 10, "node_health": 10}
+    assert m["agents"] == {"agent-a": 15, "agent-b": 15}
+    assert m["transactions"] == sorted(t["transaction_id"] for t in txs)
+    assert m["missing_agents"] == [] and m["superseded"] == [] and m["after_deadline"] is False
+    assert not os.path.exists(StateRoot(genv.root).hour_marker(HOUR, "timeout"))
+    rows = lines(genv)
+    assert [r["dataset"] for r in rows] == sorted(r["dataset"] for r in rows)
+    for name in datasets.CATALOG:
+        ids = [r["_id"] for r in rows if r["dataset"] == name]
+        assert ids == sorted(ids)
+    assert rows[0]["hour"] == "2026-11-30T05:00:00Z"
+    extract = StateRoot(genv.root).extract(HOUR)
+    assert m["sha256"] == sha256_of(extract) and m["bytes"] == os.path.getsize(extract)
+    assert m["delivery"]["https"] is None
+    assert sha256_of(m["delivery"]["outbox"]) == m["sha256"]
+    assert m["delivery"]["outbox"] == os.path.join(genv.root, "outbox", "ganymede-2026113005.jsonl.gz")
+
+
+def test_waiting_for_an_agent_is_missing_data_then_the_deadline_lets_it_go(genv, mongo_up):
+    genv.write_config(extract={"deadline_minutes": NEVER}, retcode=RETCODES)
+    completed_transaction(genv, "agent-a", HOUR)
+    register_agent(genv, "agent-b")
+    result = build(GlassbeamExtract(hour=HOUR))
+    assert result.status == LuigiStatusCode.MISSING_EXT, result.summary_text
+    assert result.scheduling_succeeded
+    assert current_round(HOUR) == 0 and not os.path.exists(StateRoot(genv.root).extract(HOUR))
+    a = txlog_rows(genv)[0]  # while the extract waits, what has arrived is already loaded
+    assert LoadTransaction(transaction_id=a["transaction_id"], hour=HOUR, agent_id="agent-a").complete()
+    for task in ("GlassbeamExtract", "HourlyBackup"):  # what cron sees: the missing-data exit code
+        run = subprocess.run([f"{BIN}/luigi", "--module", "ganymede.tasks", task, "--hour", "2026-11-30T05",
+                              "--local-scheduler"], env=genv.subprocess_env, capture_output=True, timeout=120)
+        assert run.returncode == RETCODES["missing_data"], run.stderr.decode()[-3000:]
+
+    genv.write_config(extract={"deadline_minutes": 45})
+    result = build(GlassbeamExtract(hour=HOUR))
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    m = manifest(genv)
+    assert m["missing_agents"] == ["agent-b"] and m["agents"] == {"agent-a": 15} and m["after_deadline"] is True
+    timeout = json.load(open(StateRoot(genv.root).hour_marker(HOUR, "timeout")))
+    assert timeout["missing_agents"] == ["agent-b"]
+
+
+def test_revoked_and_later_agents_are_not_waited_for(genv, mongo_up):
+    genv.write_config(extract={"deadline_minutes": NEVER})
+    completed_transaction(genv, "agent-a", HOUR)
+    register_agent(genv, "agent-new", hour=HOUR.replace(year=HOUR.year + 2))  # registered after the hour
+    with genv.mysql() as conn, conn.cursor() as cur:
+        register_agent(genv, "agent-old")
+        cur.execute("UPDATE agents SET active = 0, revoked_at = %s WHERE agent_id = 'agent-old'",
+                    (HOUR.replace(month=1),))
+        conn.commit()
+    assert build(GlassbeamExtract(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+    assert manifest(genv)["agents"] == {"agent-a": 15}
+
+
+# --- late arrivals ---------------------------------------------------------------
+
+def test_late_arrival_is_a_supplementary_round_backed_up_with_no_row_twice(genv, mongo_up, clean_buckets):
+    a = completed_transaction(genv, "agent-a", HOUR)
+    register_agent(genv, "agent-b")
+    assert build(HourlyBackup(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+    assert manifest(genv)["missing_agents"] == ["agent-b"]
+    assert HourlyBackup.bulk_complete([HOUR]) == [HOUR]
+
+    b = completed_transaction(genv, "agent-b", HOUR)  # after the hour's extract and backup
+    assert not HourlyBackup(hour=HOUR).complete() and HourlyBackup.bulk_complete([HOUR]) == []
+    result = build(HourlyBackup(hour=HOUR))  # the same command again
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    first, second = manifest(genv, 0), manifest(genv, 1)
+    assert first["transactions"] == [a["transaction_id"]] and second["transactions"] == [b["transaction_id"]]
+    assert second["agents"] == {"agent-b": 15} and second["file"] == "ganymede-2026113005-s1.jsonl.gz"
+    ids0, ids1 = [r["_id"] for r in lines(genv, 0)], [r["_id"] for r in lines(genv, 1)]
+    assert len(ids0) == len(set(ids0)) == 15 and len(ids1) == len(set(ids1)) == 15
+    assert not set(ids0) & set(ids1)
+    root = StateRoot(genv.root)
+    assert os.path.exists(root.archived(HOUR, "agent-b", b["transaction_id"]))
+    assert not os.path.exists(root.upload(HOUR, "agent-b", b["transaction_id"]))
+    keys = bucket_keys()
+    assert {"extracts/ganymede-2026113005.jsonl.gz", "extracts/ganymede-2026113005-s1.jsonl.gz",
+            "extracts/ganymede-2026113005-s1.manifest.json", "mysql/ganymede.sql.gz", "mysql/ganymede-s1.sql.gz",
+            f"archives/agent-b/{b['transaction_id']}.tar.gz",
+            f"archives/agent-a/{a['transaction_id']}.tar.gz"} <= set(keys)
+    assert HourlyBackup.bulk_complete([HOUR]) == [HOUR]
+    assert "Did not run any tasks" in build(HourlyBackup(hour=HOUR)).summary_text
+
+
+def test_replacement_after_the_extract_lists_what_it_supersedes(genv, mongo_up, clean_buckets):
+    first = completed_transaction(genv, "agent-a", HOUR, rows=sample_rows(HOUR, n=5))
+    assert build(HourlyBackup(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+    second = completed_transaction(genv, "agent-a", HOUR, rows=sample_rows(HOUR, n=2), replace=True)
+    assert build(HourlyBackup(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+    m = manifest(genv, 1)
+    assert m["transactions"] == [second["transaction_id"]] and m["superseded"] == [first["transaction_id"]]
+    assert {r["transaction_id"] for r in lines(genv, 1)} == {second["transaction_id"]}
+    assert current_round(HOUR) == 1
+
+
+def test_archive_in_upload_before_its_completion_waits_instead_of_an_empty_round(genv, mongo_up, clean_buckets):
+    """The API moves the archive into upload/, then marks the transaction completed: a run in between waits."""
+    completed_transaction(genv, "agent-a", HOUR)
+    register_agent(genv, "agent-b")
+    assert build(HourlyBackup(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+
+    tx_id, path, counts = uploaded_not_completed(genv, "agent-b")
+    assert current_round(HOUR) == 1
+    result = build(HourlyBackup(hour=HOUR))
+    assert result.status == LuigiStatusCode.MISSING_EXT, result.summary_text
+    assert TransactionCompletion(hour=HOUR, agent_id="agent-b", transaction_id=tx_id) in \
+        GlassbeamExtract(hour=HOUR, round=1).requires()
+    root = StateRoot(genv.root)
+    assert not os.path.exists(root.extract_manifest(HOUR, 1)) and not os.path.exists(root.extract(HOUR, 1))
+    assert os.path.exists(path)
+
+    with genv.mysql() as conn:
+        txlog.mark_completed(conn, tx_id, path, counts)
+    result = build(HourlyBackup(hour=HOUR))
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    assert manifest(genv, 1)["transactions"] == [tx_id]
+    assert os.path.exists(root.archived(HOUR, "agent-b", tx_id)) and not os.path.exists(path)
+
+
+def test_archive_not_completed_at_the_deadline_extract_goes_backup_waits(genv, mongo_up, clean_buckets):
+    """Round 0 is written (the vendor gets the hour), but the backup waits for the pending transaction."""
+    a = completed_transaction(genv, "agent-a", HOUR)
+    register_agent(genv, "agent-b")
+    tx_id, path, counts = uploaded_not_completed(genv, "agent-b")
+    b = {"agent_id": "agent-b", "transaction_id": tx_id}
+    result = build(HourlyBackup(hour=HOUR))
+    assert result.status == LuigiStatusCode.MISSING_EXT, result.summary_text
+    assert manifest(genv)["missing_agents"] == ["agent-b"]
+    assert archive_places(genv, [a, b]) == {a["transaction_id"]: "upload", tx_id: "upload"}
+    assert not os.path.exists(StateRoot(genv.root).hour_marker(HOUR, "backup"))
+    with genv.mysql() as conn:
+        txlog.mark_completed(conn, tx_id, path, counts)
+    assert build(HourlyBackup(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+    assert manifest(genv, 1)["transactions"] == [tx_id] and HourlyBackup(hour=HOUR).complete()
+    assert set(archive_places(genv, [a, b]).values()) == {"archives"}
+
+
+@pytest.fixture
+def on_success():
+    """Run a function once when a task succeeds (Luigi's SUCCESS event): an arrival in the middle of a build."""
+    hooks = []
+
+    def hook(task):
+        for when, then in list(hooks):
+            if when(task):
+                hooks.remove((when, then))
+                then()
+
+    luigi.Task.event_handler(luigi.Event.SUCCESS)(hook)
+    yield lambda when, then: hooks.append((when, then))
+    luigi.Task._event_callbacks[luigi.Task][luigi.Event.SUCCESS].discard(hook)
+
+
+def test_transaction_completed_after_scheduling_is_loaded_by_the_extract_not_a_failure(genv, mongo_up, on_success):
+    """Luigi checks requires() again before run(): a completion in between must not fail the extract."""
+    a = completed_transaction(genv, "agent-a", HOUR)
+    register_agent(genv, "agent-b")
+    late = []
+    on_success(lambda t: isinstance(t, LoadTransaction),
+               lambda: late.append(completed_transaction(genv, "agent-b", HOUR)))
+    result = build(GlassbeamExtract(hour=HOUR))
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    m = manifest(genv)
+    assert m["transactions"] == sorted([a["transaction_id"], late[0]["transaction_id"]])
+    assert m["agents"] == {"agent-a": 15, "agent-b": 15} and m["missing_agents"] == []
+
+
+def test_late_arrival_during_the_backup_run_gets_its_round_in_the_same_run(genv, mongo_up, clean_buckets,
+                                                                          on_success):
+    completed_transaction(genv, "agent-a", HOUR)
+    register_agent(genv, "agent-b")
+    late = []
+    on_success(lambda t: isinstance(t, GlassbeamExtract),
+               lambda: late.append(completed_transaction(genv, "agent-b", HOUR)))
+    result = build(HourlyBackup(hour=HOUR))
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    assert manifest(genv, 0)["missing_agents"] == ["agent-b"]
+    assert manifest(genv, 1)["transactions"] == [late[0]["transaction_id"]]
+    assert HourlyBackup(hour=HOUR).complete()
+    assert "extracts/ganymede-2026113005-s1.jsonl.gz" in bucket_keys()
+
+
+# --- same data, same bytes --------------------------------------------------------
+
+def test_rebuild_from_scratch_is_byte_identical(genv, mongo_up):
+    txs = [completed_transaction(genv, agent, HOUR) for agent in ("agent-b", "agent-a")]
+    assert build(GlassbeamExtract(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+    root = StateRoot(genv.root)
+    before = open(root.extract(HOUR), "rb").read()
+    # Start over: MongoDB emptied, every marker and the file gone, loads in the other order.
+    for name in datasets.CATALOG:
+        genv.mongo()[name].drop()
+    os.unlink(root.extract_manifest(HOUR))
+    os.unlink(root.extract(HOUR))
+    for t in reversed(txs):
+        task = LoadTransaction(transaction_id=t["transaction_id"], hour=HOUR, agent_id=t["agent_id"])
+        os.unlink(task.output().path)
+        assert build(task).status == LuigiStatusCode.SUCCESS
+    assert build(GlassbeamExtract(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+    assert open(root.extract(HOUR), "rb").read() == before
+    assert manifest(genv)["sha256"] == hashlib.sha256(before).hexdigest()
+
+
+# --- HTTPS delivery -----------------------------------------------------------------
+
+class Receiver:
+    """A TLS endpoint on loopback answering each POST with the next scripted status (then 200)."""
+
+    def __init__(self, directory):
+        self.cert, self.key = str(directory / "cert.pem"), str(directory / "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", self.key, "-out", self.cert], check=True, capture_output=True)
+        self.script, self.requests = [], []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append({"path": self.path, "headers": dict(self.headers),
+                                          "sha256": hashlib.sha256(body).hexdigest()})
+                status = receiver.script.pop(0) if receiver.script else 200
+                payload = json.dumps({"received": len(body)}).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}/v1/extracts?source=ganymede"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    r = Receiver(tmp_path)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def token_file(genv):
+    path = genv.home / "glassbeam.token"
+    path.write_text("glassbeam-token-not-for-logs\n")
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+def test_https_delivery_retries_then_records_the_result(genv, mongo_up, receiver, token_file):
+    genv.write_config(extract={"endpoint_url": receiver.url, "ca_file": receiver.cert, "token_file": token_file,
+                               "attempts": 3, "retry_wait_seconds": 0})
+    completed_transaction(genv, "agent-a", HOUR)
+    receiver.script = [503]
+    result = build(GlassbeamExtract(hour=HOUR))
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    m = manifest(genv)
+    https = m["delivery"]["https"]
+    assert https["status"] == 200 and https["attempts"] == 2 and https["response"] == f'{{"received": {m["bytes"]}}}'
+    assert https["url"] == receiver.url.split("?")[0]
+    assert [r["sha256"] for r in receiver.requests] == [m["sha256"]] * 2
+    headers = receiver.requests[-1]["headers"]
+    assert receiver.requests[-1]["path"] == "/v1/extracts?source=ganymede"
+    assert headers["Authorization"] == "Bearer glassbeam-token-not-for-logs"
+    assert headers["X-Ganymede-Sha256"] == m["sha256"] and headers["X-Ganymede-Hour"] == "2026-11-30T05"
+    assert headers["Idempotency-Key"] == receiver.requests[0]["headers"]["Idempotency-Key"]
+    assert headers["Content-Type"] == "application/gzip"
+    assert "glassbeam-token" not in open(StateRoot(genv.root).extract_manifest(HOUR)).read()
+    assert os.path.exists(m["delivery"]["outbox"])
+
+
+def test_https_delivery_that_keeps_failing_fails_the_task_and_the_rerun_delivers(genv, mongo_up, receiver,
+                                                                                 failures):
+    genv.write_config(extract={"endpoint_url": receiver.url, "ca_file": receiver.cert,
+                               "attempts": 2, "retry_wait_seconds": 0})
+    completed_transaction(genv, "agent-a", HOUR)
+    receiver.script = [500, 502]
+    assert build(GlassbeamExtract(hour=HOUR)).status == LuigiStatusCode.FAILED
+    assert [type(t).__name__ for t, _ in failures] == ["GlassbeamExtract"]
+    assert "failed after 2 attempts: HTTP 502" in str(failures[0][1])
+    assert not os.path.exists(StateRoot(genv.root).extract_manifest(HOUR))
+    result = build(GlassbeamExtract(hour=HOUR))
+    assert result.status == LuigiStatusCode.SUCCESS
+    assert len({r["sha256"] for r in receiver.requests}) == 1  # the rebuilt file is the same file
+    assert manifest(genv)["delivery"]["https"]["attempts"] == 1
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 301])
+def test_https_refusal_is_not_retried(genv, mongo_up, receiver, failures, status):
+    genv.write_config(extract={"endpoint_url": receiver.url, "ca_file": receiver.cert,
+                               "attempts": 4, "retry_wait_seconds": 0})
+    completed_transaction(genv, "agent-a", HOUR)
+    receiver.script = [status]
+    assert build(GlassbeamExtract(hour=HOUR)).status == LuigiStatusCode.FAILED
+    assert len(receiver.requests) == 1 and f"HTTP {status}" in str(failures[0][1])
+    assert "not retried" in str(failures[0][1])
+
+
+def test_https_endpoint_with_an_unknown_certificate_is_refused(genv, mongo_up, receiver, failures):
+    genv.write_config(extract={"endpoint_url": receiver.url, "attempts": 3, "retry_wait_seconds": 0})
+    completed_transaction(genv, "agent-a", HOUR)
+    assert build(GlassbeamExtract(hour=HOUR)).status == LuigiStatusCode.FAILED
+    assert "certificate was refused" in str(failures[0][1]) and "ca_file" in str(failures[0][1])
+    assert receiver.requests == []
+
+
+def test_token_file_others_can_read_is_refused(genv, mongo_up, receiver, token_file, failures):
+    os.chmod(token_file, 0o640)
+    genv.write_config(extract={"endpoint_url": receiver.url, "ca_file": receiver.cert, "token_file": token_file})
+    completed_transaction(genv, "agent-a", HOUR)
+    assert build(GlassbeamExtract(hour=HOUR)).status == LuigiStatusCode.FAILED
+    message = str(failures[0][1])
+    assert f"chmod 600 {token_file}" in message and "glassbeam-token" not in message
+    assert receiver.requests == []
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://glassbeam.example.com/upload", "must be an https:// URL"),
+    ("ftp://glassbeam.example.com/upload", "must be an https:// URL"),
+    ("glassbeam.example.com/upload", "must be an https:// URL"),
+    ("https://user:secret@glassbeam.example.com/upload", "must not carry credentials"),
+])
+def test_endpoint_url_must_be_https_without_credentials(url, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        https_target(url)
+    assert "secret" not in str(caught.value)
+
+
+def test_https_target_parts():
+    assert https_target("https://gb.example.com:8443/in?k=v") == ("gb.example.com", 8443, "/in?k=v",
+                                                                   "https://gb.example.com:8443/in")
+    assert https_target("https://gb.example.com") == ("gb.example.com", 443, "/", "https://gb.example.com/")
