@@ -7,6 +7,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["ganymede", "ganymede.*"]) + ["ganymede_agent"],
     package_dir={"ganymede_agent": "agent/ganymede_agent"},
+    package_data={"ganymede_agent": ["agent.cfg.sample"]},
     install_requires=[
         "luigi>=3.5,<4",
         "tornado>=6.4,<7",

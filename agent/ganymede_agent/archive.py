@@ -3,7 +3,11 @@
 An archive is a gzip'd ustar file: `manifest.json` first, then one CSV per
 dataset (`<dataset>.csv`, UTF-8, header row, '\\n' line ends). Everything that
 could vary between two builds of the same rows is pinned (member order, times,
-owners, modes, the gzip header), so the same rows give byte-identical archives.
+owners, modes, the gzip header, the compression level and where the deflate
+stream is flushed), so the same rows give byte-identical archives. Each CSV is
+deflated by a second thread while its rows are read, and the gzip'd tar is
+then spliced from those pieces (raw deflate ending in a full flush, crc32s
+combined): compression overlaps reading instead of following it.
 Reading streams member by member and refuses anything that is not a plain file
 with a name the manifest announces.
 """
@@ -13,9 +17,12 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
+import struct
 import tarfile
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -43,34 +50,78 @@ class Limits:
     max_line_bytes: int = 64 << 10
 
 
-class _HashingWriter(io.RawIOBase):
-    """A binary sink that hashes and counts what passes through to `raw`."""
+class CsvChunks:
+    """Rows already rendered as CSV: an iterable of (UTF-8 bytes of whole '\\n'-ended lines, row count)."""
 
-    def __init__(self, raw):
-        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+
+class _Piece(io.RawIOBase):
+    """A binary sink that hashes and counts what passes, while a thread deflates it to `raw`.
+
+    The deflate stream is raw and ends with a full flush, so the piece can be
+    spliced into the archive's gzip stream later; its crc32 comes along.
+    """
+
+    def __init__(self, raw, level):
+        self.raw, self.sha256, self.size, self.crc = raw, hashlib.sha256(), 0, 0
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        self._queue, self._error = queue.Queue(8), None
+        self._thread = threading.Thread(target=self._deflate, daemon=True)
+        self._thread.start()
 
     def writable(self):
         return True
 
     def write(self, data):
+        data = bytes(data)
         self.sha256.update(data)
         self.size += len(data)
-        return self.raw.write(data)
+        self._queue.put(data)
+        return len(data)
+
+    def _deflate(self):
+        try:
+            while (data := self._queue.get()) is not None:
+                self.crc = zlib.crc32(data, self.crc)
+                self.raw.write(self._compressor.compress(data))
+            self.raw.write(self._compressor.flush(zlib.Z_FULL_FLUSH))
+        except BaseException as exc:
+            self._error = exc
+            while self._queue.get() is not None:
+                pass
+
+    def finish(self):
+        self._queue.put(None)
+        self._thread.join()
+        if self._error:
+            raise self._error
 
 
-def write_csv(path, header, rows):
-    """Stream rows into a CSV file; returns (row_count, sha256 hex, size)."""
+def write_csv(path, header, rows, level=1):
+    """Stream rows into a deflated CSV piece at `path`; returns (row_count, sha256 hex, size, crc32)."""
     with open(path, "wb") as raw:
-        sink = _HashingWriter(raw)
-        text = io.TextIOWrapper(io.BufferedWriter(sink, _CHUNK), encoding="utf-8", newline="")
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(header)
-        count = 0
-        for count, row in enumerate(rows, 1):
-            writer.writerow(["" if v is None else v for v in row])
-        text.flush()
-        text.detach().flush()
-        return count, sink.sha256.hexdigest(), sink.size
+        sink = _Piece(raw, level)
+        try:
+            text = io.TextIOWrapper(io.BufferedWriter(sink, _CHUNK), encoding="utf-8", newline="")
+            writer = csv.writer(text, lineterminator="\n")
+            writer.writerow(header)
+            count = 0
+            if isinstance(rows, CsvChunks):
+                text.flush()
+                text.detach().flush()
+                for data, n in rows.chunks:
+                    sink.write(data)
+                    count += n
+            else:
+                for count, row in enumerate(rows, 1):
+                    writer.writerow(["" if v is None else v for v in row])
+                text.flush()
+                text.detach().flush()
+        finally:
+            sink.finish()
+        return count, sink.sha256.hexdigest(), sink.size, sink.crc
 
 
 def _tarinfo(name, size, mtime):
@@ -81,40 +132,111 @@ def _tarinfo(name, size, mtime):
     return info
 
 
-def build_archive(dest, manifest_fields, datasets, workdir=None):
+def build_archive(dest, manifest_fields, datasets, workdir=None, compresslevel=1):
     """Write an archive atomically at `dest` and return its manifest.
 
-    `datasets` yields (name, header, rows); rows stream to temporary CSVs in
-    `workdir` (never memory), then into the tar. `manifest_fields` must hold
-    agent_id, geo and hour ('YYYY-MM-DDTHH'); the member times are that hour's
-    start, so the archive depends only on its content.
+    `datasets` yields (name, header, rows); rows stream to temporary deflated
+    CSV pieces in `workdir` (never memory), compressed by a second thread while
+    they are written; the tar.gz is then spliced from those pieces.
+    `manifest_fields` must hold agent_id, geo and hour ('YYYY-MM-DDTHH'); the
+    member times are that hour's start, so the archive depends only on its content.
     """
     workdir = workdir or os.path.dirname(os.path.abspath(dest))
     os.makedirs(workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".build-") as tmp:
-        entries = {}
+        entries, pieces = {}, {}
         for name, header, rows in datasets:
             if not _DATASET_NAME.match(name):
                 raise ArchiveError(f"invalid dataset name {name!r}")
-            path = os.path.join(tmp, name + ".csv")
-            count, digest, size = write_csv(path, header, rows)
+            path = os.path.join(tmp, name + ".csv.z")
+            count, digest, size, crc = write_csv(path, header, rows, compresslevel)
             entries[name] = {"file": name + ".csv", "rows": count, "sha256": digest, "bytes": size}
+            pieces[name] = (path, crc)
         manifest = dict(manifest_fields, format=FORMAT_VERSION, datasets=dict(sorted(entries.items())))
         manifest_bytes = json.dumps(manifest, sort_keys=True, indent=1).encode() + b"\n"
         mtime = _hour_epoch(manifest["hour"])
         part = dest + ".tmp"
         with open(part, "wb") as raw:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
-                with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                    tar.addfile(_tarinfo(MANIFEST_NAME, len(manifest_bytes), mtime), io.BytesIO(manifest_bytes))
-                    for name, entry in manifest["datasets"].items():
-                        with open(os.path.join(tmp, entry["file"]), "rb") as f:
-                            tar.addfile(_tarinfo(entry["file"], entry["bytes"], mtime), f)
+            out = _GzipSplicer(raw, compresslevel)
+            out.plain(_tarinfo(MANIFEST_NAME, len(manifest_bytes), mtime).tobuf(tarfile.USTAR_FORMAT)
+                      + manifest_bytes + _pad(len(manifest_bytes)))
+            for name, entry in manifest["datasets"].items():
+                path, crc = pieces[name]
+                out.plain(_tarinfo(entry["file"], entry["bytes"], mtime).tobuf(tarfile.USTAR_FORMAT))
+                with open(path, "rb") as piece:
+                    out.deflated(piece, crc, entry["bytes"])
+                out.plain(_pad(entry["bytes"]))
+            out.finish()
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(part, dest)
         _fsync_dir(os.path.dirname(os.path.abspath(dest)))
     return manifest
+
+
+def _pad(size):
+    return b"\0" * (-size % tarfile.BLOCKSIZE)
+
+
+class _GzipSplicer:
+    """One gzip member made of raw deflate pieces, each ending byte-aligned (a full flush)."""
+
+    def __init__(self, raw, level):
+        self.raw, self.level, self.crc, self.size = raw, level, 0, 0
+        xfl = 4 if level == 1 else 2 if level == 9 else 0
+        raw.write(b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + bytes([xfl, 255]))
+
+    def plain(self, data, final=False):
+        compressor = zlib.compressobj(self.level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        self.raw.write(compressor.compress(data) + compressor.flush(zlib.Z_FINISH if final else zlib.Z_FULL_FLUSH))
+        self.crc, self.size = zlib.crc32(data, self.crc), self.size + len(data)
+
+    def deflated(self, piece, crc, size):
+        for chunk in iter(lambda: piece.read(_CHUNK), b""):
+            self.raw.write(chunk)
+        self.crc, self.size = crc32_combine(self.crc, crc, size), self.size + size
+
+    def finish(self):
+        blocks = self.size + 2 * tarfile.BLOCKSIZE
+        self.plain(b"\0" * (2 * tarfile.BLOCKSIZE + (-blocks % tarfile.RECORDSIZE)), final=True)
+        self.raw.write(struct.pack("<II", self.crc, self.size & 0xFFFFFFFF))
+
+
+def _gf2_times(matrix, vector):
+    total, i = 0, 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return total
+
+
+def _gf2_square(matrix):
+    return [_gf2_times(matrix, row) for row in matrix]
+
+
+def crc32_combine(crc1, crc2, len2):
+    """crc32 of A+B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine)."""
+    if len2 <= 0:
+        return crc1
+    odd = [0xEDB88320] + [1 << n for n in range(31)]
+    even = _gf2_square(odd)
+    odd = _gf2_square(even)
+    while True:
+        even = _gf2_square(odd)
+        if len2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = _gf2_square(even)
+        if len2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
 
 
 def _hour_epoch(hour_text):

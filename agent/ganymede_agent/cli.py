@@ -1,0 +1,266 @@
+"""`ganymede-agent`: collect this GEO's stats for UTC hours and deliver them to ganymede-api.
+
+Runs hourly from the `stats` user's cron; manual runs are safe (a lock keeps
+runs apart). Each run: collect the hours due into the spool, then deliver
+every spooled hour, oldest first.
+
+Exit codes:
+  0  everything collected and delivered (or, with --dry-run, shown)
+  1  something was kept for a later run: the API or the GEO database was
+     unavailable within the retry budget (the spool keeps what was built)
+  2  configuration or usage error (bad/unsafe config file, bad arguments, an
+     [api] url that redirects or has no API behind it; the spool is untouched)
+  3  another ganymede-agent run holds the spool's lock; nothing was done
+  4  the API refused an archive for good; it was moved to <spool>/rejected/
+     with the server's reason beside it
+  5  the API refused the agent's credentials (401/403); the spool is untouched
+When several apply, the highest is returned.
+"""
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from contextlib import closing
+from datetime import datetime, timedelta, timezone
+
+from . import __version__, archive, collect, config
+from .client import Api, Misdirected, Refused, RetryBudget, Unavailable
+from .spool import Spool, SpoolError, SpoolLocked
+
+EXIT_OK, EXIT_KEPT, EXIT_USAGE, EXIT_LOCKED, EXIT_REJECTED, EXIT_AUTH = 0, 1, 2, 3, 4, 5
+MAX_HOURS = 24 * 31  # one --backfill at most
+
+log = logging.getLogger("ganymede_agent")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="ganymede-agent", description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Exit codes:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=config.DEFAULT_PATH, help="config file, mode 0600 (default: %(default)s)")
+    parser.add_argument("--agent-id", help="override [agent] agent_id of the config")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--hour", metavar="YYYY-MM-DDTHH", help="collect this UTC hour (default: the last complete "
+                                                              "hour, plus any missed since the last run)")
+    which.add_argument("--backfill", nargs=2, metavar=("FROM", "TO"), help="collect every UTC hour FROM..TO inclusive")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the archives in a temporary directory and show what would be sent; "
+                             "no spool change, no network")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also log retries and build details")
+    parser.add_argument("--version", action="version", version=f"ganymede-agent {__version__}")
+    return parser.parse_args(argv)
+
+
+def requested_hours(args, parser_error, now=None):
+    """The hours named on the command line, or None for the default (last complete hour and catch-up)."""
+    current = (now or datetime.now(timezone.utc).replace(tzinfo=None)).replace(minute=0, second=0, microsecond=0)
+    try:
+        if args.hour:
+            hours = [collect.parse_hour(args.hour)]
+        elif args.backfill:
+            first, last = (collect.parse_hour(h) for h in args.backfill)
+            if first > last:
+                parser_error(f"--backfill FROM {args.backfill[0]} is after TO {args.backfill[1]}")
+            hours = [first + timedelta(hours=i) for i in range(int((last - first) / timedelta(hours=1)) + 1)]
+            if len(hours) > MAX_HOURS:
+                parser_error(f"--backfill spans {len(hours)} hours; at most {MAX_HOURS} per run")
+        else:
+            return None
+    except ValueError as exc:
+        parser_error(str(exc))
+    if hours[-1] >= current:
+        parser_error(f"hour {collect.format_hour(hours[-1])} is not complete yet (now {current:%Y-%m-%dT%H}Z)")
+    return [collect.format_hour(h) for h in hours]
+
+
+def due_hours(state, catch_up, now=None):
+    """Default run: the last complete hour, the hours missed since the last collected one, and failed ones."""
+    last = (now or datetime.now(timezone.utc).replace(tzinfo=None)).replace(minute=0, second=0, microsecond=0)
+    last -= timedelta(hours=1)
+    first = last
+    if state.get("last_collected"):
+        previous = collect.parse_hour(state["last_collected"])
+        first = max(previous + timedelta(hours=1), last - timedelta(hours=max(catch_up - 1, 0)))
+        if previous + timedelta(hours=1) < first:
+            log.error("the agent did not run for %d hours; collecting only the last %d (catch_up_hours); "
+                      "use --backfill %s %s for the rest", (first - previous) // timedelta(hours=1) - 1, catch_up,
+                      collect.format_hour(previous + timedelta(hours=1)), collect.format_hour(first - timedelta(hours=1)))
+    hours = {collect.format_hour(first + timedelta(hours=i)) for i in range(int((last - first) / timedelta(hours=1)) + 1)}
+    hours.update(state.get("uncollected", []))
+    return sorted(hours)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s ganymede-agent[%(process)d] %(levelname)s %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%SZ")
+    logging.Formatter.converter = time.gmtime
+
+    def usage_error(message):
+        print(f"ganymede-agent: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+    hours = requested_hours(args, usage_error)
+    try:
+        cfg = config.load(args.config, agent_id=args.agent_id)
+    except config.ConfigError as exc:
+        usage_error(str(exc))
+    try:
+        source = collect.Source(cfg.database, cfg.datasets, cfg.database.reader)
+    except collect.CollectError as exc:
+        usage_error(str(exc))
+    if args.dry_run:
+        return dry_run(cfg, source, hours)
+    spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
+    try:
+        with spool.locked():
+            return Run(cfg, source, spool).run(hours)
+    except SpoolLocked as exc:
+        print(f"ganymede-agent: {exc}; exiting (exit code {EXIT_LOCKED})", file=sys.stderr)
+        return EXIT_LOCKED
+    except SpoolError as exc:
+        usage_error(str(exc))
+
+
+class Run:
+    """One locked run: collect what is due into the spool, then deliver the spool oldest first."""
+
+    def __init__(self, cfg, source, spool):
+        self.cfg, self.source, self.spool = cfg, source, spool
+        self.api = Api(cfg.api_url, cfg.agent_id, cfg.token, cfg.timeout,
+                       RetryBudget(cfg.retry.budget_seconds, cfg.retry.base_seconds, cfg.retry.cap_seconds),
+                       ca_file=cfg.ca_file)
+
+    def run(self, hours=None):
+        state = self.spool.read_state()
+        default = hours is None
+        hours = due_hours(state, self.cfg.catch_up_hours) if default else hours
+        failed = self.collect(hours, default, state)
+        code = max(self.deliver(), EXIT_KEPT if failed else EXIT_OK)
+        self.spool.update_state(last_run={"at": _utc_now(), "exit": code, "version": __version__,
+                                          "reader": self.source.reader})
+        return code
+
+    def collect(self, hours, default, state):
+        """Build each hour's archive into the spool; returns the hours that could not be collected."""
+        uncollected = set(state.get("uncollected", []))
+        failed = []
+        for hour in hours:
+            try:
+                manifest = build(self.cfg, self.source, hour, self.spool.path_for(hour), self.spool.dir)
+            except collect.CollectError as exc:
+                log.error("hour %s kept for the next run: not collected: %s", hour, exc)
+                failed.append(hour)
+                uncollected.add(hour)
+                continue
+            uncollected.discard(hour)
+            log.debug("hour %s built: %s", hour, _rows(manifest))
+            self.spool.count("built")
+            self.spool.enforce_limit(keep=hour)
+        changes = {"uncollected": sorted(uncollected)}
+        if default:
+            done = [h for h in hours if h not in failed]
+            if done and done[-1] > state.get("last_collected", ""):
+                changes["last_collected"] = done[-1]
+        self.spool.update_state(**changes)
+        return failed
+
+    def deliver(self):
+        code = EXIT_OK
+        pending = self.spool.hours()
+        for i, hour in enumerate(pending):
+            path = self.spool.path_for(hour)
+            try:
+                size, rows = os.path.getsize(path), _rows(read_manifest(path))
+            except archive.ArchiveError as exc:
+                self.spool.reject(hour, {"error": f"unreadable in the spool: {exc}"})
+                log.error("hour %s REJECTED: the spooled archive is unreadable (%s); moved to %s",
+                          hour, exc, self.spool.rejected_dir)
+                code = EXIT_REJECTED
+                continue
+            try:
+                result = self.api.deliver(hour, path, archive.sha256_file(path))
+            except Unavailable as exc:
+                for kept in pending[i:]:
+                    log.warning("hour %s kept in the spool: API unavailable: %s", kept, exc)
+                return max(code, EXIT_KEPT)
+            except Misdirected as exc:
+                for kept in pending[i:]:
+                    log.error("hour %s kept in the spool: %s", kept, exc)
+                return max(code, EXIT_USAGE)
+            except Refused as exc:
+                if exc.auth:
+                    for kept in pending[i:]:
+                        log.error("hour %s kept in the spool: the API refused this agent's credentials: %s", kept, exc)
+                    return EXIT_AUTH
+                self.spool.reject(hour, exc.reason())
+                self.spool.count("rejected")
+                log.error("hour %s REJECTED by the API, moved to %s: %s", hour, self.spool.rejected_dir, exc)
+                code = EXIT_REJECTED
+                continue
+            self.spool.remove(hour)
+            self.spool.count("delivered")
+            self.spool.update_state(last_delivered=hour)
+            log.info("hour %s delivered: transaction %s, %s, %d bytes%s", hour, result.transaction_id, rows, size,
+                     " (already completed by an earlier run)" if result.already else "")
+        return code
+
+
+def build(cfg, source, hour, dest, workdir):
+    """Collect one hour into an archive at `dest` (atomic); the manifest. Falls back to pymysql in auto mode."""
+    fields = {"agent_id": cfg.agent_id, "geo": cfg.geo, "hour": hour, "agent_version": __version__}
+    try:
+        with closing(source.datasets(hour)) as datasets:
+            return archive.build_archive(dest, fields, datasets, workdir)
+    except collect.CollectError as exc:
+        if not (source.reader == "client" and cfg.database.reader == "auto"):
+            raise
+        log.warning("hour %s: the command-line client failed (%s); using pymysql from now on", hour, exc)
+        source.reader = "pymysql"
+        with closing(source.datasets(hour)) as datasets:
+            return archive.build_archive(dest, fields, datasets, workdir)
+
+
+def dry_run(cfg, source, hours):
+    """Show what a run would send: the spooled hours, then the hours it would collect, built aside."""
+    spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
+    spooled = spool.hours() if os.path.isdir(spool.dir) else []
+    state = spool.read_state() if os.path.isdir(spool.dir) else {}
+    for hour in spooled:
+        print(f"would deliver spooled hour {hour}: {os.path.getsize(spool.path_for(hour))} bytes")
+    hours = due_hours(state, cfg.catch_up_hours) if hours is None else hours
+    code = EXIT_OK
+    with tempfile.TemporaryDirectory(prefix="ganymede-agent-dry-run-") as tmp:
+        for hour in hours:
+            dest = os.path.join(tmp, hour + ".tar.gz")
+            try:
+                manifest = build(cfg, source, hour, dest, tmp)
+            except collect.CollectError as exc:
+                print(f"hour {hour}: cannot collect: {exc}")
+                code = EXIT_KEPT
+                continue
+            print(f"would send hour {hour} as agent {cfg.agent_id} (geo {cfg.geo}) to {cfg.api_url}: "
+                  f"{_rows(manifest)}; {os.path.getsize(dest)} bytes, sha256 {archive.sha256_file(dest)}")
+            os.unlink(dest)
+    return code
+
+
+def read_manifest(path):
+    with open(path, "rb") as f:
+        for _, manifest, _ in archive.read_archive(f):
+            return manifest
+
+
+def _rows(manifest):
+    return ", ".join(f"{name}={entry['rows']}" for name, entry in manifest["datasets"].items()) + " rows"
+
+
+def _utc_now():
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

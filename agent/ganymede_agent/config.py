@@ -1,0 +1,163 @@
+"""The agent's INI config file (see agent.cfg.sample): loaded, checked, typed.
+
+It holds the agent token and the GEO database password, so a file that group
+or others may read is refused before anything in it is used.
+"""
+import configparser
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+DEFAULT_PATH = "/etc/ganymede/agent.cfg"
+READERS = ("auto", "client", "pymysql")
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(Exception):
+    """A config problem, said in one line (the CLI prints it and exits 2)."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    budget_seconds: float = 300.0
+    base_seconds: float = 1.0
+    cap_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class Database:
+    host: str = "127.0.0.1"
+    port: int = 3306
+    user: str = "root"
+    password: str = field(default="", repr=False)
+    database: str = ""
+    unix_socket: str = ""
+    connect_timeout: float = 10.0
+    reader: str = "auto"
+    client_path: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    agent_id: str
+    geo: str
+    api_url: str
+    token: str = field(repr=False)
+    timeout: float
+    ca_file: str
+    database: Database
+    spool_dir: str
+    spool_max_bytes: int
+    retry: Retry
+    datasets: dict  # name -> SQL, in file order
+    catch_up_hours: int = 24
+
+
+def check_mode(path):
+    """Refuse a config that anyone but its owner can read or write."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (see agent.cfg.sample)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"config file {path} is not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & ~0o600:
+        raise ConfigError(f"config file {path} has mode {mode:04o}; it holds the agent token, "
+                          f"so it must be 0600 or 0400 (chmod 600 {path})")
+
+
+def load(path=DEFAULT_PATH, agent_id=None):
+    """Read and check the config at `path`; `agent_id` (from --agent-id) overrides the file's."""
+    check_mode(path)
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        raise ConfigError(f"cannot parse config file {path}: {' '.join(str(exc).split())}") from None
+    get = _Getter(parser, path)
+    agent_id = agent_id or get("agent", "agent_id", "")
+    if not agent_id:
+        raise ConfigError(f"{path}: no agent id ([agent] agent_id or --agent-id)")
+    if not _AGENT_ID.match(agent_id):
+        raise ConfigError(f"{path}: agent id {agent_id!r} is not a plain identifier")
+    api_url = get("api", "url").rstrip("/")
+    if urlsplit(api_url).scheme not in ("http", "https") or not urlsplit(api_url).netloc:
+        raise ConfigError(f"{path}: [api] url must be an http:// or https:// URL, not {api_url!r}")
+    db = Database(
+        host=get("database", "host", "127.0.0.1"), port=get.int("database", "port", 3306),
+        user=get("database", "user", "root"), password=get("database", "password", ""),
+        database=get("database", "database"), unix_socket=get("database", "unix_socket", ""),
+        connect_timeout=get.float("database", "connect_timeout_seconds", 10),
+        reader=get("database", "reader", "auto"), client_path=get("database", "client_path", ""),
+    )
+    if db.reader not in READERS:
+        raise ConfigError(f"{path}: [database] reader must be one of {', '.join(READERS)}, not {db.reader!r}")
+    ca_file = get("api", "ca_file", "")
+    if ca_file and not os.access(ca_file, os.R_OK):
+        raise ConfigError(f"{path}: [api] ca_file {ca_file} is not a readable file")
+    retry = Retry(budget_seconds=get.float("retry", "budget_seconds", 300),
+                  base_seconds=get.float("retry", "base_seconds", 1),
+                  cap_seconds=get.float("retry", "cap_seconds", 60))
+    return Config(
+        path=path, agent_id=agent_id, geo=get("agent", "geo"), api_url=api_url, token=get("api", "token"),
+        timeout=get.float("api", "timeout_seconds", 60), ca_file=ca_file,
+        database=db, spool_dir=get("spool", "dir"),
+        spool_max_bytes=int(get.float("spool", "max_mb", 1024) * 1024 * 1024),
+        retry=retry, datasets=_datasets(parser, path),
+        catch_up_hours=get.int("agent", "catch_up_hours", 24),
+    )
+
+
+def _datasets(parser, path):
+    if not parser.has_section("datasets") or not parser["datasets"]:
+        raise ConfigError(f"{path}: [datasets] is missing or empty")
+    datasets = {}
+    for name, sql in parser["datasets"].items():
+        if not _NAME.match(name):
+            raise ConfigError(f"{path}: dataset name {name!r} must be lower-case letters, digits and _")
+        sql = sql.strip().rstrip(";").strip()
+        if "%(start)s" not in sql or "%(end)s" not in sql:
+            raise ConfigError(f"{path}: the SQL of dataset {name!r} must use %(start)s and %(end)s")
+        datasets[name] = sql
+    return datasets
+
+
+class _Getter:
+    """Typed reads with one-line errors naming the file, section and key."""
+
+    _MISSING = object()
+
+    def __init__(self, parser, path):
+        self.parser, self.path = parser, path
+
+    def __call__(self, section, key, default=_MISSING):
+        value = self.parser.get(section, key, fallback=None)
+        if value is None or (value.strip() == "" and default is self._MISSING):
+            if default is self._MISSING:
+                raise ConfigError(f"{self.path}: [{section}] {key} is required")
+            return default
+        return value.strip()
+
+    def _number(self, kind, section, key, default):
+        text = self(section, key, str(default))
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ConfigError(f"{self.path}: [{section}] {key} must be a number, not {text!r}") from None
+        if value < 0:
+            raise ConfigError(f"{self.path}: [{section}] {key} must not be negative")
+        return value
+
+    def int(self, section, key, default):
+        return self._number(int, section, key, default)
+
+    def float(self, section, key, default):
+        return self._number(float, section, key, default)

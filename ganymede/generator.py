@@ -1,0 +1,221 @@
+"""Realistic GEO statistics in a GEO database, for tests, the demo and benchmarks.
+
+A GEO keeps its own stats in three tables, indexed by time first:
+
+    account_usage_hourly  one row per account and hour
+    api_request_stats     one row per (method, endpoint, status) and hour
+    node_samples          one row per storage node and minute
+
+The agent reads them with the SQL in `ganymede_agent/agent.cfg.sample` (one
+definition, also used by `write_agent_config`). Values are drawn from a PRNG
+seeded by (seed, hour), so the same call gives the same rows, and they satisfy
+`datasets.CATALOG`'s row rules. Rows go in with LOAD DATA LOCAL INFILE (the
+connection needs `local_infile=True`, as `connect()` sets).
+"""
+import configparser
+import os
+import random
+import tempfile
+from datetime import timedelta
+
+import pymysql
+
+from . import hours
+
+TABLES = {
+    "account_usage_hourly": """CREATE TABLE IF NOT EXISTS account_usage_hourly (
+      hour_start DATETIME NOT NULL,
+      account_id VARCHAR(64) NOT NULL,
+      bytes_stored BIGINT UNSIGNED NOT NULL,
+      object_count BIGINT UNSIGNED NOT NULL,
+      bytes_in BIGINT UNSIGNED NOT NULL,
+      bytes_out BIGINT UNSIGNED NOT NULL,
+      request_count BIGINT UNSIGNED NOT NULL,
+      PRIMARY KEY (hour_start, account_id)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+    "api_request_stats": """CREATE TABLE IF NOT EXISTS api_request_stats (
+      hour_start DATETIME NOT NULL,
+      http_method VARCHAR(16) NOT NULL,
+      endpoint VARCHAR(128) NOT NULL,
+      status_code SMALLINT UNSIGNED NOT NULL,
+      request_count BIGINT UNSIGNED NOT NULL,
+      bytes_total BIGINT UNSIGNED NOT NULL,
+      latency_p50_ms DOUBLE NOT NULL,
+      latency_p95_ms DOUBLE NOT NULL,
+      PRIMARY KEY (hour_start, http_method, endpoint, status_code)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+    "node_samples": """CREATE TABLE IF NOT EXISTS node_samples (
+      sampled_at DATETIME NOT NULL,
+      node_name VARCHAR(64) NOT NULL,
+      disk_total_bytes BIGINT UNSIGNED NOT NULL,
+      disk_used_bytes BIGINT UNSIGNED NOT NULL,
+      load_1m DOUBLE NOT NULL,
+      error_count INT UNSIGNED NOT NULL,
+      PRIMARY KEY (sampled_at, node_name)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+}
+
+METHODS = ("GET", "PUT", "POST", "DELETE", "HEAD")
+BASE_ENDPOINTS = ("/v1/objects", "/v1/buckets", "/v1/objects/multipart", "/v1/objects/copy", "/v1/acl",
+                  "/v1/lifecycle", "/v1/versions", "/v1/tags", "/v1/cors", "/v1/policy", "/v1/stats", "/v1/auth")
+STATUSES = (200, 201, 204, 206, 304, 400, 403, 404, 409, 429, 500, 502, 503)
+_SERVER_ERRORS = (500, 502, 503)
+SAMPLES_PER_NODE = 60  # one a minute
+TB = 1 << 40
+
+
+def connect(database=None, *, host="127.0.0.1", port=3306, user="root", password="", **kwargs):
+    """A pymysql connection suited to the generator (UTC session, LOAD DATA LOCAL allowed)."""
+    return pymysql.connect(host=host, port=port, user=user, password=password, database=database or None,
+                           charset="utf8mb4", local_infile=True, autocommit=True,
+                           init_command="SET time_zone = '+00:00'", **kwargs)
+
+
+def create_database(name, **connect_args):
+    """Create the GEO database `name` with its tables (idempotent); returns a connection to it."""
+    with connect(**connect_args) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE IF NOT EXISTS `{_ident(name)}` DEFAULT CHARACTER SET utf8mb4")
+    conn = connect(name, **connect_args)
+    with conn.cursor() as cur:
+        for ddl in TABLES.values():
+            cur.execute(ddl)
+    return conn
+
+
+def drop_database(name, **connect_args):
+    with connect(**connect_args) as conn, conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{_ident(name)}`")
+
+
+def _ident(name):
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"not a plain database name: {name!r}")
+    return name
+
+
+def split_rows(rows):
+    """R rows spread over the datasets: 60% accounts, 20% API stats, 20% node samples."""
+    accounts = rows * 6 // 10
+    api = rows // 5
+    nodes = rows - accounts - api
+    return accounts, api, nodes
+
+
+def generate_hour(conn, hour, *, accounts=200, endpoints=len(BASE_ENDPOINTS), nodes=8, seed=0, rows=None):
+    """Fill one UTC hour of stats; returns {table: rows inserted}.
+
+    `rows=R` overrides the shape and writes R rows in all (see `split_rows`);
+    API rows are then (method, endpoint, status) combinations over as many
+    endpoints as needed and node rows minute samples over as many nodes.
+    Existing rows of that hour are replaced, so a rerun gives the same table.
+    """
+    start, end = hours.window(hours.parse_hour(hour) if isinstance(hour, str) else hour)
+    rng = random.Random(f"{seed}:{hours.format_hour(start)}")
+    if rows is not None:
+        n_accounts, n_api, n_nodes = split_rows(rows)
+        accounts = n_accounts
+    else:
+        n_api = len(METHODS) * endpoints * len(STATUSES)
+        n_nodes = nodes * SAMPLES_PER_NODE
+    stamp = start.strftime("%Y-%m-%d %H:%M:%S")
+    counts = {}
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM account_usage_hourly WHERE hour_start = %s", (start,))
+        cur.execute("DELETE FROM api_request_stats WHERE hour_start = %s", (start,))
+        cur.execute("DELETE FROM node_samples WHERE sampled_at >= %s AND sampled_at < %s", (start, end))
+        counts["account_usage_hourly"] = _load(cur, "account_usage_hourly", _accounts(rng, stamp, accounts))
+        counts["api_request_stats"] = _load(cur, "api_request_stats", _api(rng, stamp, n_api))
+        counts["node_samples"] = _load(cur, "node_samples", _nodes(rng, start, n_nodes))
+    conn.commit()
+    return counts
+
+
+def _accounts(rng, stamp, n):
+    lognorm, randint = rng.lognormvariate, rng.randint
+    for i in range(n):
+        objects = int(lognorm(7, 2))
+        stored = objects * int(lognorm(12, 1.5))
+        yield (stamp, f"acct-{i:07d}", stored, objects, int(lognorm(16, 3)), int(lognorm(17, 3)), randint(0, 50000))
+
+
+def _api(rng, stamp, n):
+    produced, i = 0, 0
+    while produced < n:
+        endpoint = BASE_ENDPOINTS[i % len(BASE_ENDPOINTS)] + ("" if i < len(BASE_ENDPOINTS) else f"/{i // len(BASE_ENDPOINTS)}")
+        for method in METHODS:
+            for status in STATUSES:
+                if produced == n:
+                    return
+                count = int(rng.lognormvariate(8 if status < 400 else 4, 1.5)) + 1
+                p50 = round(rng.lognormvariate(3, 0.6), 3)
+                p95 = round(p50 * (1 + rng.lognormvariate(0.5, 0.5)), 3)
+                if status in _SERVER_ERRORS:
+                    p95 = round(p95 * 3, 3)
+                yield (stamp, method, endpoint, status, count, count * int(rng.lognormvariate(10, 2)), p50, p95)
+                produced += 1
+        i += 1
+
+
+def _nodes(rng, start, n):
+    node_count = max(1, -(-n // SAMPLES_PER_NODE))
+    totals = [rng.choice((48, 96, 192, 384)) * TB for _ in range(node_count)]
+    fill = [rng.uniform(0.2, 0.95) for _ in range(node_count)]
+    produced = 0
+    for minute in range(SAMPLES_PER_NODE):
+        at = (start + timedelta(minutes=minute, seconds=rng.randrange(60))).strftime("%Y-%m-%d %H:%M:%S")
+        for node in range(node_count):
+            if produced == n:
+                return
+            used = int(totals[node] * min(1.0, fill[node] + minute * 0.0001))
+            errors = rng.choice((0, 0, 0, 0, 1, 2)) if rng.random() < 0.1 else 0
+            yield (at, f"node-{node:04d}", totals[node], used, round(rng.uniform(0.05, 24.0), 2), errors)
+            produced += 1
+
+
+def _load(cur, table, rows):
+    """Bulk insert via a temporary tab-separated file; returns the row count."""
+    count = 0
+    with tempfile.NamedTemporaryFile("w", suffix=".tsv", encoding="utf-8") as f:
+        for count, row in enumerate(rows, 1):
+            f.write("\t".join(map(str, row)) + "\n")
+        f.flush()
+        if count:
+            cur.execute(f"LOAD DATA LOCAL INFILE %s INTO TABLE `{table}` CHARACTER SET utf8mb4 "
+                        "FIELDS TERMINATED BY '\\t' LINES TERMINATED BY '\\n'", (f.name,))
+    return count
+
+
+# --- agent configuration -----------------------------------------------------------
+
+def sample_config_path():
+    from ganymede_agent import archive
+    return os.path.join(os.path.dirname(archive.__file__), "agent.cfg.sample")
+
+
+def sample_datasets():
+    """{dataset: SQL} from the agent's commented sample config, the one place the SQL is written."""
+    parser = configparser.ConfigParser(interpolation=None)
+    with open(sample_config_path(), encoding="utf-8") as f:
+        parser.read_file(f)
+    return dict(parser["datasets"])
+
+
+def write_agent_config(path, *, api_url, agent_id, token, geo, database, spool_dir, db_host="127.0.0.1",
+                       db_port=3306, db_user="root", db_password="", reader="auto", spool_max_mb=1024,
+                       retry_budget_seconds=300, retry_base_seconds=1.0, retry_cap_seconds=60,
+                       request_timeout_seconds=60, datasets=None):
+    """Write an agent config (mode 0600) for the demo and tests; the SQL comes from the sample."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser["agent"] = {"agent_id": agent_id, "geo": geo}
+    parser["api"] = {"url": api_url, "token": token, "timeout_seconds": str(request_timeout_seconds)}
+    parser["database"] = {"host": db_host, "port": str(db_port), "user": db_user, "password": db_password,
+                          "database": database, "reader": reader}
+    parser["spool"] = {"dir": spool_dir, "max_mb": str(spool_max_mb)}
+    parser["retry"] = {"budget_seconds": str(retry_budget_seconds), "base_seconds": str(retry_base_seconds),
+                       "cap_seconds": str(retry_cap_seconds)}
+    parser["datasets"] = datasets if datasets is not None else sample_datasets()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        parser.write(f)
+    return path
