@@ -20,6 +20,9 @@ class mysql(luigi.Config):
     option_file = luigi.Parameter(default="",
                                   description="my.cnf-style file with the password ([client] section); empty: none")
     connect_timeout = luigi.IntParameter(default=5, description="Seconds to wait for a connection")
+    tls = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                              description="Encrypt and verify the MySQL connection (a remote server); off on loopback")
+    tls_ca = luigi.Parameter(default="", description="PEM CA bundle for tls = true; empty: the system's")
 
 
 class mongodb(luigi.Config):

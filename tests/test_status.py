@@ -16,7 +16,7 @@ BIN = os.path.dirname(sys.executable)
 
 def test_status_lines_for_a_mix_of_hours(genv, mongo_up, s3_up):
     now_hour = hours.last_complete_hour()
-    closed, failed, overdue, waiting = (now_hour - timedelta(hours=h) for h in (6, 5, 4, 0))
+    closed, failed, overdue, waiting = (now_hour - timedelta(hours=h) for h in (8, 7, 6, 0))
     for h in (closed, failed, waiting):
         completed_transaction(genv, "agent-a", h)
     completed_transaction(genv, "agent-b", closed)
@@ -28,7 +28,7 @@ def test_status_lines_for_a_mix_of_hours(genv, mongo_up, s3_up):
     genv.write_config(s3={"endpoint_url": endpoint})
     with genv.mysql() as conn:
         rows = {r.hour: r for r in status.hours_status(conn, StateRoot(genv.root), overdue - timedelta(hours=2),
-                                                       waiting, deadline_minutes=45, overdue_minutes=60)}
+                                                       waiting, deadline_minutes=120, overdue_minutes=60)}
     assert rows[closed].verdict == "closed" and rows[closed].backup == "done"
     assert (rows[closed].staged, rows[closed].loaded, rows[closed].extract) == (2, 2, "on time")
     assert rows[failed].verdict == "failed" and rows[failed].failures == ["HourlyBackup"]
@@ -40,6 +40,7 @@ def test_status_lines_for_a_mix_of_hours(genv, mongo_up, s3_up):
 
 
 def test_status_command_prints_one_line_per_hour(genv):
+    genv.write_config(extract={"deadline_minutes": 120})  # the last hour is then before its deadline
     hour = hours.last_complete_hour()
     completed_transaction(genv, "agent-a", hour)
     out = subprocess.run([f"{BIN}/ganymede", "status", "--last", "3"], env=genv.subprocess_env,
