@@ -112,6 +112,30 @@ def genv(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def api_server(genv):
+    """`ganymede-api` as a subprocess on genv.api_port; yields its base URL."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    log_path = genv.root + "-api.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ganymede-api")],
+                                env=genv.subprocess_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{genv.api_port}"
+    for _ in range(150):
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None, open(log_path).read()
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
 def mongo_up():
     require_port("127.0.0.1", int(MONGO_URI.rsplit(":", 1)[1].strip("/")), "MongoDB test server (nx-27017)")
 

@@ -4,8 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import closing
 from datetime import timedelta
 
@@ -25,23 +23,6 @@ AGENTS = (("agent-eu", "eu-west"), ("agent-us", "us-east"))
 
 
 @pytest.fixture
-def api(genv):
-    log = open(os.path.join(genv.root + "-api.log"), "wb")
-    proc = subprocess.Popen([f"{BIN}/ganymede-api"], env=genv.subprocess_env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{genv.api_port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1)
-            break
-        except OSError:
-            assert proc.poll() is None, open(log.name).read()
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(10)
-
-
-@pytest.fixture
 def geo_databases(genv):
     names = [f"{genv.mysql_database}_geo{n}" for n in range(len(AGENTS))]
     yield names
@@ -49,22 +30,22 @@ def geo_databases(genv):
         generator.drop_database(name)
 
 
-def run_agents(genv, api, geo_databases, hour, tmp_path):
+def run_agents(genv, api_url, geo_databases, hour, tmp_path):
     for (agent_id, geo), database in zip(AGENTS, geo_databases):
         with closing(mysql.connect(config.mysql())) as conn:
             token = txlog.add_agent(conn, agent_id, geo, expected_from=hour)
         with closing(generator.create_database(database)) as conn:
             generator.generate_hour(conn, hour, accounts=20, endpoints=3, nodes=2, seed=len(agent_id))
-        cfg = generator.write_agent_config(str(tmp_path / f"{agent_id}.cfg"), api_url=api, agent_id=agent_id,
+        cfg = generator.write_agent_config(str(tmp_path / f"{agent_id}.cfg"), api_url=api_url, agent_id=agent_id,
                                            token=token, geo=geo, database=database,
                                            spool_dir=str(tmp_path / "spool" / agent_id))
         subprocess.run([f"{BIN}/ganymede-agent", "--config", cfg, "--hour", hours.format_hour(hour)],
                        env=genv.subprocess_env, check=True, timeout=120)
 
 
-def test_one_hour_end_to_end_then_nothing_to_do(genv, api, geo_databases, tmp_path, mongo_up, s3_up):
+def test_one_hour_end_to_end_then_nothing_to_do(genv, api_server, geo_databases, tmp_path, mongo_up, s3_up):
     hour = hours.last_complete_hour() - timedelta(hours=2)
-    run_agents(genv, api, geo_databases, hour, tmp_path)
+    run_agents(genv, api_server, geo_databases, hour, tmp_path)
 
     result = luigi.build([HourlyBackup(hour=hour)], local_scheduler=True, detailed_summary=True)
     assert result.status.name == "SUCCESS", result.summary_text

@@ -59,6 +59,9 @@ class ApiSettings:
     max_json_bytes: int = 64 << 10
     mysql_connections: int = 16   # kept open for reuse (see MySQLPool)
     chunk_bytes: int = 512 << 10  # socket read size, and bytes gathered before one hand-off to a writer thread
+    deadline_minutes: int = 45    # the status page's verdicts ([extract] and [alerts])
+    overdue_minutes: int = 60
+    status_hours: int = 24
 
 
 class ApiError(tornado.web.HTTPError):
@@ -427,7 +430,7 @@ class BaseHandler(tornado.web.RequestHandler):
         body["status"] = status_code
         if status_code == 503:
             self.set_header("Retry-After", str(self.api.retry_after))
-        if status_code == 401:
+        if status_code == 401 and "WWW-Authenticate" not in self._headers:
             self.set_header("WWW-Authenticate", 'Bearer realm="ganymede"')
         self.finish(json.dumps(body, sort_keys=True) + "\n")
 
@@ -720,6 +723,7 @@ class NotFoundHandler(BaseHandler):
 
 def make_app(api):
     """The Application; `api` is an ApiSettings or a dict of its fields. `app.pool.clear()` closes its connections."""
+    from .status_page import StatusPageHandler  # it builds on BaseHandler, defined here
     if isinstance(api, dict):
         api = ApiSettings(**api)
     pool = MySQLPool(api.mysql, api.mysql_connections)
@@ -731,6 +735,7 @@ def make_app(api):
         (r"/v1/transactions/([^/]+)/archive", ArchiveHandler, args),
         (r"/v1/transactions/([^/]+)/complete", CompleteHandler, args),
         (r"/v1/hours/([^/]+)/roster", RosterHandler, args),
+        (r"/status", StatusPageHandler, args),
     ], default_handler_class=NotFoundHandler, default_handler_args=args, serve_traceback=False)
     app.pool = pool
     return app

@@ -22,7 +22,7 @@ log = logging.getLogger("ganymede.api")
 
 
 def settings_from_config(executor=None):
-    """ApiSettings from the [api], [mysql] and [state] sections."""
+    """ApiSettings from the [api], [mysql], [state], [extract] and [alerts] sections."""
     api = config.api()
     return ApiSettings(
         mysql=config.mysql(),
@@ -35,6 +35,9 @@ def settings_from_config(executor=None):
         retry_after=api.retry_after,
         mysql_connections=api.mysql_connections,
         chunk_bytes=api.upload_chunk_kb << 10,
+        deadline_minutes=config.extract().deadline_minutes,
+        overdue_minutes=config.alerts().overdue_minutes,
+        status_hours=config.alerts().status_hours,
     )
 
 
