@@ -14,7 +14,7 @@ import time
 import urllib.request
 from contextlib import closing
 
-from . import config, datasets, generator, hours, markers
+from . import config, datasets, generator, hours, markers, status
 from .paths import StateRoot
 from .stores import mongo, mysql, txlog
 from .stores.s3 import bucket_name, connect as s3_connect
@@ -124,7 +124,13 @@ def summary(hour, base):
              f"  delivered to {manifest['delivered_to']}",
              f"Bucket {bucket} at {config.s3().endpoint_url}: {len(objects)} objects"]
     lines += [f"  {o['Key']}  ({o['Size']} bytes)" for o in objects]
+    with closing(mysql.connect(config.mysql())) as conn:
+        (row,) = status.hours_status(conn, root, hour, hour, config.extract().deadline_minutes,
+                                     config.alerts().overdue_minutes)
     lines += [f"Archives moved to {os.path.join(root.root, 'archives')}",
+              f"Status (`ganymede status`): {row.line()}",
+              f"Status page: LUIGI_CONFIG_PATH={os.path.join(base, 'luigi.cfg')} ganymede-api, then "
+              f"http://127.0.0.1:{API_PORT}/status (user admin, password from `ganymede admin-token NAME`)",
               f"Dependency graph: http://127.0.0.1:{os.environ.get('GANYMEDE_LUIGID_PORT', '8082')}"
               f"/static/visualiser/index.html#search__search=HourlyBackup"]
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Where each hour stands, from the markers on disk and two queries of the transaction log.
 
 One line per hour: expected and arrived agents, staged, loaded, extract,
-backup, and a verdict (closed, waiting, open, overdue, failed). The CLI
+backup, and a verdict (closed, waiting, open, overdue, failed, idle). The CLI
 prints it; the API renders the same rows as a grid.
 """
 import glob
@@ -64,6 +64,8 @@ def hour_status(root, hour, expected, transactions, now, deadline_minutes, overd
     deadline = hours.deadline(hour, deadline_minutes)
     if status.backup == "done":
         status.verdict = "closed"
+    elif not expected and not transactions and status.extract == "waiting":
+        status.verdict = "idle"  # no agent was registered for this hour: nothing to wait for
     elif status.failures:
         status.verdict = "failed"
     elif now < deadline:

@@ -14,7 +14,8 @@ from ..stores import txlog
 from .handlers import ApiError, BaseHandler
 
 COLOURS = {"done": "#2e7d32", "partial": "#f9a825", "pending": "#9e9e9e", "failed": "#c62828",
-           "late": "#ef6c00", "closed": "#2e7d32", "waiting": "#1565c0", "open": "#f9a825", "overdue": "#ef6c00"}
+           "late": "#ef6c00", "closed": "#2e7d32", "waiting": "#1565c0", "open": "#f9a825", "overdue": "#ef6c00",
+           "idle": "#cfd8dc"}
 
 
 def cells(row):
