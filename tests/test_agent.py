@@ -705,6 +705,30 @@ def test_5xx_resets_and_lost_answers_then_success(genv, api, geo_db, tmp_path, s
         429, "forward_then_reset", "forward"]
 
 
+def test_replace_sends_changed_rows_as_a_replacement_once(genv, api, geo_db, tmp_path):
+    hour = recent(2)
+    generator.generate_hour(geo_db.conn, hour, accounts=5, endpoints=1, nodes=1, seed=1)
+    agent = Agent(genv, geo_db, tmp_path, api.start().url)
+    assert agent.run("--hour", hour).returncode == cli.EXIT_OK
+    generator.generate_hour(geo_db.conn, hour, accounts=7, endpoints=1, nodes=1, seed=2)
+    without = agent.run("--hour", hour)  # changed rows without --replace: the server keeps the hour (409)
+    assert without.returncode == cli.EXIT_REJECTED and "already completed" in without.stderr
+    result = agent.run("--hour", hour, "--replace")
+    assert result.returncode == cli.EXIT_OK, result.stderr
+    first, second = agent.transactions(hour)
+    assert (first["state"], second["state"]) == ("superseded", "completed")
+    assert agent.completed_rows(second["transaction_id"])["account_usage"] == 7
+    again = agent.run("--hour", hour, "--replace")  # the same replacement again: already there, nothing new
+    assert again.returncode == cli.EXIT_OK and len(agent.transactions(hour)) == 2
+    assert agent.state().get("replace") == []
+
+
+def test_replace_needs_named_hours(tmp_path):
+    result = subprocess.run([AGENT, "--config", str(tmp_path / "none.cfg"), "--replace"], capture_output=True,
+                            text=True)
+    assert result.returncode == cli.EXIT_USAGE and "--replace needs --hour or --backfill" in result.stderr
+
+
 @pytest.mark.parametrize("case", ["too_old_for_the_api", "invalid_row"])
 def test_a_4xx_moves_the_archive_to_rejected(genv, api, geo_db, tmp_path, case):
     if case == "too_old_for_the_api":  # the API keeps 14 days: POST /v1/transactions answers 422

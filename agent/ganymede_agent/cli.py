@@ -45,6 +45,9 @@ def parse_args(argv):
     which.add_argument("--hour", metavar="YYYY-MM-DDTHH", help="collect this UTC hour (default: the last complete "
                                                               "hour, plus any missed since the last run)")
     which.add_argument("--backfill", nargs=2, metavar=("FROM", "TO"), help="collect every UTC hour FROM..TO inclusive")
+    parser.add_argument("--replace", action="store_true",
+                        help="with --hour/--backfill: send those hours as replacements of what the server already "
+                             "completed (their old data is replaced downstream, never added to)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the archives in a temporary directory and show what would be sent; "
                              "no spool change, no network")
@@ -104,6 +107,8 @@ def main(argv=None):
         sys.exit(EXIT_USAGE)
 
     hours = requested_hours(args, usage_error)
+    if args.replace and hours is None:
+        usage_error("--replace needs --hour or --backfill")
     try:
         cfg = config.load(args.config, agent_id=args.agent_id)
     except config.ConfigError as exc:
@@ -117,7 +122,7 @@ def main(argv=None):
     spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
     try:
         with spool.locked():
-            return Run(cfg, source, spool).run(hours)
+            return Run(cfg, source, spool).run(hours, replace=args.replace)
     except SpoolLocked as exc:
         print(f"ganymede-agent: {exc}; exiting (exit code {EXIT_LOCKED})", file=sys.stderr)
         return EXIT_LOCKED
@@ -134,10 +139,12 @@ class Run:
                        RetryBudget(cfg.retry.budget_seconds, cfg.retry.base_seconds, cfg.retry.cap_seconds),
                        ca_file=cfg.ca_file)
 
-    def run(self, hours=None):
+    def run(self, hours=None, replace=False):
         state = self.spool.read_state()
         default = hours is None
         hours = due_hours(state, self.cfg.catch_up_hours) if default else hours
+        if replace:  # remembered in the spool, so a crash before delivery still sends a replacement
+            self.spool.update_state(replace=sorted(set(state.get("replace", [])) | set(hours)))
         failed = self.collect(hours, default, state)
         code = max(self.deliver(), EXIT_KEPT if failed else EXIT_OK)
         self.spool.update_state(last_run={"at": _utc_now(), "exit": code, "version": __version__,
@@ -181,8 +188,9 @@ class Run:
                           hour, exc, self.spool.rejected_dir)
                 code = EXIT_REJECTED
                 continue
+            replace = hour in self.spool.read_state().get("replace", [])
             try:
-                result = self.api.deliver(hour, path, archive.sha256_file(path))
+                result = self.api.deliver(hour, path, archive.sha256_file(path), replace=replace)
             except Unavailable as exc:
                 for kept in pending[i:]:
                     log.warning("hour %s kept in the spool: API unavailable: %s", kept, exc)
@@ -202,6 +210,8 @@ class Run:
                 code = EXIT_REJECTED
                 continue
             self.spool.remove(hour)
+            if replace:
+                self.spool.update_state(replace=[h for h in self.spool.read_state().get("replace", []) if h != hour])
             self.spool.count("delivered")
             self.spool.update_state(last_delivered=hour)
             log.info("hour %s delivered: transaction %s, %s, %d bytes%s", hour, result.transaction_id, rows, size,

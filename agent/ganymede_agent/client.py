@@ -184,11 +184,13 @@ class Api:
                 body.close()
 
     # --- the delivery protocol -----------------------------------------------------
-    def deliver(self, hour, path, sha256):
+    def deliver(self, hour, path, sha256, replace=False):
         """Create (or resume) the hour's transaction, upload the archive, complete it.
 
         Returns Delivered once the API confirms completion; raises Refused for a
-        permanent refusal and Unavailable when the retry budget runs out.
+        permanent refusal and Unavailable when the retry budget runs out. A
+        replacement is asked for only when the server holds a different archive
+        for the hour, so retrying a replacement that already completed is a no-op.
         """
         for _ in range(_PROTOCOL_RESTARTS):
             r = self.call("POST", "/v1/transactions", {"agent_id": self.agent_id, "hour": hour, "replace": False})
@@ -196,6 +198,9 @@ class Api:
                 done = self._completed_with(r.body.get("transaction_id"), sha256)
                 if done:
                     return done
+            if r.status == 409 and replace:
+                r = self.call("POST", "/v1/transactions", {"agent_id": self.agent_id, "hour": hour, "replace": True})
+            if r.status == 409:
                 raise Refused("POST /v1/transactions", 409, dict(r.body, error=(
                     f"hour {hour} was already completed on the server with a different archive "
                     f"(transaction {r.body.get('transaction_id')}): {r.body.get('error', '')}").strip()))
