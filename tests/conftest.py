@@ -64,6 +64,7 @@ class GanymedeEnv:
             "api": {"host": "127.0.0.1", "port": str(self.api_port)},
             "extract": {"deadline_minutes": "45"},
             "core": {"autoload_range": "true"},
+            "email": {"receiver": ""},  # the repo's luigi.cfg (read from the cwd by `luigi`) names one
         }
         self.write_config()
 
