@@ -92,6 +92,23 @@ class GanymedeEnv:
         return client[self.mongo_database]
 
 
+def drop_buckets(prefix):
+    """Remove this test's buckets from the S3 test server (it keeps everything in memory)."""
+    import boto3
+    import botocore.exceptions
+    s3 = boto3.client("s3", endpoint_url=S3_ENDPOINT, aws_access_key_id="testing",
+                      aws_secret_access_key="testing-secret", region_name="us-east-1")
+    try:
+        for bucket in s3.list_buckets().get("Buckets", []):
+            if bucket["Name"].startswith(prefix):
+                for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
+                    for obj in page.get("Contents", []):
+                        s3.delete_object(Bucket=bucket["Name"], Key=obj["Key"])
+                s3.delete_bucket(Bucket=bucket["Name"])
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+        pass  # the server is down (a test may have stopped it); nothing of ours is left to leak
+
+
 @pytest.fixture
 def genv(tmp_path, monkeypatch):
     """An isolated Ganymede world with a migrated MySQL schema; dropped afterwards."""
@@ -107,6 +124,7 @@ def genv(tmp_path, monkeypatch):
         pymongo.MongoClient(MONGO_URI, serverSelectionTimeoutMS=2000).drop_database(env.mongo_database)
     except pymongo.errors.PyMongoError:
         pass
+    drop_buckets(env.bucket_prefix)
     LuigiConfigParser._instance = None
     LuigiConfigParser._config_paths = []
     Register.clear_instance_cache()
