@@ -1,21 +1,93 @@
 """The dataset catalog: what each dataset's columns are, its key, and its transform.
 
 Everything here is a pure function of its arguments. A row arrives as CSV
-strings; `parse_row` types it (or says why it cannot), `to_document` turns a
-typed row into the MongoDB document with a deterministic `_id`.
+strings; `parse_row` types it (or says why it cannot), `documents` turns
+typed rows into MongoDB documents with a deterministic `_id` and the derived
+fields a row gives alone. Two kinds of derived field need more than the row,
+and the worker hands them in: the same key's document one hour earlier
+(`previous_fields` + `from_previous`, e.g. growth of bytes stored, added by
+`with_previous`) and the other documents of the row's group within the
+transaction (`group_by` + `summarize`, e.g. the error rate of an endpoint,
+added by `with_summary`).
 """
 import math
+import operator
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from . import hours
 
-_STR = re.compile(r"^[A-Za-z0-9_./:][A-Za-z0-9_.:/@+= -]*$")  # no leading = + - @: nothing a spreadsheet runs
+_STR = re.compile(r"[A-Za-z0-9_./:][A-Za-z0-9_.:/@+= -]*\Z")  # no leading = + - @: nothing a spreadsheet runs
+_INT = re.compile(r"-?[0-9]{1,19}\Z")  # ASCII digits only: int() would also take ' 7', '+7', '1_000', '٧'
+_FLOAT = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?\Z")
+_INT_MIN, _INT_MAX = -(2 ** 63), 2 ** 63
 
 
 class RowError(ValueError):
     """A row that cannot become a document; the message is the reason kept in the rejects file."""
+
+
+def _parse_str(name, max_len):
+    match = _STR.match
+
+    def parse(text):
+        if text and len(text) <= max_len and match(text):
+            return text
+        if not text:
+            raise RowError(f"{name}: empty")
+        raise RowError(f"{name}: not a plain identifier of at most {max_len} characters")
+    return parse
+
+
+def _parse_int(name):
+    match = _INT.match
+
+    def parse(text):
+        if text and match(text):
+            value = int(text)
+            if _INT_MIN <= value < _INT_MAX:
+                return value
+            raise RowError(f"{name}: out of range")
+        if not text:
+            raise RowError(f"{name}: empty")
+        raise RowError(f"{name}: not an integer: {text[:40]!r}")
+    return parse
+
+
+def _parse_float(name):
+    match = _FLOAT.match
+
+    def parse(text):
+        if text and match(text):
+            value = float(text)
+            if math.isfinite(value):
+                return value
+            raise RowError(f"{name}: not finite")
+        if not text:
+            raise RowError(f"{name}: empty")
+        raise RowError(f"{name}: not a number: {text[:40]!r}")
+    return parse
+
+
+def _parse_datetime(name):
+    def parse(text):
+        if not text:
+            raise RowError(f"{name}: empty")
+        try:
+            return hours.utc(datetime.fromisoformat(text)).replace(microsecond=0)
+        except (TypeError, ValueError):
+            raise RowError(f"{name}: not an ISO date-time: {text[:40]!r}") from None
+    return parse
+
+
+def _parser(column):
+    if column.kind == "str":
+        return _parse_str(column.name, column.max_len)
+    makers = {"int": _parse_int, "float": _parse_float, "datetime": _parse_datetime}
+    if column.kind not in makers:
+        raise AssertionError(f"unknown column kind {column.kind}")
+    return makers[column.kind](column.name)
 
 
 @dataclass(frozen=True)
@@ -23,42 +95,24 @@ class Column:
     name: str
     kind: str  # 'str' | 'int' | 'float' | 'datetime'
     max_len: int = 128
+    parse: object = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "parse", _parser(self))  # text -> value, or RowError saying why not
 
     @property
     def sql_type(self):
         """Staging keeps the text as sent: typing happens in the transform, where a bad value is a reject, not a crash."""
         return f"VARCHAR({self.max_len if self.kind == 'str' else 40})"
 
-    def parse(self, text):
-        if text is None or text == "":
-            raise RowError(f"{self.name}: empty")
-        if self.kind == "str":
-            if len(text) > self.max_len or not _STR.match(text):
-                raise RowError(f"{self.name}: not a plain identifier of at most {self.max_len} characters")
-            return text
-        if self.kind == "int":
-            try:
-                value = int(text)
-            except ValueError:
-                raise RowError(f"{self.name}: not an integer: {text[:40]!r}") from None
-            if not -(2 ** 63) <= value < 2 ** 63:
-                raise RowError(f"{self.name}: out of range")
-            return value
-        if self.kind == "float":
-            try:
-                value = float(text)
-            except ValueError:
-                raise RowError(f"{self.name}: not a number: {text[:40]!r}") from None
-            if not math.isfinite(value):
-                raise RowError(f"{self.name}: not finite")
-            return value
-        if self.kind == "datetime":
-            try:
-                return hours.utc(datetime.fromisoformat(text)).replace(microsecond=0)
-            except ValueError:
-                raise RowError(f"{self.name}: not an ISO date-time: {text[:40]!r}") from None
-        raise AssertionError(f"unknown column kind {self.kind}")
 
+def _key_part(value):
+    if isinstance(value, datetime):  # naive UTC, whole seconds: 2026-11-30T05:01:00 -> 20261130T050100
+        return value.isoformat().replace("-", "").replace(":", "")
+    return str(value)
+
+
+# --- row rules and derived fields, per dataset ---------------------------------------
 
 def _non_negative(*names):
     def check(row, hour):
@@ -68,8 +122,22 @@ def _non_negative(*names):
     return check
 
 
-def _account_usage_derive(row, hour):
-    row["avg_object_bytes"] = round(row["bytes_stored"] / row["objects"], 3) if row["objects"] else 0.0
+def growth(current, previous):
+    """How much a counter moved since the previous hour; None when that hour is not known."""
+    return None if previous is None else current - previous
+
+
+def error_rate(errors, total):
+    """Share of requests answered with a server error; None when there were no requests."""
+    return round(errors / total, 6) if total else None
+
+
+def _account_usage_derive(doc):
+    doc["avg_object_bytes"] = round(doc["bytes_stored"] / doc["objects"], 3) if doc["objects"] else 0.0
+
+
+def _account_usage_from_previous(doc, previous):
+    doc["bytes_stored_growth"] = growth(doc["bytes_stored"], previous.get("bytes_stored") if previous else None)
 
 
 def _api_requests_check(row, hour):
@@ -80,9 +148,19 @@ def _api_requests_check(row, hour):
         raise RowError("latency: need 0 <= p50 <= p95")
 
 
-def _api_requests_derive(row, hour):
-    row["is_error"] = row["status"] >= 500
-    row["mean_bytes"] = round(row["bytes"] / row["count"], 3) if row["count"] else 0.0
+def _api_requests_derive(doc):
+    doc["is_error"] = doc["status"] >= 500
+    doc["mean_bytes"] = round(doc["bytes"] / doc["count"], 3) if doc["count"] else 0.0
+
+
+def _api_requests_summarize(docs):
+    """Error rate of one (method, endpoint) over the transaction: 5xx requests / all requests."""
+    errors = total = 0
+    for doc in docs:
+        total += doc["count"]
+        if doc["status"] >= 500:
+            errors += doc["count"]
+    return {"error_rate": error_rate(errors, total)}
 
 
 def _node_health_check(row, hour):
@@ -94,22 +172,37 @@ def _node_health_check(row, hour):
         raise RowError(f"sampled_at: {row['sampled_at'].isoformat()} is outside the hour")
 
 
-def _node_health_derive(row, hour):
-    total = row["disk_total_bytes"]
-    row["disk_used_pct"] = round(100.0 * row["disk_used_bytes"] / total, 3) if total else 0.0
+def _node_health_derive(doc):
+    total = doc["disk_total_bytes"]
+    doc["disk_used_pct"] = round(100.0 * doc["disk_used_bytes"] / total, 3) if total else 0.0
 
 
 @dataclass(frozen=True)
 class Dataset:
+    """One dataset: columns in CSV order, key within (agent, hour), rules and derived fields.
+
+    `derive(doc)` adds the fields a row gives alone. `from_previous(doc,
+    previous)` adds those that compare with the same key's document one hour
+    earlier, reduced to `previous_fields` (None when that hour is not
+    loaded). `summarize(docs)` gives the fields shared by every document of
+    one group (`group_by` columns) of a transaction.
+    """
     name: str
     columns: tuple
     key: tuple
     check: object = None
     derive: object = None
+    previous_fields: tuple = ()
+    from_previous: object = None
+    group_by: tuple = ()
+    summarize: object = None
     column_names: tuple = field(init=False)
 
     def __post_init__(self):
         object.__setattr__(self, "column_names", tuple(c.name for c in self.columns))
+        object.__setattr__(self, "_parsers", tuple(c.parse for c in self.columns))
+        if bool(self.group_by) != bool(self.summarize) or bool(self.previous_fields) != bool(self.from_previous):
+            raise AssertionError(f"{self.name}: group_by/summarize and previous_fields/from_previous go in pairs")
 
     @property
     def staging_table(self):
@@ -121,28 +214,68 @@ class Dataset:
 
     def parse_row(self, values, hour):
         """CSV strings -> typed dict, checked; RowError says why not."""
-        if len(values) != len(self.columns):
-            raise RowError(f"{len(values)} fields, expected {len(self.columns)}")
-        row = {c.name: c.parse(v) for c, v in zip(self.columns, values)}
+        if len(values) != len(self._parsers):
+            raise RowError(f"{len(values)} fields, expected {len(self._parsers)}")
+        row = dict(zip(self.column_names, map(operator.call, self._parsers, values)))
         if self.check:
             self.check(row, hour)
         return row
 
     def document_id(self, agent_id, hour, row):
-        parts = [agent_id, hours.compact(hour)]
-        for name in self.key:
-            value = row[name]
-            parts.append(value.strftime("%Y%m%dT%H%M%S") if isinstance(value, datetime) else str(value))
-        return "|".join(parts)
+        """'<agent>|<YYYYMMDDHH>|<key part>|…': the same key in the same hour is always the same document.
 
-    def to_document(self, row, agent_id, geo, hour, transaction_id):
-        """A typed row -> the stored document (derived fields added)."""
-        doc = dict(row)
-        if self.derive:
-            self.derive(doc, hour)
-        doc.update(_id=self.document_id(agent_id, hour, row), agent_id=agent_id, geo=geo,
-                   hour=hours.floor_hour(hour), transaction_id=transaction_id)
+        '|' cannot occur inside a part: identifiers exclude it, numbers and
+        date-times are written canonically.
+        """
+        return "|".join([agent_id, hours.compact(hour), *(_key_part(row[name]) for name in self.key)])
+
+    def previous_id(self, agent_id, hour, row):
+        """The `_id` the same key had one hour earlier."""
+        return self.document_id(agent_id, hours.floor_hour(hour) - timedelta(hours=1), row)
+
+    def group_of(self, row):
+        return tuple(row[name] for name in self.group_by)
+
+    def to_document(self, row, agent_id, geo, hour, transaction_id, previous=None):
+        """A typed row -> the stored document; `previous` is the same key's document an hour earlier, if any."""
+        doc = self.documents([dict(row)], agent_id, geo, hour, transaction_id)[0]
+        if self.from_previous:
+            self.from_previous(doc, previous)
         return doc
+
+    def documents(self, rows, agent_id, geo, hour, transaction_id):
+        """Typed rows become documents (in place) with the row-level derived fields.
+
+        The other derived fields come from `with_previous` and `with_summary`.
+        The per-row constants are computed once: this is the load's inner loop.
+        """
+        hour = hours.floor_hour(hour)
+        prefix = f"{agent_id}|{hours.compact(hour)}|"
+        single = self.key[0] if len(self.key) == 1 else None
+        derive, fixed = self.derive, {"agent_id": agent_id, "geo": geo, "hour": hour, "transaction_id": transaction_id}
+        for doc in rows:
+            if derive:
+                derive(doc)
+            key = _key_part(doc[single]) if single else "|".join([_key_part(doc[name]) for name in self.key])
+            doc["_id"] = prefix + key
+            doc.update(fixed)
+        return rows
+
+    def with_previous(self, docs, previous_ids, found):
+        """Documents (and their previous-hour `_id`s, same order) given the fields that compare with that hour.
+
+        `found` maps `_id` -> document for the previous-hour documents that exist.
+        """
+        for doc, previous_id in zip(docs, previous_ids):
+            self.from_previous(doc, found.get(previous_id))
+        return docs
+
+    def with_summary(self, docs):
+        """Documents of one group, each given the group's summary fields."""
+        summary = self.summarize(docs)
+        for doc in docs:
+            doc.update(summary)
+        return docs
 
 
 CATALOG = {
@@ -155,6 +288,8 @@ CATALOG = {
             key=("account_id",),
             check=_non_negative("bytes_stored", "objects", "bytes_in", "bytes_out", "requests"),
             derive=_account_usage_derive,
+            previous_fields=("bytes_stored",),
+            from_previous=_account_usage_from_previous,
         ),
         Dataset(
             "api_requests",
@@ -164,6 +299,8 @@ CATALOG = {
             key=("method", "endpoint", "status"),
             check=_api_requests_check,
             derive=_api_requests_derive,
+            group_by=("method", "endpoint"),
+            summarize=_api_requests_summarize,
         ),
         Dataset(
             "node_health",

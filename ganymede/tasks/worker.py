@@ -3,29 +3,34 @@
 StageTransaction replaces `ganymede_worker.sh TXID`, LoadTransaction
 replaces `ganymede_worker_etl.py --transactionid=TXID`. Both can be rerun at
 any point: staging clears the transaction's rows first, loading upserts
-documents by deterministic `_id`.
+documents by deterministic `_id`, so a run killed anywhere and run again ends
+exactly where an undisturbed run would.
 """
 import json
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 
-from ganymede_agent.archive import read_archive
+from ganymede_agent.archive import ArchiveError, read_archive
 
-from .. import config, datasets, markers
+from .. import config, datasets, hours, markers
 from ..datasets import RowError
+from ..errors import TransactionError
 from ..stores import mongo, mysql, staging, txlog
 from .agent import AgentArchive, TransactionTask, state_root
 
 
-# --- plain functions -----------------------------------------------------------
+# --- staging ---------------------------------------------------------------------
 
 def stage_archive(conn, archive_path, transaction_id, workdir):
     """Load every dataset of an archive into staging; returns (manifest, {dataset: rows staged}).
 
     Each CSV member streams to a temporary file (LOAD DATA LOCAL needs a
-    file), is checked against the manifest's sha256, then loaded.
+    file), is checked against the manifest's sha256, then loaded in one
+    commit per dataset.
     """
     os.makedirs(workdir, exist_ok=True)
     for dataset in datasets.CATALOG.values():
@@ -43,48 +48,9 @@ def stage_archive(conn, archive_path, transaction_id, workdir):
             counts[name] = staging.load_csv(conn, datasets.get(name), path, transaction_id)
             os.unlink(path)
             if counts[name] != entry["rows"]:
-                raise RowError(f"transaction {transaction_id}: {name} staged {counts[name]} rows, "
-                               f"manifest says {entry['rows']}")
+                raise ArchiveError(f"transaction {transaction_id}: staged {counts[name]} rows, "
+                                   f"manifest says {entry['rows']}", entry["file"])
     return manifest, counts
-
-
-def transform_batch(dataset, rows, agent_id, geo, hour, transaction_id):
-    """Raw staged rows -> (documents, rejects); a bad row is a reject with its reason, never a stop."""
-    docs, rejects = [], []
-    for values in rows:
-        try:
-            row = dataset.parse_row(values, hour)
-        except RowError as exc:
-            rejects.append({"dataset": dataset.name, "row": list(values), "reason": str(exc)})
-            continue
-        docs.append(dataset.to_document(row, agent_id, geo, hour, transaction_id))
-    return docs, rejects
-
-
-def load_staged(conn, db, transaction_id, agent_id, geo, hour, batch_size, rejects_out):
-    """Transform a transaction's staged rows into MongoDB; rejects go to `rejects_out` as JSON lines.
-
-    Returns {dataset: {"loaded": n, "rejected": m}}.
-    """
-    mongo.ensure_indexes(db, datasets.CATALOG)
-    counts = {}
-    for dataset in datasets.CATALOG.values():
-        loaded = rejected = 0
-        for batch in staging.iter_batches(conn, dataset, transaction_id, batch_size):
-            docs, rejects = transform_batch(dataset, batch, agent_id, geo, hour, transaction_id)
-            loaded += mongo.replace_many(db[dataset.name], docs)
-            rejected += len(rejects)
-            for reject in rejects:
-                rejects_out.write(json.dumps(reject, sort_keys=True) + "\n")
-        counts[dataset.name] = {"loaded": loaded, "rejected": rejected}
-    return counts
-
-
-def retire_replaced(db, agent_id, hour, transaction_id):
-    """After a replacement loads, nothing of an older transaction for the same agent and hour remains."""
-    return {name: db[name].delete_many({"hour": hour, "agent_id": agent_id,
-                                        "transaction_id": {"$ne": transaction_id}}).deleted_count
-            for name in datasets.CATALOG}
 
 
 def restage_if_incomplete(conn, staged, archive_path, workdir):
@@ -95,14 +61,160 @@ def restage_if_incomplete(conn, staged, archive_path, workdir):
         stage_archive(conn, archive_path, transaction_id, workdir)
 
 
-def finish_load(conn, db, transaction_id, agent_id, hour, counts):
-    """Retire what a replacement supersedes, log `loaded`, free the staging rows."""
-    tx = txlog.get_transaction(conn, transaction_id)
-    retired = retire_replaced(db, agent_id, hour, transaction_id) if tx and tx["state"] == "completed" else {}
-    txlog.append_event(conn, transaction_id, "loaded", {"counts": counts, "retired": retired})
+# --- transform -------------------------------------------------------------------
+
+def parse_batch(dataset, batch, hour, first_row_id=None):
+    """Staged rows `[row_id, value, …]` -> (typed rows, rejects); a bad row is a reject with its reason."""
+    rows, rejects = [], []
+    parse, width = dataset.parse_row, len(dataset.columns) + 1
+    for staged in batch:
+        try:
+            if len(staged) != width:
+                raise RowError(f"a value holds the control character U+001F ({len(staged) - 1} fields, "
+                               f"expected {width - 1})")
+            rows.append(parse(staged[1:], hour))
+        except RowError as exc:
+            rejects.append({"dataset": dataset.name, "reason": str(exc), "row": staged[1:],
+                            "record": int(staged[0]) - first_row_id + 1 if first_row_id is not None else None})
+    return rows, rejects
+
+
+def summarized(dataset, docs):
+    """Documents in group order -> the same documents with their group's summary fields.
+
+    One group is held at a time (a dict by `_id`, so a key repeated inside
+    the transaction is one document, the last row winning): memory is bounded
+    by the largest group, not by the transaction.
+    """
+    group, members = None, {}
+    for doc in docs:
+        key = dataset.group_of(doc)
+        if key != group:
+            yield from dataset.with_summary(list(members.values()))
+            group, members = key, {}
+        members[doc["_id"]] = doc
+    yield from dataset.with_summary(list(members.values()))
+
+
+def unique_batches(docs, size):
+    """Lists of at most `size` documents, each `_id` once per list (the later row wins).
+
+    Batches are written one after the other, so a key repeated across
+    batches also ends as its last row: the end state never depends on the
+    order a server applies an unordered bulk write in.
+    """
+    batch = {}
+    for doc in docs:
+        batch[doc["_id"]] = doc
+        if len(batch) >= size:
+            yield list(batch.values())
+            batch = {}
+    if batch:
+        yield list(batch.values())
+
+
+# --- loading ---------------------------------------------------------------------
+
+def staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally, rejects_out):
+    """The documents of a transaction's staged rows of one dataset, streamed (previous-hour fields not yet added).
+
+    Rejects go to `rejects_out` as JSON lines; `tally` counts loaded and
+    rejected rows.
+    """
+    first = staging.first_row_id(conn, dataset, transaction_id)
+    for batch in staging.iter_batches(conn, dataset, transaction_id, batch_size):
+        rows, rejects = parse_batch(dataset, batch, hour, first)
+        for reject in rejects:
+            rejects_out.write(json.dumps(reject, sort_keys=True) + "\n")
+        tally["loaded"] += len(rows)
+        tally["rejected"] += len(rejects)
+        yield from dataset.documents(rows, agent_id, geo, hour, transaction_id)
+
+
+def write_batch(db, dataset, agent_id, hour, docs):
+    """Add the fields that compare with the previous hour (one `_id $in` query), then upsert the batch."""
+    collection = db[dataset.name]
+    if dataset.previous_fields:
+        ids = [dataset.previous_id(agent_id, hour, doc) for doc in docs]
+        found = {d["_id"]: d for d in collection.find({"_id": {"$in": ids}}, dict.fromkeys(dataset.previous_fields, 1),
+                                                      batch_size=len(ids))}
+        dataset.with_previous(docs, ids, found)
+    return mongo.replace_many(collection, docs)
+
+
+def load_staged(conn, db, transaction_id, agent_id, geo, hour, batch_size, rejects_out):
+    """Transform a transaction's staged rows into MongoDB; rejects go to `rejects_out` as JSON lines.
+
+    One thread writes the batches, strictly one after the other (with their
+    previous-hour lookups, so MongoDB gets one request after the other),
+    while this one reads and transforms the next. Staging is
+    cleared once every row is read, while the last writes finish (a crash
+    from then on restages: see `restage_if_incomplete`). Returns
+    {dataset: {"loaded": n, "rejected": m}}.
+    """
+    mongo.ensure_indexes(db, datasets.CATALOG)
+    counts, pending = {}, deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="mongo-write") as writer:
+        for dataset in datasets.CATALOG.values():
+            tally = counts[dataset.name] = {"loaded": 0, "rejected": 0}
+            docs = staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally,
+                                    rejects_out)
+            if dataset.group_by:
+                docs = summarized(dataset, docs)
+            for batch in unique_batches(docs, batch_size):
+                while len(pending) >= 2:
+                    pending.popleft().result()
+                pending.append(writer.submit(write_batch, db, dataset, agent_id, hour, batch))
+        clear_staging(conn, transaction_id)
+        while pending:
+            pending.popleft().result()
+    return counts
+
+
+def clear_staging(conn, transaction_id):
     for dataset in datasets.CATALOG.values():
         staging.clear(conn, dataset, transaction_id)
-    return {"transaction_id": transaction_id, "agent_id": agent_id, "counts": counts, "retired": retired}
+
+
+def retire_replaced(db, agent_id, hour, transaction_id):
+    """After a replacement loads, nothing of an older transaction for the same agent and hour remains."""
+    return {name: db[name].delete_many({"hour": hour, "agent_id": agent_id,
+                                        "transaction_id": {"$ne": transaction_id}}).deleted_count
+            for name in datasets.CATALOG}
+
+
+def finish_load(conn, db, tx, counts):
+    """A replacement retires what it supersedes; then the `loaded` event.
+
+    Only a replacement can find documents of another transaction for its
+    agent and hour (a first transaction has nothing to retire), so only a
+    replacement pays for the query.
+    """
+    retired = retire_replaced(db, tx["agent_id"], tx["hour"], tx["transaction_id"]) if tx["supersedes"] else {}
+    txlog.append_event(conn, tx["transaction_id"], "loaded", {"counts": counts, "retired": retired})
+    return {"transaction_id": tx["transaction_id"], "agent_id": tx["agent_id"], "counts": counts, "retired": retired}
+
+
+def load_transaction(conn, db, staged, archive_path, workdir, batch_size, rejects_out):
+    """The whole load of one staged transaction; returns what its marker records.
+
+    Only a completed transaction loads: a superseded one's documents would
+    overwrite its replacement's (say, a manual `ganymede-worker-etl` of the
+    old transaction id).
+    """
+    transaction_id, agent_id = staged["transaction_id"], staged["agent_id"]
+    tx = txlog.get_transaction(conn, transaction_id)
+    if tx is None:
+        raise TransactionError(f"no transaction {transaction_id} in the transaction log", 404, transaction_id)
+    if tx["state"] != "completed":
+        counts = {name: {"loaded": 0, "rejected": 0} for name in datasets.CATALOG}
+        clear_staging(conn, transaction_id)
+        txlog.append_event(conn, transaction_id, "loaded", {"counts": counts, "skipped": tx["state"]})
+        return {"transaction_id": transaction_id, "agent_id": agent_id, "counts": counts, "retired": {},
+                "skipped": tx["state"]}
+    restage_if_incomplete(conn, staged, archive_path, workdir)
+    counts = load_staged(conn, db, transaction_id, agent_id, staged["geo"], tx["hour"], batch_size, rejects_out)
+    return finish_load(conn, db, tx, counts)
 
 
 # --- tasks ---------------------------------------------------------------------
@@ -125,7 +237,16 @@ class StageTransaction(TransactionTask):
 
 
 class LoadTransaction(TransactionTask):
-    """The transaction's documents in MongoDB, one collection per dataset; rejects beside the marker."""
+    """The transaction's documents in MongoDB, one collection per dataset; rejects beside the marker.
+
+    Loads of one agent and hour never run at once under one scheduler
+    (luigid in production): a resource of capacity 1, so a replacement
+    cannot interleave its writes with those of the transaction it replaces.
+    """
+
+    @property
+    def resources(self):
+        return {f"ganymede-load:{self.agent_id}:{hours.compact(self.hour)}": 1}
 
     def output(self):
         return self.marker("loaded")
@@ -135,14 +256,11 @@ class LoadTransaction(TransactionTask):
 
     def run(self):
         staged = markers.read_json(self.input().path)
-        archive = self.requires().requires().path()
         client, db = mongo.connect(config.mongodb())
-        with closing(client), closing(mysql.connect(config.mysql())) as conn:
-            restage_if_incomplete(conn, staged, archive, state_root().tmp())
-            with markers.AtomicText(self.rejects_path()) as out:
-                counts = load_staged(conn, db, self.transaction_id, self.agent_id, staged["geo"], self.hour,
-                                     config.mongodb().batch_size, out)
-            result = finish_load(conn, db, self.transaction_id, self.agent_id, self.hour, counts)
+        with closing(client), closing(mysql.connect(config.mysql())) as conn, \
+                markers.AtomicText(self.rejects_path()) as rejects:
+            result = load_transaction(conn, db, staged, self.requires().requires().path(), state_root().tmp(),
+                                      config.mongodb().batch_size, rejects)
         markers.write_json(self.output().path, dict(result, rejects_file=os.path.basename(self.rejects_path())))
 
     def rejects_path(self):
