@@ -15,7 +15,7 @@ import uuid
 import zlib
 from datetime import datetime, timezone
 
-from ganymede_agent.archive import ArchiveError, Limits, csv_rows, read_archive
+from ganymede_agent.archive import ArchiveError, Limits, csv_rows, fsync_path, read_archive
 
 from . import hours
 from .datasets import CATALOG, RowError
@@ -124,10 +124,10 @@ def reason_path(quarantine_path):
 def install(src, dest):
     """Move a verified archive to its final path atomically and durably (same filesystem)."""
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    _fsync_file(src)
+    fsync_path(src)
     os.replace(src, dest)
-    _fsync_dir(os.path.dirname(dest))
-    _fsync_dir(os.path.dirname(src))
+    fsync_path(os.path.dirname(dest))
+    fsync_path(os.path.dirname(src))
     return dest
 
 
@@ -142,8 +142,8 @@ def quarantine(src, dest, reason, detail=None):
                   quarantined_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
     write_json(why, record)
     os.replace(src, dest)
-    _fsync_dir(os.path.dirname(dest))
-    _fsync_dir(os.path.dirname(src))
+    fsync_path(os.path.dirname(dest))
+    fsync_path(os.path.dirname(src))
     return why
 
 
@@ -161,15 +161,3 @@ def write_json(path, value):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_file(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path):
-    _fsync_file(path)

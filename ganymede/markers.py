@@ -8,6 +8,8 @@ import json
 import os
 import tempfile
 
+from ganymede_agent.archive import fsync_path
+
 
 def write_json(path, data):
     write_bytes(path, json.dumps(data, sort_keys=True, indent=1, default=str).encode() + b"\n")
@@ -28,11 +30,7 @@ def move_atomic(src, dst):
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     os.replace(src, dst)
     for directory in {os.path.dirname(src), os.path.dirname(dst)}:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(directory)
 
 
 class AtomicFile:

@@ -12,7 +12,6 @@ Reading streams member by member and refuses anything that is not a plain file
 with a name the manifest announces.
 """
 import csv
-import gzip
 import hashlib
 import io
 import json
@@ -170,7 +169,7 @@ def build_archive(dest, manifest_fields, datasets, workdir=None, compresslevel=1
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(part, dest)
-        _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+        fsync_path(os.path.dirname(os.path.abspath(dest)))
     return manifest
 
 
@@ -247,7 +246,8 @@ def _hour_epoch(hour_text):
         raise ArchiveError(f"manifest hour is not YYYY-MM-DDTHH: {hour_text!r}") from None
 
 
-def _fsync_dir(path):
+def fsync_path(path):
+    """fsync a file or a directory by name (a directory: so a rename in it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -20,6 +20,8 @@ import shutil
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
+from .archive import fsync_path
+
 log = logging.getLogger("ganymede_agent")
 
 _ARCHIVE = re.compile(r"^(\d{10})\.tar\.gz$")
@@ -140,7 +142,7 @@ class Spool:
     def remove(self, hour):
         """The API confirmed this hour: it leaves the spool."""
         os.unlink(self.path_for(hour))
-        _fsync_dir(self.dir)
+        fsync_path(self.dir)
 
     def reject(self, hour, reason):
         """Move an archive the API refused for good to rejected/, with the server's reason beside it."""
@@ -148,8 +150,8 @@ class Spool:
         _write_json(os.path.join(self.rejected_dir, key + ".reason.json"),
                     dict(reason, hour=hour, agent_id=self.agent_id, at=_now()))
         os.replace(self.path_for(hour), os.path.join(self.rejected_dir, key + ".tar.gz"))
-        _fsync_dir(self.rejected_dir)
-        _fsync_dir(self.dir)
+        fsync_path(self.rejected_dir)
+        fsync_path(self.dir)
 
     # --- state -----------------------------------------------------------------
     def read_state(self):
@@ -185,13 +187,5 @@ def _write_json(path, data):
         f.flush()
         os.fsync(f.fileno())
     os.replace(part, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(os.path.dirname(path))
 
