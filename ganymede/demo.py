@@ -18,6 +18,7 @@ from . import config, datasets, generator, hours, markers, status
 from .paths import StateRoot
 from .stores import mongo, mysql, txlog
 from .stores.s3 import bucket_name, connect as s3_connect
+from .tasks import HourlyBackup
 
 DEMO_DB = "ganymede_demo"
 GEOS = ("eu-west", "us-east", "ap-south", "eu-north", "us-west", "sa-east")
@@ -132,7 +133,7 @@ def summary(hour, base):
               f"Status page: LUIGI_CONFIG_PATH={os.path.join(base, 'luigi.cfg')} ganymede-api, then "
               f"http://127.0.0.1:{API_PORT}/status (user admin, password from `ganymede admin-token NAME`)",
               f"Dependency graph: http://127.0.0.1:{os.environ.get('GANYMEDE_LUIGID_PORT', '8082')}"
-              f"/static/visualiser/index.html#search__search=HourlyBackup"]
+              f"/static/visualiser/index.html#tab=graph&taskId={HourlyBackup(hour=hour).task_id}"]
     return "\n".join(lines)
 
 
