@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import tarfile
-import uuid
 import zlib
 from datetime import datetime, timezone
 
 from ganymede_agent.archive import ArchiveError, Limits, csv_rows, fsync_path, read_archive
 
 from . import hours
+from .markers import write_json
 from .datasets import CATALOG, RowError
 
 _CHUNK = 1 << 20
@@ -41,10 +41,10 @@ class _HashingReader:
         return self.sha256.hexdigest()
 
 
-def validate(fileobj, agent_id, hour, limits=Limits(), catalog=CATALOG):
+def validate(fileobj, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
     """Check a whole archive stream; returns {dataset: row count} or raises ArchiveError.
 
-    On top of the format's own checks: the manifest names this agent and hour,
+    On top of the format's own checks: the manifest names this agent, its registered geo and the hour,
     its datasets are exactly the catalog's, every header is the catalog's and
     every row parses (Dataset.parse_row) and row counts match the manifest.
     """
@@ -53,7 +53,7 @@ def validate(fileobj, agent_id, hour, limits=Limits(), catalog=CATALOG):
     try:
         for name, entry, member in read_archive(fileobj, limits):
             if member is None:
-                _check_manifest(entry, agent_id, hour, catalog)
+                _check_manifest(entry, agent_id, geo, hour, catalog)
                 continue
             counts[name] = _check_rows(catalog[name], entry, member, hour, limits)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
@@ -62,10 +62,12 @@ def validate(fileobj, agent_id, hour, limits=Limits(), catalog=CATALOG):
     return counts
 
 
-def _check_manifest(manifest, agent_id, hour, catalog):
+def _check_manifest(manifest, agent_id, geo, hour, catalog):
     if manifest["agent_id"] != agent_id:
         raise ArchiveError(f"agent_id {manifest['agent_id']!r} is not the transaction's agent {agent_id!r}",
                            "manifest.json")
+    if manifest["geo"] != geo:  # it reaches every document and extract line: only the registered value may
+        raise ArchiveError(f"geo {manifest['geo'][:80]!r} is not the agent's registered geo {geo!r}", "manifest.json")
     if manifest["hour"] != hours.format_hour(hour):
         raise ArchiveError(f"hour {manifest['hour']!r} is not the transaction's hour {hours.format_hour(hour)!r}",
                            "manifest.json")
@@ -98,7 +100,7 @@ def _check_rows(dataset, entry, member, hour, limits):
     return count
 
 
-def check_file(path, agent_id, hour, limits=Limits(), catalog=CATALOG):
+def check_file(path, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
     """Validate the archive at `path`: returns (counts, sha256 of the file's bytes).
 
     An ArchiveError raised here carries `file_sha256` too, so the caller can
@@ -108,7 +110,7 @@ def check_file(path, agent_id, hour, limits=Limits(), catalog=CATALOG):
     with open(path, "rb") as raw:
         reader = _HashingReader(raw)
         try:
-            counts = validate(reader, agent_id, hour, limits, catalog)
+            counts = validate(reader, agent_id, geo, hour, limits, catalog)
         except ArchiveError as exc:
             exc.file_sha256 = reader.drain()
             raise
@@ -152,12 +154,3 @@ def read_reason(quarantine_path):
         return json.load(f)
 
 
-def write_json(path, value):
-    """Write JSON atomically: a reader sees the old file or the whole new one."""
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, sort_keys=True, indent=1, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

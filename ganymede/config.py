@@ -71,6 +71,8 @@ class api(luigi.Config):
     retry_after = luigi.IntParameter(default=15,
                                      description="Seconds sent in Retry-After with 503 answers (MySQL down, busy transaction)")
 
+    listen_backlog = luigi.IntParameter(default=1024,
+                                        description="Pending connections the kernel queues (a burst of agents)")
 
 class extract(luigi.Config):
     deadline_minutes = luigi.IntParameter(default=45,

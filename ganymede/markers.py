@@ -48,15 +48,27 @@ class AtomicFile:
         return self.file
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            os.replace(self.tmp, self.path)
-        else:
-            self.file.close()
-            os.unlink(self.tmp)
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+                self.file.close()
+                os.replace(self.tmp, self.path)
+                return False
+        except BaseException:
+            self._discard()
+            raise
+        self._discard()
         return False
+
+    def _discard(self):
+        """Close and remove the temporary file; closing may fail again (a full disk), removing does not."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
 
 
 class AtomicText(AtomicFile):

@@ -150,7 +150,7 @@ class World:
     def call(self, method, path, body=None, headers=None):
         return request(self.port, method, path, body, headers)
 
-    def agent(self, agent_id=None, geo="geo-a"):
+    def agent(self, agent_id=None, geo="test"):
         agent_id = agent_id or f"agent-{uuid.uuid4().hex[:8]}"
         with self.genv.mysql() as conn:
             return Agent(self, agent_id, txlog.add_agent(conn, agent_id, geo))

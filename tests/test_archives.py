@@ -85,8 +85,8 @@ def archive(path, agent_id=AGENT, hour=HOUR, files=None, manifest=None, extra=()
     return write_tar_gz(path, members)
 
 
-def check(path, agent_id=AGENT, hour=HOUR, limits=Limits()):
-    return archives.check_file(str(path), agent_id, hour, limits)
+def check(path, agent_id=AGENT, hour=HOUR, limits=Limits(), geo="test"):
+    return archives.check_file(str(path), agent_id, geo, hour, limits)
 
 
 # --- valid archives -------------------------------------------------------------
@@ -102,9 +102,21 @@ def test_archive_built_by_the_agent_passes(tmp_path):
     from ganymede_agent.archive import build_archive
     rows = valid_rows(HOUR, 4)
     dest = str(tmp_path / "agent.tar.gz")
-    build_archive(dest, {"agent_id": AGENT, "geo": "g", "hour": hours.format_hour(HOUR), "agent_version": "test"},
+    build_archive(dest, {"agent_id": AGENT, "geo": "test", "hour": hours.format_hour(HOUR), "agent_version": "test"},
                   [(name, HEADERS[name], rows[name]) for name in HEADERS])
     assert check(dest)[0] == {"account_usage": 4, "api_requests": 4, "node_health": 4}
+
+
+def test_a_manifest_geo_other_than_the_registered_one_is_refused(tmp_path):
+    with pytest.raises(ArchiveError, match="registered geo"):
+        check(archive(tmp_path / "a.tar.gz"), geo="eu-west")
+
+
+def test_carriage_returns_are_refused(tmp_path):
+    files = dataset_files(HOUR)
+    files["account_usage"] = files["account_usage"].replace(b"\n", b"\r\n")
+    with pytest.raises(ArchiveError, match="carriage return"):
+        check(archive(tmp_path / "a.tar.gz", files=files))
 
 
 def test_empty_datasets_are_valid(tmp_path):

@@ -153,7 +153,9 @@ def test_rerun_without_marker_uploads_nothing(genv, mongo_up, clean_buckets):
     os.unlink(marker)
     assert build(HourlyBackup(hour=HOUR)).status.name == "SUCCESS"
     listing = json.load(open(marker))
-    assert {o["action"] for o in listing["objects"]} == {"skipped"} and listing["moved"] == []
+    assert {o["action"] for o in listing["objects"]} == {"skipped"}
+    assert listing["archives"] == sorted(StateRoot(genv.root).archived(HOUR, t["agent_id"], t["transaction_id"])
+                                         for t in txs)
     assert set(archive_places(genv, txs).values()) == {"archives"}
 
 
@@ -199,6 +201,7 @@ def test_crash_after_half_the_uploads_resumes_without_reuploading(genv, mongo_up
     txs = [completed_transaction(genv, agent, HOUR) for agent in ("agent-a", "agent-b", "agent-c")]
     wrapper = tmp_path / "crash_after_k_uploads.py"
     wrapper.write_text(CRASH_WRAPPER)
+    genv.write_config(s3={"max_concurrency": 1})  # one upload at a time, so "after K objects" is exact
     k = 3
     crashed = subprocess.run([sys.executable, str(wrapper), str(k), "--module", "ganymede.tasks", "HourlyBackup",
                               "--hour", hours.format_hour(HOUR), "--local-scheduler"],

@@ -69,7 +69,7 @@ def api_stays_healthy(h):
     assert F.healthz(h.port).status == 200
 
 
-def new_agent(h, geo="geo-hostile"):
+def new_agent(h, geo="test"):
     agent_id = f"h-{uuid.uuid4().hex[:10]}"
     token = F.register_agent(h.env, agent_id, geo)
     h.agents.append(agent_id)

@@ -376,16 +376,24 @@ def _read_manifest(tar, info, limits):
         raise ArchiveError("manifest too large", MANIFEST_NAME)
     try:
         manifest = json.loads(tar.extractfile(info).read().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ArchiveError(f"manifest is not JSON ({exc})", MANIFEST_NAME) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ArchiveError(f"manifest is not JSON or nested too deeply ({type(exc).__name__})", MANIFEST_NAME) from None
     return validate_manifest(manifest)
+
+
+def _lf_lines(text, name):
+    """The format ends lines with '\n' alone; a '\r' anywhere would not survive LOAD DATA unchanged."""
+    for line in text:
+        if "\r" in line:
+            raise ArchiveError("carriage return in the CSV (lines must end with \\n only)", name)
+        yield line
 
 
 def csv_rows(member, limits=Limits(), name=None):
     """Rows of a CSV member (header included), strict UTF-8, bounded line length."""
     text = io.TextIOWrapper(io.BufferedReader(member, _CHUNK), encoding="utf-8", errors="strict", newline="")
     try:
-        for row in csv.reader(text, strict=True):
+        for row in csv.reader(_lf_lines(text, name), strict=True):
             if sum(map(len, row)) > limits.max_line_bytes:
                 raise ArchiveError(f"a line longer than {limits.max_line_bytes} bytes", name)
             yield row

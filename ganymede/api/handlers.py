@@ -192,7 +192,7 @@ def _finish_upload(conn, api, transaction_id, temp, size, sha256):
     return tx
 
 
-def _complete(conn, api, agent_id, transaction_id):
+def _complete(conn, api, agent_id, geo, transaction_id):
     """Validate and install (or quarantine) the uploaded archive: (status, body)."""
     with _transaction_lock(conn, transaction_id, api.lock_wait):
         tx = txlog.get_transaction(conn, transaction_id)
@@ -224,7 +224,7 @@ def _complete(conn, api, agent_id, transaction_id):
             raise TransactionError("the uploaded archive is missing on the server; upload it again", status=409,
                                    transaction_id=transaction_id)
         try:
-            counts, digest = archives.check_file(src, agent_id, hour, api.limits)
+            counts, digest = archives.check_file(src, agent_id, geo, hour, api.limits)
             error = None
         except ArchiveError as exc:
             counts, digest, error = None, exc.file_sha256, str(exc)
@@ -236,9 +236,15 @@ def _complete(conn, api, agent_id, transaction_id):
                                    status=409, transaction_id=transaction_id)
         if error:
             log.warning("transaction %s: archive refused: %s", transaction_id, error)
-            archives.quarantine(src, held, error, {
-                "transaction_id": transaction_id, "agent_id": agent_id, "hour": hours.format_hour(hour),
-                "sha256": digest, "size": tx["size"]})
+            try:
+                archives.quarantine(src, held, error, {
+                    "transaction_id": transaction_id, "agent_id": agent_id, "hour": hours.format_hour(hour),
+                    "sha256": digest, "size": tx["size"]})
+            except OSError as exc:  # the transaction stays uploaded; the agent's retry refuses it again
+                log.error("transaction %s: cannot quarantine: %s", transaction_id, exc)
+                raise TransactionError("cannot store the refusal on the server; retry later",
+                                       status=507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 503,
+                                       transaction_id=transaction_id) from None
             txlog.mark_failed(conn, transaction_id, error, {"quarantine": held})
             return 422, _failed_body(tx, error)
         if src != dest:
@@ -441,8 +447,8 @@ class BaseHandler(tornado.web.RequestHandler):
     def json_body(self):
         try:
             body = json.loads(self._body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise ApiError(400, "body is not JSON") from None
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ApiError(400, "body is not JSON (or nested too deeply)") from None
         if not isinstance(body, dict):
             raise ApiError(400, "body is not a JSON object")
         return body
@@ -694,7 +700,7 @@ class CompleteHandler(BaseHandler):
         transaction_id = transaction_id_arg(transaction_id)
         agent = await self.authenticate_agent()
         await self.own_transaction(agent, transaction_id)
-        status, body = await self.db(_complete, self.api, agent["agent_id"], transaction_id)
+        status, body = await self.db(_complete, self.api, agent["agent_id"], agent["geo"], transaction_id)
         if status != 200:
             raise ApiError(status, body.pop("error"), **body)
         self.send_json(200, body)

@@ -85,10 +85,10 @@ def sweep_incoming(state, older_than):
     return removed
 
 
-async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options=None):
+async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options=None, backlog=1024):
     app = make_app(settings)
     server = make_server(app, settings, idle_timeout, body_timeout, ssl_options)
-    server.listen(port, host)
+    server.listen(port, host, backlog=backlog)
     log.info("ganymede-api listening on %s://%s:%d (state root %s, MySQL %s:%s/%s)",
              "https" if ssl_options else "http", host, port, settings.state.root,
              settings.mysql.host, settings.mysql.port, settings.mysql.database)
@@ -124,7 +124,8 @@ def main(argv=None):
         print(f"ganymede-api: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(api.host, api.port, settings, api.idle_timeout, api.body_timeout, ssl_options))
+        asyncio.run(serve(api.host, api.port, settings, api.idle_timeout, api.body_timeout, ssl_options,
+                          api.listen_backlog))
     except OSError as exc:  # the port is taken, the address is not ours
         print(f"ganymede-api: cannot listen on {api.host}:{api.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import uuid
 
 import pymysql
 
-from .. import hours
+from .. import hours, paths
 from ..errors import AgentError, TransactionError
 
 OPEN_STATES = ("created", "uploaded")
@@ -39,6 +39,11 @@ def add_agent(conn, agent_id, geo, expected_from=None):
     hour it is registered in), so an agent installed to backfill past hours
     holds those hours' extracts until it has sent them or their deadline passed.
     """
+    for value, what in ((agent_id, "agent id"), (geo, "geo")):
+        try:
+            paths.check_id(value, what)  # both become paths, document fields and extract lines
+        except ValueError as exc:
+            raise AgentError(f"{exc}: use letters, digits, '.', '_' or '-' (at most 64)") from None
     token = new_token()
     with conn.cursor() as cur:
         try:

@@ -14,6 +14,7 @@ import gzip
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 
 import luigi
@@ -88,17 +89,23 @@ def backup_plan(root, hour, rounds, archives):
     return dict(sorted(plan.items()))
 
 
-def upload_plan(store, bucket, plan, manifest_path):
+def upload_plan(store, bucket, plan, manifest_path, workers=4):
     """Upload and verify every object, then MANIFEST.json (key, size, sha256 of each); returns the listing.
 
     One listing of the bucket first: only keys already there need a HEAD to
-    decide whether they can be skipped.
+    decide whether they can be skipped. Objects go up `workers` at a time
+    (boto3 clients are thread-safe); each is verified before it counts.
     """
-    listing, present = [], {o["Key"] for o in store.list_objects(bucket)}
-    for key, path in plan.items():
+    present = {o["Key"] for o in store.list_objects(bucket)}
+
+    def put(item):
+        key, path = item
         sha256, composite = store.digests(path)
         action = store.put_verified(bucket, key, path, sha256=sha256, composite=composite, present=key in present)
-        listing.append({"key": key, "size": os.path.getsize(path), "sha256": sha256, "action": action})
+        return {"key": key, "size": os.path.getsize(path), "sha256": sha256, "action": action}
+
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="backup-upload") as pool:
+        listing = list(pool.map(put, plan.items()))
     markers.write_json(manifest_path, {"bucket": bucket,
                                        "objects": [{k: o[k] for k in ("key", "size", "sha256")} for o in listing]})
     listing.append({"key": "MANIFEST.json", "size": os.path.getsize(manifest_path),
@@ -173,11 +180,14 @@ class HourlyBackup(luigi.Task):
         store = s3.connect(cfg)
         store.ensure_bucket(bucket)
         listing = upload_plan(store, bucket, backup_plan(root, self.hour, rounds, archives),
-                              os.path.join(os.path.dirname(self.output().path), "MANIFEST.json"))
+                              os.path.join(os.path.dirname(self.output().path), "MANIFEST.json"), cfg.max_concurrency)
         with closing(mysql.connect(config.mysql())) as conn:  # before the move: no moved archive lacks its event
             for _, transaction_id, path, done in archives:
                 if path != done:
                     txlog.append_event(conn, transaction_id, "backed_up", {"bucket": bucket})
-        moved = move_archives(archives)
-        markers.write_json(self.output().path, {"hour": hours.format_hour(self.hour), "bucket": bucket,
-                                                "rounds": len(rounds), "objects": listing, "moved": moved})
+        # The marker goes first: complete() also needs upload/ empty, so a crash during the move reruns it,
+        # while a marker written after the move could be left stale by a crash in between.
+        markers.write_json(self.output().path, {
+            "hour": hours.format_hour(self.hour), "bucket": bucket, "rounds": len(rounds), "objects": listing,
+            "archives": sorted(done for _, _, _, done in archives)})
+        move_archives(archives)

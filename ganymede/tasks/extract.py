@@ -208,10 +208,19 @@ def plan_round(round_, expected, rows, others, pending, deadline):
 # --- plain functions: delivery -------------------------------------------------
 
 def copy_to_outbox(path, outbox):
-    """Copy a file into the outbox atomically (the vendor's pickup directory); returns where."""
+    """Copy a file into the outbox atomically (the vendor's pickup directory); returns where.
+
+    The partial copy has a fixed name (`.<file>.partial`), so the rerun after a
+    crash mid-copy overwrites it instead of leaving a stray file for the vendor.
+    """
     dest = os.path.join(outbox, os.path.basename(path))
-    with open(path, "rb") as src, markers.AtomicFile(dest) as out:
+    partial = os.path.join(outbox, f".{os.path.basename(path)}.partial")
+    os.makedirs(outbox, exist_ok=True)
+    with open(path, "rb") as src, open(partial, "wb") as out:
         shutil.copyfileobj(src, out, 1 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+    markers.move_atomic(partial, dest)
     return dest
 
 
@@ -404,11 +413,13 @@ class GlassbeamExtract(luigi.Task):
         if self.round and not transactions:
             raise GanymedeError(f"extract round {self.round} of {hours.format_hour(self.hour)}: no completed "
                                 "transaction that another round does not hold; an empty supplementary is not written")
-        yield [self.load(t) for t in transactions]  # dynamic: those not loaded yet are loaded, then run() again
+        # dynamic: the ones not loaded yet are loaded (only those go back to the scheduler), then run() again
+        yield [load for load in map(self.load, transactions) if not load.complete()]
         tx_ids = sorted(t["transaction_id"] for t in transactions)
         path = state_root().extract(self.hour, self.round)
         client, db = mongo.connect(config.mongodb())
         with closing(client):
+            mongo.ensure_indexes(db, datasets.CATALOG)  # once an hour (idempotent): the (hour, agent) reads use it
             lines = extract_lines(db, self.hour, tx_ids, select_in_query=self.round > 0)
             sha256, size, by_dataset, by_agent = write_extract(path, lines)
         cfg = config.extract()

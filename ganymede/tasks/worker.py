@@ -152,7 +152,6 @@ def load_staged(conn, db, transaction_id, agent_id, geo, hour, batch_size, rejec
     from then on restages: see `restage_if_incomplete`). Returns
     {dataset: {"loaded": n, "rejected": m}}.
     """
-    mongo.ensure_indexes(db, datasets.CATALOG)
     counts, pending = {}, deque()
     with ThreadPoolExecutor(1, thread_name_prefix="mongo-write") as writer:
         for dataset in datasets.CATALOG.values():
