@@ -219,22 +219,12 @@ def crc32_combine(crc1, crc2, len2):
     """crc32 of A+B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine)."""
     if len2 <= 0:
         return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]
-    even = _gf2_square(odd)
-    odd = _gf2_square(even)
-    while True:
-        even = _gf2_square(odd)
+    op = _gf2_square(_gf2_square([0xEDB88320] + [1 << n for n in range(31)]))  # appends 4 zero bits
+    while len2:
+        op = _gf2_square(op)  # appends 1, 2, 4, … zero bytes: one per bit of len2
         if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
+            crc1 = _gf2_times(op, crc1)
         len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
     return crc1 ^ crc2
 
 
