@@ -285,3 +285,10 @@ def test_quarantine_keeps_archive_with_reason(tmp_path):
     assert record["reason"] == "not a gzip'd tar archive" and record["transaction_id"] == "tx"
     assert record["quarantined_at"].endswith("Z")
     assert [p for p in os.listdir(os.path.dirname(dest)) if p.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("a, b", [(b"", b""), (b"abc", b""), (b"", b"xyz"), (b"x" * 1000, os.urandom(4097))])
+def test_crc32_combine_matches_zlib(a, b):
+    import zlib
+    from ganymede_agent.archive import crc32_combine
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
