@@ -66,6 +66,9 @@ def find_client(path=""):
     return shutil.which("mariadb") or shutil.which("mysql")
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 class Source:
     """The GEO database for one agent run: `datasets(hour)` yields (name, header, rows) for build_archive."""
 
@@ -82,7 +85,9 @@ class Source:
             return pymysql.connect(
                 host=db.host, port=db.port, user=db.user, password=db.password, database=db.database,
                 unix_socket=db.unix_socket or None, connect_timeout=db.connect_timeout, charset="utf8mb4",
-                conv=_RAW_CONVERSIONS, autocommit=True, init_command="SET time_zone = '+00:00'")
+                conv=_RAW_CONVERSIONS, autocommit=True, init_command="SET time_zone = '+00:00'",
+                # TLS on loopback protects nothing and costs a context per run; elsewhere pymysql's default
+                ssl_disabled=True if db.unix_socket or db.host in _LOOPBACK else None)
         except pymysql.MySQLError as exc:
             raise CollectError(f"GEO database {db.database!r} at {db.unix_socket or f'{db.host}:{db.port}'}: "
                                f"{_mysql_reason(exc)}") from None
