@@ -20,7 +20,6 @@ last and appends a line to BENCHMARKS.md.
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,24 +28,15 @@ import threading
 import time
 import uuid
 from contextlib import closing
-from datetime import datetime, timezone
+
+
+from common import record, vmhwm_mb  # bench/ is on sys.path: this is a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HOUR = "2026-11-30T05"
 TABLES = ("account_usage_hourly", "api_request_stats", "node_samples")
 READERS = ("client", "pymysql")
-
-
-def vmhwm_mb(pid="self"):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 class ChildrenPeak(threading.Thread):
@@ -181,14 +171,11 @@ def main():
           f"(target >= 1.0; RSS target < 100 MB)")
     if not args.no_record:
         command = "bench/bench_agent.py " + " ".join(sys.argv[1:])
-        line = (f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {platform.node()} ({os.cpu_count()} cpu) · "
-                f"`{command.strip()}` · agent archive build, {big['rows']:,} rows: client reader "
+        record(command.strip(), f"agent archive build, {big['rows']:,} rows: client reader "
                 f"{big['client_rows_s']:,.0f} rows/s, pymysql reader {big['pymysql_rows_s']:,.0f} rows/s, "
                 f"mariadb-dump | gzip -1 {big['dump_rows_s']:,.0f} rows/s; peak RSS {big['client_rss_mb']:.0f} MB "
                 f"(client reader; {small['client_rss_mb']:.0f} MB at {small['rows']:,} rows), "
-                f"{big['pymysql_rss_mb']:.0f} MB (pymysql) · ratio {ratio:.2f}\n")
-        with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:
-            f.write(line)
+                f"{big['pymysql_rss_mb']:.0f} MB (pymysql) · ratio {ratio:.2f}")
 
 
 if __name__ == "__main__":

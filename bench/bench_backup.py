@@ -23,18 +23,18 @@ key figure last and appends a line to BENCHMARKS.md.
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+from common import record, vmhwm_mb  # noqa: E402
 MIB = 1024 * 1024
 KEY_ID, SECRET = "bench", "bench-secret"
 
@@ -51,14 +51,6 @@ def write_files(directory, small_count, small_mb, large_mb):
             for _ in range(mb):
                 f.write(os.urandom(MIB))
     return {key: path for key, (path, _) in sorted(plan.items())}
-
-
-def vmhwm_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child(mode, endpoint, bucket, plan_path, manifest_path):
@@ -170,9 +162,7 @@ def main():
                f"{small['ganymede']['vmhwm_mb']:.0f} MB with {small_mb:.0f} MB, {large['ganymede']['vmhwm_mb']:.0f} MB "
                f"with {large_mb:.0f} MB (bare {small['bare']['vmhwm_mb']:.0f} / {large['bare']['vmhwm_mb']:.0f} MB)")
     if not args.no_record:
-        with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:
-            f.write(f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {platform.node()} ({os.cpu_count()} cpu) · "
-                    f"`{command.strip()}` · best of {args.rounds} · {figures}\n")
+        record(command.strip(), f"best of {args.rounds} · {figures}")
     print(figures)
     print(f"backup upload ratio {ratio:.2f} (target >= 0.8); peak RSS {small['ganymede']['vmhwm_mb']:.0f} MB -> "
           f"{large['ganymede']['vmhwm_mb']:.0f} MB for {large_mb / small_mb:.1f}x the bytes")

@@ -24,18 +24,18 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+from common import record, vmhwm_mb  # noqa: E402
 
 HOURS = {"small": datetime(2026, 11, 30, 5), "large": datetime(2026, 11, 30, 6)}
 AGENTS = 4
@@ -81,14 +81,6 @@ def completed_transaction(conn, root, hour, agent, docs):
 
 
 # --- the child: one measurement, timed from the inside -----------------------------------
-
-def vmhwm_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
 
 def child(mode, hour, out_path):
     import luigi
@@ -224,9 +216,7 @@ def main():
                f"· peak RSS GlassbeamExtract {rss['small']:.0f} MB at {args.small_docs} docs, {rss['large']:.0f} MB at "
                f"{args.docs} docs (bare {bare_rss['small']:.0f} / {bare_rss['large']:.0f} MB)")
     if not args.no_record:
-        with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:
-            f.write(f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {platform.node()} ({os.cpu_count()} cpu) · "
-                    f"`{command.strip()}` · best of {args.rounds} · {figures}\n")
+        record(command.strip(), f"best of {args.rounds} · {figures}")
     print(figures)
     print(f"extract ratio {ratio:.2f} (target >= 0.8); peak RSS {rss['small']:.0f} MB -> {rss['large']:.0f} MB "
           f"for {args.docs // args.small_docs}x the documents")

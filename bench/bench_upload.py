@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import hashlib
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -32,8 +31,9 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
 from types import SimpleNamespace
+
+from common import record, vmhwm_mb  # bench/ is on sys.path: this is a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -89,14 +89,6 @@ def cpu_seconds_of(pid):
     """User + system CPU seconds a process has used so far."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def put(port, path, headers, payload, size):
@@ -217,7 +209,7 @@ def main():
         best = {k: total / min(v) for k, v in times.items()}
         median = {k: total / statistics.median(v) for k, v in times.items()}
         cpu = {k: statistics.median(v) / gb for k, v in cpu_seconds.items()}
-        rss = {"bare": peak_rss_mb(bare.pid), "api": peak_rss_mb(api.pid)}
+        rss = {"bare": vmhwm_mb(bare.pid), "api": vmhwm_mb(api.pid)}
         ratio, median_ratio = best["api"] / best["bare"], median["api"] / median["bare"]
         command = " ".join(["bench/bench_upload.py"] + sys.argv[1:])
         print(f"uploads: {n} concurrent x {args.size_mb} MB; best (median) of {args.rounds} rounds")
@@ -226,15 +218,10 @@ def main():
                   f"peak RSS {rss[key]:5.1f} MB" + ("  (target < 200 MB)" if key == "api" else ""))
         print(f"ratio api/bare: {ratio:.2f} (median {median_ratio:.2f}; target >= 0.8)")
         if not args.no_record:
-            path = os.path.join(ROOT, "BENCHMARKS.md")
-            new = not os.path.exists(path)
-            with open(path, "a") as f:
-                f.write("# Benchmarks\n\nOne line per run, appended by the commands in bench/.\n\n" if new else "")
-                f.write(f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {platform.node()} "
-                        f"({os.cpu_count()} cpu) · `{command}` · upload {n} x {args.size_mb} MB, best of "
-                        f"{args.rounds}: bare {best['bare']:.0f} MB/s, ganymede-api {best['api']:.0f} MB/s "
-                        f"(median ratio {median_ratio:.2f}), CPU {cpu['bare']:.2f} vs {cpu['api']:.2f} s/GB, "
-                        f"api peak RSS {rss['api']:.0f} MB · ratio {ratio:.2f}\n")
+            record(command, f"upload {n} x {args.size_mb} MB, best of {args.rounds}: bare {best['bare']:.0f} MB/s, "
+                            f"ganymede-api {best['api']:.0f} MB/s (median ratio {median_ratio:.2f}), CPU "
+                            f"{cpu['bare']:.2f} vs {cpu['api']:.2f} s/GB, api peak RSS {rss['api']:.0f} MB · "
+                            f"ratio {ratio:.2f}")
     finally:
         for proc in procs:
             if proc.poll() is None:
