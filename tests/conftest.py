@@ -118,6 +118,11 @@ def genv(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(env.home))
     mysql.upgrade(config.mysql())
     yield env
+    drop_world(env)
+
+
+def drop_world(env):
+    """Drop a world's MySQL and MongoDB databases and buckets; the in-process config points nowhere again."""
     with pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True) as conn, conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS `{env.mysql_database}`")
     try:

@@ -187,19 +187,9 @@ def new_world(path, **overrides):
 
 
 def drop_world(env):
-    """Drop the world's database, MongoDB database and buckets; the in-process config points nowhere again."""
-    from luigi.configuration.cfg_parser import LuigiConfigParser
-    from luigi.task_register import Register
-    with pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{env.mysql_database}`")
-    try:
-        pymongo.MongoClient(MONGO_URI, serverSelectionTimeoutMS=2000).drop_database(env.mongo_database)
-    except pymongo.errors.PyMongoError:
-        pass
-    drop_buckets(env.bucket_prefix)
-    LuigiConfigParser._instance = None
-    LuigiConfigParser._config_paths = []
-    Register.clear_instance_cache()
+    from conftest import drop_world as drop
+    drop(env)
+
 
 
 def sql(env, autocommit=True):
