@@ -1,8 +1,9 @@
-"""The state-root layout, in one place.
+"""The state-root layout, in one place (paths and glob patterns; nothing here touches the disk).
 
 Everything under the root is hour-stamped (…/YYYY/MM/DD/HH/…) so that a range
 of hours can be checked by looking at paths alone.
 """
+import glob
 import os
 import re
 
@@ -56,9 +57,20 @@ class StateRoot:
         return self._join("state", hour_dir(hour), check_id(agent_id, "agent id"),
                           f"{check_id(transaction_id, 'transaction id')}.{stage}.json")
 
+    def hour_state(self, hour):
+        """state/YYYY/MM/DD/HH: the hour's markers."""
+        return self._join("state", hour_dir(hour))
+
     def hour_marker(self, hour, stage):
-        """state/…/HH/<stage>.json, e.g. 'extract' or 'backup'."""
-        return self._join("state", hour_dir(hour), f"{stage}.json")
+        """state/…/HH/<stage>.json, e.g. 'timeout' or 'backup'."""
+        return os.path.join(self.hour_state(hour), f"{stage}.json")
+
+    def failure_marker(self, hour, task_id):
+        """state/…/HH/failures/<task id>.json: a task of the hour failed (removed when it later succeeds)."""
+        return os.path.join(self.hour_state(hour), "failures", f"{task_id}.json")
+
+    def failure_markers_glob(self, hour):
+        return os.path.join(glob.escape(self.hour_state(hour)), "failures", "*.json")
 
     def extract(self, hour, part=0):
         """extracts/YYYY/MM/DD/ganymede-YYYYMMDDHH.jsonl.gz; part N>0 is the Nth supplementary extract."""
@@ -68,12 +80,20 @@ class StateRoot:
     def extract_manifest(self, hour, part=0):
         return self.extract(hour, part)[: -len(".jsonl.gz")] + ".manifest.json"
 
+    def extract_manifests_glob(self, hour):
+        """A glob pattern matching the manifest of every extract round of the hour."""
+        return glob.escape(self.extract_manifest(hour)[: -len(".manifest.json")]) + "*.manifest.json"
+
     def backup_dump(self, hour, part=0):
         return self._join("backup", hour_dir(hour), "ganymede.sql.gz" if part == 0 else f"ganymede-s{part}.sql.gz")
 
     def hour_uploads(self, hour):
         """The directory holding the hour's archives not yet backed up."""
         return self._join("upload", hour_dir(hour))
+
+    def hour_uploads_glob(self, hour):
+        """A glob pattern matching every archive of the hour still in upload/ (<agent>/<tx>.tar.gz)."""
+        return os.path.join(glob.escape(self.hour_uploads(hour)), "*", "*.tar.gz")
 
     def tmp(self):
         return self._join("tmp")

@@ -49,18 +49,17 @@ def hour_status(root, hour, expected, transactions, now, deadline_minutes, overd
         marker = lambda stage: root.transaction_marker(hour, t["agent_id"], t["transaction_id"], stage)  # noqa: E731
         status.staged += os.path.exists(marker("staged"))
         status.loaded += os.path.exists(marker("loaded"))
-    rounds = sorted(glob.glob(root.extract_manifest(hour, 0)[: -len(".manifest.json")] + "*.manifest.json"))
+    rounds = glob.glob(root.extract_manifests_glob(hour))
     if os.path.exists(root.extract_manifest(hour, 0)):
         first = markers.read_json(root.extract_manifest(hour, 0))
         status.extract = "after deadline" if first.get("missing_agents") else "on time"
         status.missing_agents = first.get("missing_agents", [])
         status.supplementary = len(rounds) - 1
-    pending = glob.glob(os.path.join(root.hour_uploads(hour), "*", "*.tar.gz"))
+    pending = glob.glob(root.hour_uploads_glob(hour))
     if os.path.exists(root.hour_marker(hour, "backup")):
         status.backup = "done" if not pending else "reopened (late arrival)"
     status.failures = sorted(os.path.basename(p)[: -len(".json")].split("_")[0]
-                             for p in glob.glob(os.path.join(os.path.dirname(root.hour_marker(hour, "x")),
-                                                             "failures", "*.json")))
+                             for p in glob.glob(root.failure_markers_glob(hour)))
     deadline = hours.deadline(hour, deadline_minutes)
     if status.backup == "done":
         status.verdict = "closed"

@@ -12,7 +12,7 @@ def failure_marker(task):
     hour = getattr(task, "hour", None)
     if hour is None:
         return None
-    return os.path.join(os.path.dirname(state_root().hour_marker(hour, "x")), "failures", task.task_id + ".json")
+    return state_root().failure_marker(hour, task.task_id)
 
 
 @luigi.Task.event_handler(luigi.Event.FAILURE)

@@ -111,8 +111,7 @@ def write_extract(path, lines):
 
 def round_manifests(hour):
     """{round: manifest} of every extract round of the hour on disk (a manifest names its round)."""
-    base = state_root().extract_manifest(hour, 0)[: -len(".manifest.json")]
-    manifests = (markers.read_json(path) for path in glob.glob(glob.escape(base) + "*.manifest.json"))
+    manifests = (markers.read_json(path) for path in glob.glob(state_root().extract_manifests_glob(hour)))
     return {m["round"]: m for m in manifests}
 
 
@@ -127,7 +126,7 @@ def covered_transactions(manifests):
 def pending_archives(hour):
     """{transaction id: agent id} of archives still in upload/ for the hour: one directory walk."""
     return {os.path.basename(p)[: -len(".tar.gz")]: os.path.basename(os.path.dirname(p))
-            for p in glob.glob(os.path.join(state_root().hour_uploads(hour), "*", "*.tar.gz"))}
+            for p in glob.glob(state_root().hour_uploads_glob(hour))}
 
 
 def uncovered_archives(hour, manifests=None):
