@@ -8,8 +8,8 @@
   bare pymongo `bulk_write` of the same documents with the same operations
   (ReplaceOne upserts by `_id`, same batches, same indexes, the previous hour
   loaded in both, unless --no-previous-hour) (target ratio >= 0.8); the
-  same baseline plus the previous-hour `_id $in` lookups the load makes
-  shows what is the server's read cost and what is Ganymede's own;
+  load takes the previous hour's values from MySQL with the staged rows
+  (ganymede.stores.previous), as it does whenever that hour was loaded;
 - memory: peak RSS (VmHWM) of StageTransaction and LoadTransaction, each in
   its own process, for a transaction of --rss-rows rows and of --mongo-rows
   rows (target < 300 MB and the same for both sizes).
@@ -268,22 +268,16 @@ class Bench:
         db = self.mongo()
         return {name: list(db[name].find({"hour": hour})) for name in datasets.CATALOG}
 
-    def bare_bulk_write(self, docs_by_dataset, hour, lookups=False):
-        """The baseline: ReplaceOne upserts by `_id`, same batches; with `lookups`, also the same
-        previous-hour `_id $in` query before each batch that has one (what the load adds on the server)."""
+    def bare_bulk_write(self, docs_by_dataset):
+        """The baseline: ReplaceOne upserts by `_id`, same batches."""
         import pymongo
-        from ganymede import datasets
         db = self.mongo()
         size = self.args.batch_size
         started = time.perf_counter()
         for name, docs in docs_by_dataset.items():
-            collection, dataset = db[name], datasets.CATALOG[name]
+            collection = db[name]
             for i in range(0, len(docs), size):
                 batch = docs[i:i + size]
-                if lookups and dataset.previous_fields:
-                    ids = [dataset.previous_id(AGENT, hour, d) for d in batch]
-                    list(collection.find({"_id": {"$in": ids}}, dict.fromkeys(dataset.previous_fields, 1),
-                                         batch_size=len(ids)))
                 collection.bulk_write([pymongo.ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in batch],
                                       ordered=False)
         return time.perf_counter() - started
@@ -294,16 +288,14 @@ class Bench:
         run_child("LoadTransaction", previous_tx, previous_hour)
         previous_docs = self.documents(previous_hour) if self.args.previous_hour else {}
         run_child("StageTransaction", transaction_id, hour)
-        best = {"bare": float("inf"), "lookups": float("inf"), "load": float("inf")}
+        best = {"bare": float("inf"), "load": float("inf")}
         docs, rss = None, None
         for r in range(self.args.rounds + 1):
             if docs is not None:  # the documents the first Ganymede round wrote
-                for name, lookups, label in (("bare", False, "bare bulk_write "),
-                                             ("lookups", True, "  + lookups     ")):
-                    self.reset_mongo(previous_docs)
-                    seconds = self.bare_bulk_write(docs, hour, lookups)
-                    best[name] = min(best[name], seconds)
-                    print(f"round {r} MongoDB   {label} {rows / seconds:10.0f} docs/s ({seconds:.2f} s)", flush=True)
+                self.reset_mongo(previous_docs)
+                seconds = self.bare_bulk_write(docs)
+                best["bare"] = min(best["bare"], seconds)
+                print(f"round {r} MongoDB   bare bulk_write  {rows / seconds:10.0f} docs/s ({seconds:.2f} s)", flush=True)
             if r == self.args.rounds:
                 break
             self.reset_mongo(previous_docs)
@@ -322,7 +314,7 @@ class Bench:
                 assert loaded == rows, (loaded, rows)
                 growth = sum(d["bytes_stored_growth"] is not None for d in docs["account_usage"])
                 print(f"          ({loaded} documents, {growth} with bytes_stored_growth)", flush=True)
-        return rows / best["bare"], rows / best["lookups"], rows / best["load"], rss
+        return rows / best["bare"], rows / best["load"], rss
 
     # memory ------------------------------------------------------------------------
 
@@ -372,7 +364,7 @@ def main():
 
         bare_rows, stage_rows = bench.staging_figures(stage_tx, HOUR, args.rows, work)
         bench.truncate_staging()
-        bare_docs, lookup_docs, load_docs, load_rss = bench.mongo_figures(
+        bare_docs, load_docs, load_rss = bench.mongo_figures(
             previous_tx, load_tx, HOUR + timedelta(hours=2), args.mongo_rows)
         big = None
         if args.rss_rows:
@@ -380,30 +372,27 @@ def main():
                 rss_tx = completed_transaction(conn, bench.root, HOUR + timedelta(hours=5), args.rss_rows, seed=3)
             big = bench.rss_figures(rss_tx, HOUR + timedelta(hours=5))
 
-        stage_ratio, load_ratio, lookup_ratio = stage_rows / bare_rows, load_docs / bare_docs, load_docs / lookup_docs
+        stage_ratio, load_ratio = stage_rows / bare_rows, load_docs / bare_docs
         command = "bench/bench_worker.py " + " ".join(sys.argv[1:])
         print(f"staging {args.rows} rows, best of {args.rounds}: bare LOAD DATA {bare_rows:.0f} rows/s, "
               f"StageTransaction {stage_rows:.0f} rows/s")
         context = "previous hour loaded" if args.previous_hour else "no previous hour"
         print(f"MongoDB {args.mongo_rows} docs ({context}), best of {args.rounds}: "
               f"bare bulk_write {bare_docs:.0f} docs/s, "
-              f"bare bulk_write + the same previous-hour lookups {lookup_docs:.0f} docs/s, "
               f"LoadTransaction {load_docs:.0f} docs/s (peak RSS {load_rss:.0f} MB)")
         rss_text = ""
         if big:
             print(f"{args.rss_rows} rows: StageTransaction peak RSS {big[0]:.0f} MB, "
                   f"LoadTransaction peak RSS {big[1]:.0f} MB ({args.rss_rows / big[2]:.0f} docs/s)")
             rss_text = f"peak RSS {args.rss_rows} rows {max(big[:2]):.0f} MB (target < 300)"
-        print(f"ratios: staging {stage_ratio:.2f}, MongoDB load {load_ratio:.2f} (targets >= 0.8; load vs bare writes "
-              f"+ lookups {lookup_ratio:.2f}); {rss_text}")
+        print(f"ratios: staging {stage_ratio:.2f}, MongoDB load {load_ratio:.2f} (targets >= 0.8); {rss_text}")
         if not args.no_record:
             line = (f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {platform.node()} ({os.cpu_count()} cpu) · "
                     f"`{command.strip()}` · best of {args.rounds} · "
                     f"staging {args.rows} rows: bare LOAD DATA {bare_rows:.0f} rows/s, "
                     f"StageTransaction {stage_rows:.0f} rows/s, ratio {stage_ratio:.2f} · MongoDB {args.mongo_rows} "
-                    f"docs ({context}): bare bulk_write {bare_docs:.0f} docs/s, + lookups {lookup_docs:.0f} docs/s, "
-                    f"LoadTransaction "
-                    f"{load_docs:.0f} docs/s, ratio {load_ratio:.2f} (vs writes + lookups {lookup_ratio:.2f})"
+                    f"docs ({context}): bare bulk_write {bare_docs:.0f} docs/s, "
+                    f"LoadTransaction {load_docs:.0f} docs/s, ratio {load_ratio:.2f}"
                     + (f" · {args.rss_rows} rows: peak RSS stage {big[0]:.0f} MB, load {big[1]:.0f} MB "
                        f"(at {args.mongo_rows} rows: load {load_rss:.0f} MB)" if big else "") + "\n")
             with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:

@@ -203,6 +203,13 @@ class Dataset:
         object.__setattr__(self, "_parsers", tuple(c.parse for c in self.columns))
         if bool(self.group_by) != bool(self.summarize) or bool(self.previous_fields) != bool(self.from_previous):
             raise AssertionError(f"{self.name}: group_by/summarize and previous_fields/from_previous go in pairs")
+        kinds = {c.name: c for c in self.columns}
+        if self.previous_fields and (any(kinds[k].kind != "str" for k in self.key)
+                                     or sum(kinds[k].max_len + 1 for k in self.key) > 1024
+                                     or any(kinds[f].kind == "datetime" for f in self.previous_fields)):
+            # MySQL matches the previous hour by the staged key text and keeps the fields as JSON
+            raise AssertionError(f"{self.name}: previous-hour fields need a key of text columns (at most 1024 "
+                                 "bytes) and fields JSON keeps exactly (no datetime)")
 
     @property
     def staging_table(self):
@@ -266,8 +273,13 @@ class Dataset:
 
         `found` maps `_id` -> document for the previous-hour documents that exist.
         """
-        for doc, previous_id in zip(docs, previous_ids):
-            self.from_previous(doc, found.get(previous_id))
+        return self.with_previous_values(docs, [found.get(previous_id) for previous_id in previous_ids])
+
+    def with_previous_values(self, docs, previous):
+        """Documents given the fields that compare with the previous hour; `previous` holds, in the same order,
+        each one's previous-hour fields (a dict) or None."""
+        for doc, before in zip(docs, previous):
+            self.from_previous(doc, before)
         return docs
 
     def with_summary(self, docs):

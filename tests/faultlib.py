@@ -332,6 +332,9 @@ def fingerprint(env, hour):
         for name in datasets.CATALOG.values():
             cur.execute(f"SELECT COUNT(*) FROM `{name.staging_table}`")
             staged += cur.fetchone()[0]
+        cur.execute("SELECT agent_id, hour, dataset, doc_key, transaction_id, fields FROM previous_values "
+                    "ORDER BY agent_id, hour, dataset, doc_key")
+        kept = hashlib.sha256(_canonical(cur.fetchall()).encode()).hexdigest()
     return {
         "mongo": mongo,
         "extracts": extracts,  # every round's extract and its manifest (wall-clock fields left out), the outbox
@@ -345,6 +348,7 @@ def fingerprint(env, hour):
         "transaction_states": states,
         "transaction_events": events,
         "staging_rows": staged,
+        "kept_previous_values": kept,
     }
 
 

@@ -21,6 +21,7 @@ import time
 from contextlib import closing
 from datetime import datetime, timedelta
 
+import luigi
 import pytest
 
 import faultlib as F
@@ -28,6 +29,7 @@ from conftest import build_test_archive, require_port, sample_rows
 from ganymede import generator, hours
 from ganymede.paths import StateRoot
 from ganymede.stores import txlog
+from ganymede.tasks import LoadTransaction
 from ganymede_agent import cli, spool
 from ganymede_agent.client import Api, RetryBudget
 
@@ -37,9 +39,19 @@ HOUR = datetime(2026, 11, 30, 5)
 HOUR_TEXT = hours.format_hour(HOUR)
 TXS = (("agent-a", "00000000-0000-4000-8000-00000000000a"), ("agent-b", "00000000-0000-4000-8000-00000000000b"))
 SETTINGS = {"mongodb": {"batch_size": 2}, "retcode": F.RETCODES}  # small batches: a load has many writes to die in
+PREVIOUS_TX = ("agent-a", "00000000-0000-4000-8000-0000000000a0")
 
 
 def seed(env):
+    """The hour's two transactions, after agent-a's previous hour is loaded (its growth comes from kept values)."""
+    before = HOUR - timedelta(hours=1)
+    rows = sample_rows(before, agent_tag="agent-a")
+    for row in rows["account_usage"]:
+        row[1] //= 3
+    previous = F.fixed_transaction(env, *PREVIOUS_TX[:1], before, PREVIOUS_TX[1], rows=rows)
+    result = luigi.build([LoadTransaction(transaction_id=previous["transaction_id"], hour=before,
+                                          agent_id=previous["agent_id"])], local_scheduler=True, detailed_summary=True)
+    assert result.status.name == "SUCCESS", result.summary_text
     for agent_id, tx in TXS:
         F.fixed_transaction(env, agent_id, HOUR, tx)
 
@@ -56,6 +68,8 @@ def baseline(tmp_path_factory):
         result = F.run(F.luigi_command(HOUR_TEXT), env.subprocess_env)
         assert result.returncode == 0, result.stderr[-3000:]
         assert F.consistency_problems(env, HOUR) == []
+        growth = {d["agent_id"]: d["bytes_stored_growth"] for d in F.mongo_db(env)["account_usage"].find({"hour": HOUR})}
+        assert growth["agent-a"] > 0 and growth["agent-b"] is None  # a's previous hour is loaded, b's is not
         yield F.fingerprint(env, HOUR)
     finally:
         F.drop_world(env)
@@ -88,6 +102,8 @@ KILL_POINTS = [
      "ganymede.markers:write_json", 1, ".staged.json", False),
     ("mongo-mid-load", "MongoDB load, mid-transaction (4th bulk write of 9)",
      "ganymede.stores.mongo:replace_many", 4, None, False),
+    ("load-written-not-kept", "load: a MongoDB batch written, its previous-hour values not yet kept in MySQL",
+     "ganymede.stores.previous:store", 2, None, False),
     ("load-staging-cleared", "load: staging cleared while the last MongoDB writes are in flight",
      "ganymede.tasks.worker:clear_staging", 1, None, True),
     ("loaded-before-event", "MongoDB loaded, before the `loaded` event",
@@ -175,6 +191,8 @@ def late_baseline(tmp_path_factory):
 LATE_KILL_POINTS = [
     ("late-stage-mid", "staging a late transaction, one dataset committed",
      "ganymede.stores.staging:load_csv", 2, None, False),
+    ("replacement-kept-values-not-retired", "replacement loaded and the replaced documents deleted, the "
+     "replaced transaction's kept values not", "ganymede.stores.previous:retire", 1, None, False),
     ("replacement-retired-before-marker", "replacement loaded and the replaced documents deleted, no marker",
      "ganymede.tasks.worker:retire_replaced", 1, None, True),
     ("supplementary-mid-write", "during the supplementary extract's write",

@@ -165,6 +165,73 @@ def test_bytes_stored_growth_against_the_previous_hour_when_it_is_loaded(genv, m
                       ("agent-3", "acct-d"): None}   # staged, but that hour is not loaded
 
 
+def accounts_rows(*pairs):
+    rows = sample_rows(HOUR, n=0)
+    rows["account_usage"] = [[a, str(b), "1", "0", "0", "0"] for a, b in pairs]
+    return rows
+
+
+def kept_values(genv, agent_id=None):
+    """{(agent, hour, key): (transaction_id, fields)} of MySQL's previous-hour values."""
+    with genv.mysql() as conn, conn.cursor() as cur:
+        cur.execute("SELECT agent_id, hour, doc_key, transaction_id, fields FROM previous_values")
+        return {(a, h, k.decode()): (t, json.loads(f)) for a, h, k, t, f in cur.fetchall()
+                if agent_id in (None, a)}
+
+
+def growth_of(genv, hour):
+    return {d["account_id"]: d["bytes_stored_growth"] for d in genv.mongo()["account_usage"].find({"hour": hour})}
+
+
+def test_a_loaded_hour_keeps_its_values_for_the_next_one_in_mysql(genv, mongo_up):
+    before = HOUR - timedelta(hours=1)
+    tx = completed_transaction(genv, "agent-1", before, rows=accounts_rows(("acct-a", 100), ("acct-b", 500)))
+    run(load_task(tx))
+    assert kept_values(genv) == {("agent-1", before, "acct-a"): (tx["transaction_id"], {"bytes_stored": 100}),
+                                 ("agent-1", before, "acct-b"): (tx["transaction_id"], {"bytes_stored": 500})}
+
+
+def test_growth_is_the_same_whether_the_previous_hour_comes_from_mysql_or_mongodb(genv, mongo_up):
+    """A previous hour not kept in MySQL (an old backfill, a restored dump) is asked of MongoDB instead."""
+    before = HOUR - timedelta(hours=1)
+    previous = completed_transaction(genv, "agent-1", before, rows=accounts_rows(("acct-a", 100), ("acct-b", 500)))
+    run(load_task(previous))
+    tx = completed_transaction(genv, "agent-1", HOUR, rows=accounts_rows(("acct-a", 150), ("acct-c", 9)))
+    run(load_task(tx))
+    from_mysql = digest(genv.mongo())
+    assert growth_of(genv, HOUR) == {"acct-a": 50, "acct-c": None}
+
+    with genv.mysql() as conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM previous_values")
+        conn.commit()
+    forget(tx, "loaded", "staged")
+    genv.mongo()["account_usage"].delete_many({"hour": HOUR})
+    run(load_task(tx))
+    assert digest(genv.mongo()) == from_mysql
+    assert set(kept_values(genv)) == {("agent-1", HOUR, "acct-a"), ("agent-1", HOUR, "acct-c")}
+
+
+def test_a_replacement_retires_the_kept_values_it_does_not_overwrite(genv, mongo_up):
+    before = HOUR - timedelta(hours=1)
+    first = completed_transaction(genv, "agent-1", before, rows=accounts_rows(("acct-a", 100), ("acct-b", 500)))
+    run(load_task(first))
+    replacement = completed_transaction(genv, "agent-1", before, rows=accounts_rows(("acct-a", 120)),
+                                        replace=True)
+    run(load_task(replacement))
+    assert kept_values(genv) == {("agent-1", before, "acct-a"): (replacement["transaction_id"], {"bytes_stored": 120})}
+    tx = completed_transaction(genv, "agent-1", HOUR, rows=accounts_rows(("acct-a", 150), ("acct-b", 600)))
+    run(load_task(tx))
+    assert growth_of(genv, HOUR) == {"acct-a": 30, "acct-b": None}  # what MongoDB holds of that hour
+
+
+def test_only_the_last_hours_are_kept_and_only_of_the_loading_agent(genv, mongo_up):
+    first = HOUR - timedelta(hours=6)
+    for agent_id, hour in [("agent-1", first + timedelta(hours=i)) for i in range(5)] + [("agent-2", first)]:
+        run(load_task(completed_transaction(genv, agent_id, hour, rows=accounts_rows(("acct-a", 1)))))
+    kept = {(agent_id, hour) for agent_id, hour, _key in kept_values(genv)}
+    assert kept == {("agent-1", first + timedelta(hours=i)) for i in (1, 2, 3, 4)} | {("agent-2", first)}
+
+
 # --- idempotence ------------------------------------------------------------------------
 
 def test_rerun_from_scratch_gives_identical_documents(genv, mongo_up):
@@ -417,10 +484,20 @@ def test_parse_batch_numbers_rejects_by_their_csv_record():
     dataset = datasets.CATALOG["account_usage"]
     batch = [["41", "a", "1", "1", "1", "1", "1"], ["42", "b", "-1", "1", "1", "1", "1"],
              "43\x1fc\x1fd\x1f1\x1f1\x1f1\x1f1\x1f1".split(staging.SEPARATOR)]  # 'c<US>d', as staging returns it
-    rows, bad = parse_batch(dataset, batch, HOUR, first_row_id=40)
-    assert [r["account_id"] for r in rows] == ["a"]
+    rows, bad, known = parse_batch(dataset, batch, HOUR, first_row_id=40)
+    assert [r["account_id"] for r in rows] == ["a"] and known is None
     assert [(r["record"], r["reason"]) for r in bad] == [
         (3, "bytes_stored: negative"), (4, "a value holds the control character U+001F (7 fields, expected 6)")]
+
+
+def test_parse_batch_hands_each_kept_row_its_previous_hour_values():
+    dataset = datasets.CATALOG["account_usage"]
+    batch = [["1", "a", "5", "1", "1", "1", "1", '{"bytes_stored":3}'], ["2", "b", "-1", "1", "1", "1", "1", ""],
+             ["3", "c", "7", "1", "1", "1", "1", ""]]
+    rows, bad, known = parse_batch(dataset, batch, HOUR, first_row_id=1, with_previous=True)
+    assert [r["account_id"] for r in rows] == ["a", "c"]
+    assert known == [{"bytes_stored": 3}, None]
+    assert [(r["record"], r["row"]) for r in bad] == [(2, ["b", "-1", "1", "1", "1", "1"])]
 
 
 def test_unique_batches_hold_each_id_once_and_keep_the_last():

@@ -7,6 +7,7 @@ import pymysql
 
 from .. import datasets
 from ..errors import SchemaError, StoreUnavailable
+from . import previous
 
 
 def connect(cfg, database=None, autocommit=False):
@@ -82,6 +83,7 @@ MIGRATIONS = [
     (3, "agents.expected_from: the first hour an agent is expected for", [
         "ALTER TABLE agents ADD COLUMN IF NOT EXISTS expected_from DATETIME NULL AFTER created_at",
     ]),
+    (4, "previous_values: a loaded hour's values for the next hour's derived fields", [previous.CREATE]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -9,6 +9,8 @@ rather than staged silently altered.
 import pymysql.cursors
 from ganymede_agent.archive import ArchiveError
 
+from . import previous
+
 
 def clear(conn, dataset, transaction_id, chunk=50_000):
     """Remove a transaction's staged rows (a rerun starts from nothing), `chunk` rows per commit.
@@ -71,7 +73,7 @@ def first_row_id(conn, dataset, transaction_id):
 SEPARATOR = "\x1f"  # ASCII unit separator: no valid value of any column contains a control character
 
 
-def iter_batches(conn, dataset, transaction_id, batch_size):
+def iter_batches(conn, dataset, transaction_id, batch_size, previous_of=None):
     """Lists of staged rows `[row_id, value, …]` (strings, in catalog column order), read with a server-side cursor.
 
     Each row travels as one text field joined with SEPARATOR: pymysql decodes
@@ -80,12 +82,18 @@ def iter_batches(conn, dataset, transaction_id, batch_size):
     Rows come in staging order, except for a dataset with a `group_by`: then
     grouped (by exact bytes, so 'GET' and 'get', 'a' and 'a ' stay apart) and
     in staging order within each group, so a group's rows arrive together.
+    With `previous_of` (agent_id, hour), each row ends with one more field:
+    its key's previous-hour values kept for that hour (JSON, '' if none; see
+    ganymede.stores.previous).
     """
-    columns = ", ".join(f"`{c}`" for c in dataset.column_names)
-    order = "".join(f"CAST(`{c}` AS BINARY), " for c in dataset.group_by) + "row_id"
+    columns = ", ".join(f"s.`{c}`" for c in dataset.column_names)
+    order = "".join(f"CAST(s.`{c}` AS BINARY), " for c in dataset.group_by) + "s.row_id"
+    extra, join, params = "", "", (transaction_id,)
+    if previous_of:
+        extra, join, params = ", IFNULL(p.fields, '')", previous.join_sql(dataset, "s", "p"), (*previous_of, transaction_id)
     with conn.cursor(pymysql.cursors.SSCursor) as cur:
-        cur.execute(f"SELECT CONCAT_WS(CHAR(31), row_id, {columns}) FROM `{dataset.staging_table}` "
-                    f"WHERE transaction_id = %s ORDER BY {order}", (transaction_id,))
+        cur.execute(f"SELECT CONCAT_WS(CHAR(31), s.row_id, {columns}{extra}) FROM `{dataset.staging_table}` s {join} "
+                    f"WHERE s.transaction_id = %s ORDER BY {order}", params)
         split = str.split
         while True:
             batch = cur.fetchmany(batch_size)

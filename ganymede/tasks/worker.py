@@ -13,13 +13,15 @@ import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
+from datetime import timedelta
+from functools import partial
 
 from ganymede_agent.archive import ArchiveError, read_archive
 
 from .. import config, datasets, hours, markers
 from ..datasets import RowError
 from ..errors import TransactionError
-from ..stores import mongo, mysql, staging, txlog
+from ..stores import mongo, mysql, previous, staging, txlog
 from .agent import AgentArchive, TransactionTask, state_root
 
 
@@ -63,20 +65,29 @@ def restage_if_incomplete(conn, staged, archive_path, workdir):
 
 # --- transform -------------------------------------------------------------------
 
-def parse_batch(dataset, batch, hour, first_row_id=None):
-    """Staged rows `[row_id, value, …]` -> (typed rows, rejects); a bad row is a reject with its reason."""
-    rows, rejects = [], []
-    parse, width = dataset.parse_row, len(dataset.columns) + 1
+def parse_batch(dataset, batch, hour, first_row_id=None, with_previous=False):
+    """Staged rows `[row_id, value, …]` -> (typed rows, rejects, previous); a bad row is a reject with its reason.
+
+    With `with_previous` each staged row ends with its key's previous-hour
+    values (see staging.iter_batches) and `previous` lists them, decoded, in
+    the order of `rows`; otherwise it is None.
+    """
+    rows, rejects, known = [], [], [] if with_previous else None
+    parse, n = dataset.parse_row, len(dataset.columns)
+    width = n + 1 + with_previous
     for staged in batch:
         try:
             if len(staged) != width:
-                raise RowError(f"a value holds the control character U+001F ({len(staged) - 1} fields, "
-                               f"expected {width - 1})")
-            rows.append(parse(staged[1:], hour))
+                raise RowError(f"a value holds the control character U+001F ({len(staged) - width + n} fields, "
+                               f"expected {n})")
+            rows.append(parse(staged[1:n + 1], hour))
         except RowError as exc:
-            rejects.append({"dataset": dataset.name, "reason": str(exc), "row": staged[1:],
+            rejects.append({"dataset": dataset.name, "reason": str(exc), "row": staged[1:n + 1],
                             "record": int(staged[0]) - first_row_id + 1 if first_row_id is not None else None})
-    return rows, rejects
+            continue
+        if with_previous:
+            known.append(previous.decode(staged[-1]))
+    return rows, rejects, known
 
 
 def summarized(dataset, docs):
@@ -115,58 +126,85 @@ def unique_batches(docs, size):
 
 # --- loading ---------------------------------------------------------------------
 
-def staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally, rejects_out):
-    """The documents of a transaction's staged rows of one dataset, streamed (previous-hour fields not yet added).
+def staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally, rejects_out,
+                     previous_of=None):
+    """The documents of a transaction's staged rows of one dataset, streamed.
 
-    Rejects go to `rejects_out` as JSON lines; `tally` counts loaded and
-    rejected rows.
+    With `previous_of` (agent_id, previous hour) the previous-hour fields come
+    from MySQL with the rows; without, the dataset's previous-hour fields are
+    still to add. Rejects go to `rejects_out` as JSON lines; `tally` counts
+    loaded and rejected rows.
     """
     first = staging.first_row_id(conn, dataset, transaction_id)
-    for batch in staging.iter_batches(conn, dataset, transaction_id, batch_size):
-        rows, rejects = parse_batch(dataset, batch, hour, first)
+    for batch in staging.iter_batches(conn, dataset, transaction_id, batch_size, previous_of):
+        rows, rejects, known = parse_batch(dataset, batch, hour, first, with_previous=previous_of is not None)
         for reject in rejects:
             rejects_out.write(json.dumps(reject, sort_keys=True) + "\n")
         tally["loaded"] += len(rows)
         tally["rejected"] += len(rejects)
-        yield from dataset.documents(rows, agent_id, geo, hour, transaction_id)
+        docs = dataset.documents(rows, agent_id, geo, hour, transaction_id)
+        yield from (docs if known is None else dataset.with_previous_values(docs, known))
 
 
-def write_batch(db, dataset, agent_id, hour, docs):
-    """Add the fields that compare with the previous hour (one `_id $in` query), then upsert the batch."""
+def write_batch(db, agent_id, hour, keep, dataset, docs, lookup):
+    """Upsert a batch; for a dataset with previous-hour fields, then hand it to `keep` (returns what keep does).
+
+    With `lookup` the previous-hour fields are first added from MongoDB
+    (one `_id $in` query): the previous hour was not in MySQL's cache.
+    """
     collection = db[dataset.name]
-    if dataset.previous_fields:
+    if dataset.previous_fields and lookup:
         ids = [dataset.previous_id(agent_id, hour, doc) for doc in docs]
         found = {d["_id"]: d for d in collection.find({"_id": {"$in": ids}}, dict.fromkeys(dataset.previous_fields, 1),
                                                       batch_size=len(ids))}
         dataset.with_previous(docs, ids, found)
-    return mongo.replace_many(collection, docs)
+    mongo.replace_many(collection, docs)
+    return keep(dataset, docs) if dataset.previous_fields else None
 
 
-def load_staged(conn, db, transaction_id, agent_id, geo, hour, batch_size, rejects_out):
+def settle(written, kept, limit):
+    """Wait for the oldest MongoDB writes until at most `limit` are pending, then the same for the MySQL keeps
+    they handed over: batches in flight stay bounded, and all done with limit 0."""
+    while len(written) > limit:
+        keeping = written.popleft().result()
+        if keeping is not None:
+            kept.append(keeping)
+    while len(kept) > limit:
+        kept.popleft().result()
+
+
+def load_staged(conn, cache_conn, db, transaction_id, agent_id, geo, hour, batch_size, rejects_out):
     """Transform a transaction's staged rows into MongoDB; rejects go to `rejects_out` as JSON lines.
 
-    One thread writes the batches, strictly one after the other (with their
-    previous-hour lookups, so MongoDB gets one request after the other),
-    while this one reads and transforms the next. Staging is
-    cleared once every row is read, while the last writes finish (a crash
-    from then on restages: see `restage_if_incomplete`). Returns
+    One thread writes the batches to MongoDB, strictly one after the other,
+    while this one reads and transforms the next; a third keeps each written
+    batch's previous-hour values in MySQL (on `cache_conn`) for the next
+    hour, after MongoDB has the batch. Previous-hour fields come from MySQL
+    with the staged rows when it holds the previous hour, else from MongoDB.
+    Staging is cleared once every row is read, while the last writes finish
+    (a crash from then on restages: see `restage_if_incomplete`). Returns
     {dataset: {"loaded": n, "rejected": m}}.
     """
-    counts, pending = {}, deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="mongo-write") as writer:
+    counts, written, kept = {}, deque(), deque()
+    hour = hours.floor_hour(hour)
+    previous_hour = hour - timedelta(hours=1)
+    with ThreadPoolExecutor(1, thread_name_prefix="mongo-write") as writer, \
+            ThreadPoolExecutor(1, thread_name_prefix="mysql-keep") as keeper:
+        def keep(dataset, docs):
+            return keeper.submit(previous.store, cache_conn, dataset, agent_id, hour, transaction_id, docs)
+        write = partial(write_batch, db, agent_id, hour, keep)
         for dataset in datasets.CATALOG.values():
             tally = counts[dataset.name] = {"loaded": 0, "rejected": 0}
+            cached = bool(dataset.previous_fields) and previous.has_hour(conn, dataset, agent_id, previous_hour)
             docs = staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally,
-                                    rejects_out)
+                                    rejects_out, (agent_id, previous_hour) if cached else None)
             if dataset.group_by:
                 docs = summarized(dataset, docs)
             for batch in unique_batches(docs, batch_size):
-                while len(pending) >= 2:
-                    pending.popleft().result()
-                pending.append(writer.submit(write_batch, db, dataset, agent_id, hour, batch))
+                settle(written, kept, 1)
+                written.append(writer.submit(write, dataset, batch, lookup=not cached))
         clear_staging(conn, transaction_id)
-        while pending:
-            pending.popleft().result()
+        settle(written, kept, 0)
     return counts
 
 
@@ -183,18 +221,22 @@ def retire_replaced(db, agent_id, hour, transaction_id):
 
 
 def finish_load(conn, db, tx, counts):
-    """A replacement retires what it supersedes; then the `loaded` event.
+    """A replacement retires what it supersedes (documents and kept values); old kept values go; then `loaded`.
 
     Only a replacement can find documents of another transaction for its
     agent and hour (a first transaction has nothing to retire), so only a
     replacement pays for the query.
     """
-    retired = retire_replaced(db, tx["agent_id"], tx["hour"], tx["transaction_id"]) if tx["supersedes"] else {}
+    retired = {}
+    if tx["supersedes"]:
+        retired = retire_replaced(db, tx["agent_id"], tx["hour"], tx["transaction_id"])
+        previous.retire(conn, tx["agent_id"], tx["hour"], tx["transaction_id"])
+    previous.prune(conn, tx["agent_id"], tx["hour"])
     txlog.append_event(conn, tx["transaction_id"], "loaded", {"counts": counts, "retired": retired})
     return {"transaction_id": tx["transaction_id"], "agent_id": tx["agent_id"], "counts": counts, "retired": retired}
 
 
-def load_transaction(conn, db, staged, archive_path, workdir, batch_size, rejects_out):
+def load_transaction(conn, cache_conn, db, staged, archive_path, workdir, batch_size, rejects_out):
     """The whole load of one staged transaction; returns what its marker records.
 
     Only a completed transaction loads: a superseded one's documents would
@@ -212,7 +254,7 @@ def load_transaction(conn, db, staged, archive_path, workdir, batch_size, reject
         return {"transaction_id": transaction_id, "agent_id": agent_id, "counts": counts, "retired": {},
                 "skipped": tx["state"]}
     restage_if_incomplete(conn, staged, archive_path, workdir)
-    counts = load_staged(conn, db, transaction_id, agent_id, staged["geo"], tx["hour"], batch_size, rejects_out)
+    counts = load_staged(conn, cache_conn, db, transaction_id, agent_id, staged["geo"], tx["hour"], batch_size, rejects_out)
     return finish_load(conn, db, tx, counts)
 
 
@@ -257,8 +299,8 @@ class LoadTransaction(TransactionTask):
         staged = markers.read_json(self.input().path)
         client, db = mongo.connect(config.mongodb())
         with closing(client), closing(mysql.connect(config.mysql())) as conn, \
-                markers.AtomicText(self.rejects_path()) as rejects:
-            result = load_transaction(conn, db, staged, self.requires().requires().path(), state_root().tmp(),
+                closing(mysql.connect(config.mysql())) as cache_conn, markers.AtomicText(self.rejects_path()) as rejects:
+            result = load_transaction(conn, cache_conn, db, staged, self.requires().requires().path(), state_root().tmp(),
                                       config.mongodb().batch_size, rejects)
         markers.write_json(self.output().path, dict(result, rejects_file=os.path.basename(self.rejects_path())))
 
