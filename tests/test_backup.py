@@ -177,25 +177,25 @@ def test_odd_bucket_template_gives_a_valid_name_and_an_existing_bucket_of_ours_i
 # --- a crash half-way through the uploads --------------------------------------
 
 # Failure injection, test only: this wrapper runs the real `luigi` command line
-# with S3Store.put_verified monkeypatched so that the process dies (os._exit:
-# no cleanup, no exception handling, as with kill -9) when it is about to put
-# object number K+1, i.e. after K objects were uploaded and verified.
+# with S3Store._upload monkeypatched so that the process dies (os._exit: no
+# cleanup, no exception handling, as with kill -9) when it is about to send
+# object number K+1, i.e. after K objects were sent and none yet verified.
 CRASH_WRAPPER = """\
 import os, sys
 import luigi.cmdline
 from ganymede.stores import s3
 
 K = int(sys.argv[1])
-real_put_verified = s3.S3Store.put_verified
+real_upload = s3.S3Store._upload
 done = []
 
-def put_verified_then_crash(self, bucket, key, path, **digests):
+def upload_then_crash(self, bucket, key, local):
     if len(done) == K:
         os._exit(137)
     done.append(key)
-    return real_put_verified(self, bucket, key, path, **digests)
+    return real_upload(self, bucket, key, local)
 
-s3.S3Store.put_verified = put_verified_then_crash
+s3.S3Store._upload = upload_then_crash
 luigi.cmdline.luigi_run(sys.argv[2:])
 """
 

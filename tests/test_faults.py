@@ -122,8 +122,10 @@ KILL_POINTS = [
      "ganymede.markers:AtomicFile.__exit__", 1, "ganymede.sql.gz", False),
     ("upload-unverified", "during the backup upload: 3rd object sent, not yet verified",
      "ganymede.stores.s3:S3Store._upload", 3, None, True),
-    ("upload-between-objects", "during the backup upload: 4 objects verified, the 5th not sent",
-     "ganymede.stores.s3:S3Store.put_verified", 5, None, False),
+    ("upload-between-objects", "during the backup upload: 4 objects sent (none verified yet), the 5th not",
+     "ganymede.stores.s3:S3Store._upload", 5, None, False),
+    ("upload-mid-verification", "every object sent, their verification under way",
+     "ganymede.stores.s3:S3Store._verified", 2, None, False),
     ("upload-before-bucket-manifest", "every object verified, before MANIFEST.json",
      "ganymede.stores.s3:S3Store.put_verified", 1, "MANIFEST.json", False),
     ("after-upload-before-move", "after upload and before the move (events logged)",
@@ -202,7 +204,7 @@ LATE_KILL_POINTS = [
     ("supplementary-dump", "during the supplementary round's schema dump",
      "ganymede.markers:AtomicFile.__exit__", 1, "ganymede-s1.sql.gz", False),
     ("late-upload-mid", "during the upload of the late objects",
-     "ganymede.stores.s3:S3Store.put_verified", 3, None, False),
+     "ganymede.stores.s3:S3Store._upload", 2, None, False),
     ("late-mid-move", "during the move of the late archives",
      "ganymede.markers:move_atomic", 2, None, False),
     ("late-before-marker", "late archives moved, before the backup marker",
@@ -246,7 +248,7 @@ def test_s3_down_mid_backup_fails_clearly_then_up_completes(world, baseline, tmp
     try:
         world.write_config(s3={"endpoint_url": f"http://127.0.0.1:{proxy.port}"})
         # fault injection: when the 3rd object is about to go up, the S3 server "dies" (the proxy cuts it off)
-        run = F.run(F.faulty_command("ganymede.stores.s3:S3Store.put_verified", 3, action=f"touch:{flag}",
+        run = F.run(F.faulty_command("ganymede.stores.s3:S3Store._upload", 3, action=f"touch:{flag}",
                                      args=F.luigi_args(HOUR_TEXT)), world.subprocess_env, timeout=170)
         assert os.path.exists(flag), "the fault point was never reached"
         assert run.returncode == F.RETCODES["task_failed"], run.stderr[-3000:]

@@ -244,14 +244,48 @@ def test_changed_file_is_uploaded_again(store, new_bucket, tmp_path):
     assert store.describe(name, "f")["sha256"] == sha256_file(path)
 
 
-def test_failed_verification_removes_the_object(store, new_bucket, tmp_path):
-    """A caller's sha256 that does not match the file: the server's checksum disagrees."""
+@pytest.mark.parametrize("size", [1000, 12 * s3.MIB], ids=["single-part", "multipart"])
+def test_a_file_changed_after_it_was_hashed_fails_verification_and_leaves_nothing(store, new_bucket, tmp_path, size):
+    """The bytes sent are not those hashed (the file changed in between): the copy is refused or deleted."""
+    name = new_bucket()
+    store.ensure_bucket(name)
+    path = _write(tmp_path / "f", size, seed=b"hashed")
+    hashed = store.local(path)
+    _write(path, size, seed=b"changed")  # same size, other bytes
+    with pytest.raises(S3BackupError, match=f"s3://{name}/f"):
+        store.put_verified(name, "f", path, hashed)
+    assert store.describe(name, "f") is None
+
+
+def test_one_listing_verifies_a_batch_and_only_multipart_copies_need_a_head(store, new_bucket, tmp_path):
+    name = new_bucket()
+    store.ensure_bucket(name)
+    files = {f"archives/a/{i}.tar.gz": _write(tmp_path / f"a{i}", 10_000 + i, seed=bytes([i])) for i in range(5)}
+    files["mysql/ganymede.sql.gz"] = _write(tmp_path / "dump", 12 * s3.MIB, seed=b"dump")
+    calls = []
+    store.client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    results = store.put_all(name, files)
+    assert {key: action for key, (action, _) in results.items()} == dict.fromkeys(files, "uploaded")
+    assert calls.count("ListObjectsV2") == 2 and calls.count("PutObject") == 5
+    assert calls.count("HeadObject") == 2  # the multipart copy: its checksum, then its part size
+    for key, path in files.items():
+        body = store.client.get_object(Bucket=name, Key=key)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == sha256_file(path) == results[key][1].sha256
+
+    calls.clear()
+    again = store.put_all(name, files)
+    assert {key: action for key, (action, _) in again.items()} == dict.fromkeys(files, "skipped")
+    assert "PutObject" not in calls and "CreateMultipartUpload" not in calls
+
+
+def test_a_copy_the_listing_does_not_prove_is_checked_with_a_head(store, new_bucket, tmp_path, monkeypatch):
+    """A listing that lags behind the upload (or a server whose ETags are not MD5s) costs a HEAD, not a failure."""
     name = new_bucket()
     store.ensure_bucket(name)
     path = _write(tmp_path / "f", 1000)
-    with pytest.raises(S3BackupError, match=f"s3://{name}/f"):
-        store.put_verified(name, "f", path, sha256="0" * 64)
-    assert store.describe(name, "f") is None
+    monkeypatch.setattr(store, "list_objects", lambda bucket, prefix="": [])  # the listing never shows it
+    assert store.put_verified(name, "f", path) == "uploaded"
+    assert store.describe(name, "f")["sha256"] == sha256_file(path)
 
 
 def test_list_objects_pages_past_1000_keys(store, new_bucket):

@@ -1,13 +1,16 @@
 """The backup's S3 side: one bucket per UTC hour, objects uploaded and verified.
 
-All transfer work is boto3's managed transfer (`upload_file` with a
-TransferConfig): multipart above the threshold, parts in parallel, each part
-sent with its SHA-256 so the server rejects a corrupted part. After the upload
-the object is checked against the local file (size, our sha256 in the user
-metadata, and the SHA-256 the server computed: of the whole object, or for a
-multipart object the SHA-256 over its parts' SHA-256s, recomputed here from
-the file with the part size the server reports), so "uploaded" means
-"verified", and an object is skipped only when it passes the same check.
+A file below the multipart threshold goes up in one PutObject with its
+SHA-256 and Content-MD5, which the server checks; a larger one through boto3's
+managed transfer (`upload_file` with a TransferConfig: parts in parallel, each
+sent with its SHA-256 so the server rejects a corrupted part). After the
+uploads every object is checked against its local file: a single-part one by
+the size and ETag (the server's MD5 of what it stored) of one listing of the
+bucket, anything else by a HEAD (size, our sha256 in the user metadata, and
+the SHA-256 the server computed: of the whole object, or for a multipart
+object the SHA-256 over its parts' SHA-256s, recomputed here from the file
+with the part size the server reports). So "uploaded" means "verified", and
+an object is skipped only when it passes the same check.
 
 Every boto3/botocore failure leaves this module as S3BackupError with a message
 an operator can act on; none of them carries the secret key.
@@ -19,6 +22,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import boto3
 import botocore.config
@@ -45,6 +49,18 @@ _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 _COMPOSITE = re.compile(r"-\d+$")
 
 
+@dataclass(frozen=True)
+class LocalFile:
+    """A file to back up and what proves a copy of it: size, hex SHA-256, and either its hex MD5 (a
+    single-part upload: the ETag S3 gives the copy) or S3's multipart checksum for `part_size` parts."""
+    path: str
+    size: int
+    sha256: str
+    md5: str = None
+    composite: str = None
+    part_size: int = None
+
+
 class S3Store:
     """A configured S3 client plus the transfer settings backups use.
 
@@ -65,7 +81,10 @@ class S3Store:
     # --- buckets -----------------------------------------------------------
 
     def ensure_bucket(self, name):
-        """Create the bucket, or accept it if it exists and is ours; refuse someone else's."""
+        """Create the bucket, or accept it if it exists and is ours; refuse someone else's.
+
+        (Success does not mean it is empty: us-east-1 answers 200 to creating a bucket one already owns.)
+        """
         try:
             with self._errors(f"creating bucket {name}"):
                 self.client.create_bucket(Bucket=name, **self._location())
@@ -106,68 +125,121 @@ class S3Store:
 
     # --- objects -----------------------------------------------------------
 
-    def digests(self, path):
-        """(sha256, multipart checksum or None) of a file, computed together; the second as this store uploads it."""
+    def local(self, path):
+        """What will verify a copy of `path` (a LocalFile), from one read of it."""
         size = os.path.getsize(path)
         if size < self.transfer.multipart_threshold:
-            return sha256_file(path), None
-        return file_digests(path, self.part_size(size))
+            sha256, md5 = sha256_md5_file(path)
+            return LocalFile(path, size, sha256, md5=md5)
+        part_size = self.part_size(size)
+        sha256, composite = file_digests(path, part_size)
+        return LocalFile(path, size, sha256, composite=composite, part_size=part_size)
 
     def part_size(self, size):
         """The part size boto3 uses for a file of `size` bytes (the configured one, raised past 10,000 parts)."""
         return ChunksizeAdjuster().adjust_chunksize(self.transfer.multipart_chunksize, size)
 
-    def put_verified(self, bucket, key, path, sha256=None, composite=None, present=None):
-        """Upload `path` to bucket/key unless an identical verified copy is there; return what happened.
+    def put_verified(self, bucket, key, path, local=None):
+        """Upload `path` to bucket/key unless an identical copy is there; "skipped" or "uploaded" (and verified)."""
+        return self.put_all(bucket, {key: path}, {key: local} if local else None)[key][0]
 
-        Returns "skipped" or "uploaded". A copy that fails verification after
-        upload is deleted, so a later run uploads again instead of skipping it.
-        `sha256` and `composite` (from `digests`) spare reading the file again;
-        `present=False` (the key was not in a listing just made) spares a HEAD.
+    def put_all(self, bucket, files, known=None):
+        """Upload {key: path} unless an identical copy is there, then verify every copy sent.
+
+        Returns {key: (action, LocalFile)}, action "skipped" or "uploaded".
+        One listing decides what is already there and one more, after the
+        uploads, verifies them (see `_verified`); objects go up
+        `max_concurrency` at a time. Copies that fail verification are
+        deleted, so a later run uploads them again instead of skipping them,
+        and the error names them. `known` {key: LocalFile} spares reading
+        those files again.
         """
-        digest = sha256 or sha256_file(path)
-        size = os.path.getsize(path)
-        known = {self.part_size(size): composite} if composite else {}
-        existing = self.describe(bucket, key) if present is not False else None
-        if existing and not self._mismatch(bucket, existing, path, size, digest, known):
-            log.info("s3://%s/%s already verified, skipped", bucket, key)
-            return "skipped"
-        self._upload(bucket, key, path, digest)
-        uploaded = self.describe(bucket, key)
-        problem = (self._mismatch(bucket, uploaded, path, size, digest, known) if uploaded
-                   else "object missing after upload")
-        if problem:
+        known = known or {}
+        prefix = os.path.commonprefix(list(files))
+        listed = self._listed(bucket, prefix)
+
+        def send(item):
+            key, path = item
+            local = known.get(key) or self.local(path)
+            if key in listed and self._verified(bucket, key, local, listed[key]) is None:
+                log.info("s3://%s/%s already verified, skipped", bucket, key)
+                return key, ("skipped", local)
+            self._upload(bucket, key, local)
+            return key, ("uploaded", local)
+
+        with ThreadPoolExecutor(self.transfer.max_concurrency, thread_name_prefix="s3-put") as pool:
+            results = dict(pool.map(send, files.items()))
+            sent = {key: local for key, (action, local) in results.items() if action == "uploaded"}
+            listed = self._listed(bucket, prefix) if sent else {}
+            problems = [(key, local, problem) for key, local, problem in pool.map(
+                lambda item: (*item, self._verified(bucket, item[0], item[1], listed.get(item[0]))), sent.items())
+                if problem]
+        for key, local, _ in problems:
             with self._errors(f"removing unverified s3://{bucket}/{key}"):
                 self.client.delete_object(Bucket=bucket, Key=key)
-            raise S3BackupError(f"verification of s3://{bucket}/{key} (from {path}) failed: {problem}")
-        log.info("uploaded and verified s3://%s/%s (%d bytes)", bucket, key, size)
-        return "uploaded"
+        if problems:
+            key, local, problem = problems[0]
+            more = f" (and {len(problems) - 1} more objects)" if len(problems) > 1 else ""
+            raise S3BackupError(f"verification of s3://{bucket}/{key} (from {local.path}) failed: {problem}{more}")
+        for key, local in sent.items():
+            log.info("uploaded and verified s3://%s/%s (%d bytes)", bucket, key, local.size)
+        return results
 
-    def _upload(self, bucket, key, path, digest):
-        extra = {"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": digest}}
-        with self._errors(f"uploading {path} to s3://{bucket}/{key}"):
-            self.client.upload_file(path, bucket, key, ExtraArgs=extra, Config=self.transfer)
+    def _listed(self, bucket, prefix):
+        return {o["Key"]: o for o in self.list_objects(bucket, prefix)}
 
-    def _mismatch(self, bucket, described, path, size, digest, known):
-        """Why the object does not match the local file, or None if it does.
+    def _upload(self, bucket, key, local):
+        """One PutObject below the multipart threshold, else boto3's managed transfer; SHA-256 checksums either way.
 
-        `known`: {part size: multipart checksum} already computed from the file.
+        botocore computes the SHA-256 of the bytes it sends (so the checksum
+        the server keeps is of what it got, even if the file changed since
+        `local` was read); Content-MD5 is ours, so a server refuses a body
+        that is not the file we hashed.
         """
-        if described["Size"] != size:
-            return f"size {described['Size']} != local {size}"
-        if described["sha256"] != digest:
+        metadata = {"sha256": local.sha256}
+        with self._errors(f"uploading {local.path} to s3://{bucket}/{key}"):
+            if local.md5 is None:
+                self.client.upload_file(local.path, bucket, key, Config=self.transfer,
+                                        ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": metadata})
+                return
+            with open(local.path, "rb") as body:
+                self.client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256",
+                                       ContentMD5=_b64(local.md5), Metadata=metadata)
+
+    def _verified(self, bucket, key, local, listed):
+        """Why bucket/key does not hold the local file, or None if it does.
+
+        A single-part copy is proven by a listing entry with its size and
+        the ETag the server computed over the bytes it stored (their MD5).
+        Anything else (multipart, a listing that lags, a server whose ETags
+        are not MD5s) is asked with a HEAD: size, our sha256 in the user
+        metadata, and the server's SHA-256 of the object (for a multipart
+        copy, over its parts').
+        """
+        if listed and local.md5 and listed["Size"] == local.size and listed["ETag"] == local.md5:
+            return None
+        described = self.describe(bucket, key)
+        if described is None:
+            return "object missing after upload"
+        return self._mismatch(bucket, described, local)
+
+    def _mismatch(self, bucket, described, local):
+        """Why the described object does not match the local file, or None if it does."""
+        if described["Size"] != local.size:
+            return f"size {described['Size']} != local {local.size}"
+        if described["sha256"] != local.sha256:
             return "sha256 metadata differs from the local file"
         checksum = described["ChecksumSHA256"]
         if not checksum:
             return "the server reports no SHA-256 checksum"
-        if checksum == _b64(digest):
+        if checksum == _b64(local.sha256):
             return None
         if not (_COMPOSITE.search(described["ETag"]) or _COMPOSITE.search(checksum)):
             return "the server's SHA-256 differs from the local file's"
         # Multipart: the server's checksum is over its parts' checksums ("...-N";
         # some servers omit "-N"), each part checked by the server on upload.
-        count, part_size = self._parts(bucket, described["Key"], size)
-        expected = known.get(part_size) or composite_sha256(path, part_size)
+        count, part_size = self._parts(bucket, described["Key"], local.size)
+        expected = local.composite if part_size == local.part_size else composite_sha256(local.path, part_size)
         if expected != f"{checksum.split('-')[0]}-{count}":
             return f"the server's SHA-256 of {count} parts of {part_size} bytes differs from the local file's"
         return None
@@ -209,10 +281,15 @@ class S3Store:
 
     def list_objects(self, bucket, prefix=""):
         """Every object of the bucket as {Key, Size, ETag}; one request per 1000 keys, no HEADs."""
+        objects, token = [], {}
         with self._errors(f"listing s3://{bucket}/{prefix}"):
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            return [{"Key": obj["Key"], "Size": obj["Size"], "ETag": obj.get("ETag", "").strip('"')}
-                    for page in pages for obj in page.get("Contents", [])]
+            while True:  # the loop a paginator would run, without loading its model (tens of ms, each run)
+                page = self.client.list_objects_v2(Bucket=bucket, Prefix=prefix, **token)
+                objects += [{"Key": obj["Key"], "Size": obj["Size"], "ETag": obj.get("ETag", "").strip('"')}
+                            for obj in page.get("Contents", [])]
+                if not page.get("IsTruncated"):
+                    return objects
+                token = {"ContinuationToken": page["NextContinuationToken"]}
 
     # --- errors ------------------------------------------------------------
 
@@ -364,6 +441,16 @@ def file_digests(path, part_size):
 def composite_sha256(path, part_size):
     """S3's checksum of the file uploaded in parts of `part_size` ("<base64>-<parts>")."""
     return file_digests(path, part_size)[1]
+
+
+def sha256_md5_file(path, chunk_size=MIB):
+    """(hex SHA-256, hex MD5) of a file, from one read."""
+    sha256, md5 = hashlib.sha256(), hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            sha256.update(chunk)
+            md5.update(chunk)
+    return sha256.hexdigest(), md5.hexdigest()
 
 
 def sha256_file(path, chunk_size=MIB):

@@ -14,7 +14,6 @@ import gzip
 import os
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 
 import luigi
@@ -23,7 +22,7 @@ from .. import config, hours, markers
 from ..errors import CommandError, GanymedeError
 from ..stores import mysql, previous, txlog
 from ..stores import s3
-from ..stores.s3 import bucket_name, sha256_file
+from ..stores.s3 import bucket_name
 from .agent import state_root
 from .extract import (GlassbeamExtract, TransactionCompletion, covered_transactions, current_round,
                       pending_archives, round_manifests, uncovered_archives)
@@ -90,28 +89,18 @@ def backup_plan(root, hour, rounds, archives):
     return dict(sorted(plan.items()))
 
 
-def upload_plan(store, bucket, plan, manifest_path, workers=4):
+def upload_plan(store, bucket, plan, manifest_path):
     """Upload and verify every object, then MANIFEST.json (key, size, sha256 of each); returns the listing.
 
-    One listing of the bucket first: only keys already there need a HEAD to
-    decide whether they can be skipped. Objects go up `workers` at a time
-    (boto3 clients are thread-safe); each is verified before it counts.
+    MANIFEST.json goes up last, once everything it lists is verified.
     """
-    present = {o["Key"] for o in store.list_objects(bucket)}
-
-    def put(item):
-        key, path = item
-        sha256, composite = store.digests(path)
-        action = store.put_verified(bucket, key, path, sha256=sha256, composite=composite, present=key in present)
-        return {"key": key, "size": os.path.getsize(path), "sha256": sha256, "action": action}
-
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="backup-upload") as pool:
-        listing = list(pool.map(put, plan.items()))
+    listing = [{"key": key, "size": local.size, "sha256": local.sha256, "action": action}
+               for key, (action, local) in store.put_all(bucket, plan).items()]
     markers.write_json(manifest_path, {"bucket": bucket,
                                        "objects": [{k: o[k] for k in ("key", "size", "sha256")} for o in listing]})
-    listing.append({"key": "MANIFEST.json", "size": os.path.getsize(manifest_path),
-                    "sha256": sha256_file(manifest_path),
-                    "action": store.put_verified(bucket, "MANIFEST.json", manifest_path)})
+    manifest = store.local(manifest_path)
+    listing.append({"key": "MANIFEST.json", "size": manifest.size, "sha256": manifest.sha256,
+                    "action": store.put_verified(bucket, "MANIFEST.json", manifest_path, manifest)})
     return listing
 
 
@@ -181,7 +170,7 @@ class HourlyBackup(luigi.Task):
         store = s3.connect(cfg)
         store.ensure_bucket(bucket)
         listing = upload_plan(store, bucket, backup_plan(root, self.hour, rounds, archives),
-                              os.path.join(os.path.dirname(self.output().path), "MANIFEST.json"), cfg.max_concurrency)
+                              os.path.join(os.path.dirname(self.output().path), "MANIFEST.json"))
         with closing(mysql.connect(config.mysql())) as conn:  # before the move: no moved archive lacks its event
             for _, transaction_id, path, done in archives:
                 if path != done:
