@@ -29,14 +29,14 @@ import faultlib as F
 from conftest import require_port
 from ganymede import datasets, hours
 from ganymede.paths import StateRoot
-from ganymede.stores import txlog
+from ganymede.stores import mysql, previous, txlog
 from test_archives import HEADERS, csv_bytes, dataset_files, manifest_for, member, valid_rows, write_tar_gz
 
 pytestmark = pytest.mark.slow
 
 IDLE_TIMEOUT, BODY_TIMEOUT = 2, 4  # seconds; production's defaults are 75 and 3600 ([api] in luigi.cfg)
 MAX_ARCHIVE_MB, MAX_MEMBER_MB = 4, 1
-TABLES = {"agents", "admin_tokens", "schema_version", "transactions", "transaction_events",
+TABLES = {"agents", "admin_tokens", "schema_version", "transactions", "transaction_events", previous.TABLE,
           *(d.staging_table for d in datasets.CATALOG.values())}
 
 
@@ -99,7 +99,7 @@ def assert_schema_intact(h):
         cur.execute("SELECT COUNT(*) FROM agents")
         assert cur.fetchone()[0] == len(h.agents)
         cur.execute("SELECT MAX(version) FROM schema_version")
-        assert cur.fetchone()[0] == 3
+        assert cur.fetchone()[0] == mysql.LATEST
 
 
 def tx_state(h, transaction_id):

@@ -56,7 +56,7 @@ def rejects(tx):
 
 def staged_rows(genv, tx):
     with genv.mysql() as conn:
-        return sum(staging.count(conn, d, tx["transaction_id"]) for d in datasets.CATALOG.values())
+        return sum(n for _, _, n in staging.extents(conn, datasets.CATALOG.values(), tx["transaction_id"]).values())
 
 
 def forget(tx, *stages):
@@ -98,15 +98,16 @@ def test_staging_holds_the_rows_as_sent(genv):
     run(stage_task(tx))
     with genv.mysql() as conn:
         batches = list(staging.iter_batches(conn, datasets.CATALOG["account_usage"], tx["transaction_id"], 2))
-        first = staging.first_row_id(conn, datasets.CATALOG["account_usage"], tx["transaction_id"])
+        first = staging.first_row_id(staging.extents(conn, datasets.CATALOG.values(),
+                                                     tx["transaction_id"])["account_usage"])
     assert [len(b) for b in batches] == [2, 2, 1]
     sent = sample_rows(HOUR, agent_tag="agent-1")["account_usage"]
     assert [row[1:] for b in batches for row in b] == [[str(v) for v in r] for r in sent]
     assert [int(row[0]) - first + 1 for b in batches for row in b] == [1, 2, 3, 4, 5]
     with genv.mysql() as conn:
-        staging.clear(conn, datasets.CATALOG["account_usage"], tx["transaction_id"], chunk=2)
-        assert staging.count(conn, datasets.CATALOG["account_usage"], tx["transaction_id"]) == 0
-        assert staging.count(conn, datasets.CATALOG["node_health"], tx["transaction_id"]) == 5
+        staging.clear(conn, [datasets.CATALOG["account_usage"]], tx["transaction_id"], chunk=2)
+        left = staging.extents(conn, datasets.CATALOG.values(), tx["transaction_id"])
+    assert {name: n for name, (_, _, n) in left.items()} == {"account_usage": 0, "api_requests": 5, "node_health": 5}
 
 
 def test_loads_of_one_agent_and_hour_share_a_scheduler_resource():
@@ -262,7 +263,7 @@ def test_load_after_staging_was_cleared_restages(genv, mongo_up):
     run(stage_task(tx))
     with genv.mysql() as conn:
         for d in datasets.CATALOG.values():
-            staging.clear(conn, d, tx["transaction_id"])
+            staging.clear(conn, [d], tx["transaction_id"])
     run(load_task(tx))
     assert genv.mongo()["account_usage"].count_documents({}) == 5
 

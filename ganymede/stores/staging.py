@@ -12,17 +12,18 @@ from ganymede_agent.archive import ArchiveError
 from . import previous
 
 
-def clear(conn, dataset, transaction_id, chunk=50_000):
-    """Remove a transaction's staged rows (a rerun starts from nothing), `chunk` rows per commit.
+def clear(conn, datasets, transaction_id, chunk=50_000):
+    """Remove a transaction's staged rows of `datasets` (a rerun starts from nothing), `chunk` rows per commit.
 
     Small commits keep undo logs, lock times and replication lag small for
     big transactions; a clear cut short leaves fewer rows, which the load
-    notices (it restages).
+    notices (it restages). A small transaction's rows go in one commit.
     """
     with conn.cursor() as cur:
-        while cur.execute(f"DELETE FROM `{dataset.staging_table}` WHERE transaction_id = %s "
-                          "ORDER BY row_id LIMIT %s", (transaction_id, chunk)):
-            conn.commit()
+        for dataset in datasets:
+            while cur.execute(f"DELETE FROM `{dataset.staging_table}` WHERE transaction_id = %s "
+                              "ORDER BY row_id LIMIT %s", (transaction_id, chunk)) == chunk:
+                conn.commit()
     conn.commit()
 
 
@@ -51,22 +52,22 @@ def load_csv(conn, dataset, path, transaction_id):
     return loaded
 
 
-def count(conn, dataset, transaction_id):
+def extents(conn, datasets, transaction_id):
+    """{dataset name: (first row_id, last row_id, rows)} of a transaction's staged rows, one query for all."""
+    selects = " UNION ALL ".join(f"SELECT %s, MIN(row_id), MAX(row_id), COUNT(*) FROM `{d.staging_table}` "
+                                 "WHERE transaction_id = %s" for d in datasets)
     with conn.cursor() as cur:
-        cur.execute(f"SELECT COUNT(*) FROM `{dataset.staging_table}` WHERE transaction_id = %s", (transaction_id,))
-        return cur.fetchone()[0]
+        cur.execute(selects, [v for d in datasets for v in (d.name, transaction_id)])
+        return {name: (low, high, n) for name, low, high, n in cur.fetchall()}
 
 
-def first_row_id(conn, dataset, transaction_id):
-    """The row_id of the transaction's first staged row if its rows are numbered without gaps, else None.
+def first_row_id(extent):
+    """The row_id of a dataset's first staged row if its rows are numbered without gaps, else None.
 
     One LOAD DATA gets consecutive ids (InnoDB's default auto-increment lock
     mode), so then row_id - first + 1 is the row's record number in its CSV.
     """
-    with conn.cursor() as cur:
-        cur.execute(f"SELECT MIN(row_id), MAX(row_id), COUNT(*) FROM `{dataset.staging_table}` "
-                    "WHERE transaction_id = %s", (transaction_id,))
-        low, high, n = cur.fetchone()
+    low, high, n = extent
     return low if n and high - low + 1 == n else None
 
 

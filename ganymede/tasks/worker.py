@@ -35,8 +35,7 @@ def stage_archive(conn, archive_path, transaction_id, workdir):
     commit per dataset.
     """
     os.makedirs(workdir, exist_ok=True)
-    for dataset in datasets.CATALOG.values():
-        staging.clear(conn, dataset, transaction_id)
+    staging.clear(conn, datasets.CATALOG.values(), transaction_id)
     counts, manifest = {}, None
     with open(archive_path, "rb") as raw, tempfile.TemporaryDirectory(dir=workdir, prefix="stage-") as tmp:
         for name, entry, member in read_archive(raw):
@@ -56,11 +55,16 @@ def stage_archive(conn, archive_path, transaction_id, workdir):
 
 
 def restage_if_incomplete(conn, staged, archive_path, workdir):
-    """A load that crashed after clearing staging finds fewer rows than were staged: stage them again."""
+    """A load that crashed after clearing staging finds fewer rows than were staged: stage them again.
+
+    Returns the staged extents (staging.extents) the load reads.
+    """
     transaction_id = staged["transaction_id"]
-    present = sum(staging.count(conn, d, transaction_id) for d in datasets.CATALOG.values())
-    if present != sum(staged["staged"].values()):
+    found = staging.extents(conn, datasets.CATALOG.values(), transaction_id)
+    if sum(n for _, _, n in found.values()) != sum(staged["staged"].values()):
         stage_archive(conn, archive_path, transaction_id, workdir)
+        found = staging.extents(conn, datasets.CATALOG.values(), transaction_id)
+    return found
 
 
 # --- transform -------------------------------------------------------------------
@@ -127,15 +131,15 @@ def unique_batches(docs, size):
 # --- loading ---------------------------------------------------------------------
 
 def staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally, rejects_out,
-                     previous_of=None):
+                     first=None, previous_of=None):
     """The documents of a transaction's staged rows of one dataset, streamed.
 
     With `previous_of` (agent_id, previous hour) the previous-hour fields come
     from MySQL with the rows; without, the dataset's previous-hour fields are
     still to add. Rejects go to `rejects_out` as JSON lines; `tally` counts
-    loaded and rejected rows.
+    loaded and rejected rows; `first` is the first row's row_id when
+    rows are numbered without gaps (rejects then say their CSV record).
     """
-    first = staging.first_row_id(conn, dataset, transaction_id)
     for batch in staging.iter_batches(conn, dataset, transaction_id, batch_size, previous_of):
         rows, rejects, known = parse_batch(dataset, batch, hour, first, with_previous=previous_of is not None)
         for reject in rejects:
@@ -173,7 +177,7 @@ def settle(written, kept, limit):
         kept.popleft().result()
 
 
-def load_staged(conn, cache_conn, db, transaction_id, agent_id, geo, hour, batch_size, rejects_out):
+def load_staged(conn, cache_conn, db, transaction_id, agent_id, geo, hour, batch_size, rejects_out, extents):
     """Transform a transaction's staged rows into MongoDB; rejects go to `rejects_out` as JSON lines.
 
     One thread writes the batches to MongoDB, strictly one after the other,
@@ -182,8 +186,8 @@ def load_staged(conn, cache_conn, db, transaction_id, agent_id, geo, hour, batch
     hour, after MongoDB has the batch. Previous-hour fields come from MySQL
     with the staged rows when it holds the previous hour, else from MongoDB.
     Staging is cleared once every row is read, while the last writes finish
-    (a crash from then on restages: see `restage_if_incomplete`). Returns
-    {dataset: {"loaded": n, "rejected": m}}.
+    (a crash from then on restages: see `restage_if_incomplete`, which gives
+    the `extents`). Returns {dataset: {"loaded": n, "rejected": m}}.
     """
     counts, written, kept = {}, deque(), deque()
     hour = hours.floor_hour(hour)
@@ -197,7 +201,8 @@ def load_staged(conn, cache_conn, db, transaction_id, agent_id, geo, hour, batch
             tally = counts[dataset.name] = {"loaded": 0, "rejected": 0}
             cached = bool(dataset.previous_fields) and previous.has_hour(conn, dataset, agent_id, previous_hour)
             docs = staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally,
-                                    rejects_out, (agent_id, previous_hour) if cached else None)
+                                    rejects_out, staging.first_row_id(extents[dataset.name]),
+                                    (agent_id, previous_hour) if cached else None)
             if dataset.group_by:
                 docs = summarized(dataset, docs)
             for batch in unique_batches(docs, batch_size):
@@ -209,8 +214,7 @@ def load_staged(conn, cache_conn, db, transaction_id, agent_id, geo, hour, batch
 
 
 def clear_staging(conn, transaction_id):
-    for dataset in datasets.CATALOG.values():
-        staging.clear(conn, dataset, transaction_id)
+    staging.clear(conn, datasets.CATALOG.values(), transaction_id)
 
 
 def retire_replaced(db, agent_id, hour, transaction_id):
@@ -253,8 +257,9 @@ def load_transaction(conn, cache_conn, db, staged, archive_path, workdir, batch_
         txlog.append_event(conn, transaction_id, "loaded", {"counts": counts, "skipped": tx["state"]})
         return {"transaction_id": transaction_id, "agent_id": agent_id, "counts": counts, "retired": {},
                 "skipped": tx["state"]}
-    restage_if_incomplete(conn, staged, archive_path, workdir)
-    counts = load_staged(conn, cache_conn, db, transaction_id, agent_id, staged["geo"], tx["hour"], batch_size, rejects_out)
+    extents = restage_if_incomplete(conn, staged, archive_path, workdir)
+    counts = load_staged(conn, cache_conn, db, transaction_id, agent_id, staged["geo"], tx["hour"], batch_size,
+                         rejects_out, extents)
     return finish_load(conn, db, tx, counts)
 
 
@@ -271,7 +276,7 @@ class StageTransaction(TransactionTask):
 
     def run(self):
         with closing(mysql.connect(config.mysql())) as conn:
-            manifest, counts = stage_archive(conn, self.requires().path(), self.transaction_id, state_root().tmp())
+            manifest, counts = stage_archive(conn, self.requires().path(), self.transaction_id, self.root.tmp())
             txlog.append_event(conn, self.transaction_id, "staged", {"rows": counts})
         markers.write_json(self.output().path, {"transaction_id": self.transaction_id, "agent_id": self.agent_id,
                                                 "geo": manifest["geo"], "hour": manifest["hour"], "staged": counts})
@@ -296,12 +301,12 @@ class LoadTransaction(TransactionTask):
         return StageTransaction(**self.tx_params())
 
     def run(self):
-        staged = markers.read_json(self.input().path)
-        client, db = mongo.connect(config.mongodb())
-        with closing(client), closing(mysql.connect(config.mysql())) as conn, \
-                closing(mysql.connect(config.mysql())) as cache_conn, markers.AtomicText(self.rejects_path()) as rejects:
-            result = load_transaction(conn, cache_conn, db, staged, self.requires().requires().path(), state_root().tmp(),
-                                      config.mongodb().batch_size, rejects)
+        staged, mongo_cfg, mysql_cfg = markers.read_json(self.input().path), config.mongodb(), config.mysql()
+        client, db = mongo.connect(mongo_cfg)
+        with closing(client), closing(mysql.connect(mysql_cfg)) as conn, \
+                closing(mysql.connect(mysql_cfg)) as cache_conn, markers.AtomicText(self.rejects_path()) as rejects:
+            result = load_transaction(conn, cache_conn, db, staged, self.requires().requires().path(), self.root.tmp(),
+                                      mongo_cfg.batch_size, rejects)
         markers.write_json(self.output().path, dict(result, rejects_file=os.path.basename(self.rejects_path())))
 
     def rejects_path(self):
