@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Upload MB/s of HourlyBackup's upload step against a bare boto3 upload_file, same files, same server, same run.
 
-HourlyBackup's upload step is `ganymede.tasks.backup.upload_plan`: for each
-object a sha256 of the file, a HEAD (skip it if already verified), boto3's
-managed transfer with SHA-256 checksums the server checks (multipart above
-[s3] multipart_threshold_mb, here the defaults of ganymede.config), a HEAD
-that verifies size and checksum (for a multipart object, the checksum over
-its parts recomputed from the file), then MANIFEST.json. The bare baseline
+HourlyBackup's upload step is `ganymede.tasks.backup.upload_plan`: a listing
+of the bucket (skip what is already verified), for each object a sha256 of
+the file (and its MD5, or its multipart CRC32), one PutObject with SHA-256
+and Content-MD5 or, above [s3] multipart_threshold_mb (here the defaults of
+ganymede.config), boto3's managed transfer with CRC32 per part; then one
+listing that verifies the single-part copies by size and ETag and a HEAD
+for the multipart one (its checksum over its parts recomputed from the
+file), then MANIFEST.json. The bare baseline
 is `boto3.client("s3").upload_file` of the same files with boto3's defaults.
 Both write into a fresh bucket on the same S3 test server; each measurement
 runs in its own process (timed from the inside) whose peak RSS (VmHWM) is

@@ -5,9 +5,9 @@ The data: a busy hour as the agents deliver it (N GEO databases of R rows, N
 `ganymede-agent` runs through a running `ganymede-api`), untimed.
 
 - backup: HourlyBackup's upload step (`ganymede.tasks.backup.upload_plan`:
-  sha256 of each file, upload with SHA-256 checksums the server checks, then
-  a HEAD that verifies size and checksum of every object, then
-  MANIFEST.json) against `rclone copy --checksum`, `aws s3 sync` and
+  sha256 and MD5 of each file, upload with checksums the server checks, then
+  one listing that verifies size and ETag (the server's MD5) of every
+  single-part object and a HEAD for any other, then MANIFEST.json) against `rclone copy --checksum`, `aws s3 sync` and
   `s5cmd cp` of the same files (the hour's archives and the schema dump as
   DumpSchema writes it) laid out as the bucket's keys, each into a fresh
   bucket on the same S3 server. Target: at least as fast as the fastest tool

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
@@ -206,17 +207,17 @@ def test_multipart_upload_verifies(store, new_bucket, tmp_path):
     assert store.put_verified(name, "big", path) == "uploaded"
     described = store.describe(name, "big")
     assert described["Size"] == 12 * s3.MIB and described["sha256"] == sha256_file(path)
-    assert described["ChecksumSHA256"]
     assert described["ETag"].endswith("-3"), "expected a 3-part multipart upload"
+    assert f"{described['ChecksumCRC32'].split('-')[0]}-3" == s3.composite_crc32(path, 5 * s3.MIB)
     assert store.put_verified(name, "big", path) == "skipped"
 
 
-def test_composite_sha256_is_s3s_multipart_checksum(tmp_path):
+def test_composite_crc32_is_s3s_multipart_checksum(tmp_path):
     path = _write(tmp_path / "f", 12 * s3.MIB + 5, seed=b"parts")
     data = open(path, "rb").read()
-    parts = [hashlib.sha256(data[i:i + 5 * s3.MIB]).digest() for i in range(0, len(data), 5 * s3.MIB)]
-    expected = base64.b64encode(hashlib.sha256(b"".join(parts)).digest()).decode()
-    assert s3.composite_sha256(path, 5 * s3.MIB) == f"{expected}-3"
+    parts = [zlib.crc32(data[i:i + 5 * s3.MIB]).to_bytes(4, "big") for i in range(0, len(data), 5 * s3.MIB)]
+    expected = base64.b64encode(zlib.crc32(b"".join(parts)).to_bytes(4, "big")).decode()
+    assert s3.composite_crc32(path, 5 * s3.MIB) == f"{expected}-3"
 
 
 def test_multipart_object_with_other_bytes_is_not_taken_for_ours(store, new_bucket, tmp_path, endpoint):
@@ -226,7 +227,7 @@ def test_multipart_object_with_other_bytes_is_not_taken_for_ours(store, new_buck
     ours = _write(tmp_path / "ours", 12 * s3.MIB, seed=b"ours")
     other = _write(tmp_path / "other", 12 * s3.MIB, seed=b"theirs")
     _raw_client(endpoint).upload_file(
-        other, name, "big", ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": sha256_file(ours)}},
+        other, name, "big", ExtraArgs={"ChecksumAlgorithm": "CRC32", "Metadata": {"sha256": sha256_file(ours)}},
         Config=store.transfer)
     assert store.put_verified(name, "big", ours) == "uploaded"
     assert store.put_verified(name, "big", ours) == "skipped"
