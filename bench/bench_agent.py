@@ -30,7 +30,7 @@ import uuid
 from contextlib import closing
 
 
-from common import record, vmhwm_mb  # bench/ is on sys.path: this is a script
+from common import command_line, record, vmhwm_mb  # bench/ is on sys.path: this is a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -170,8 +170,7 @@ def main():
     print(f"ratio agent (client reader) / mariadb-dump | gzip -1 at {args.rows:,} rows: {ratio:.2f} "
           f"(target >= 1.0; RSS target < 100 MB)")
     if not args.no_record:
-        command = "bench/bench_agent.py " + " ".join(sys.argv[1:])
-        record(command.strip(), f"agent archive build, {big['rows']:,} rows: client reader "
+        record(command_line(__file__), f"agent archive build, {big['rows']:,} rows: client reader "
                 f"{big['client_rows_s']:,.0f} rows/s, pymysql reader {big['pymysql_rows_s']:,.0f} rows/s, "
                 f"mariadb-dump | gzip -1 {big['dump_rows_s']:,.0f} rows/s; peak RSS {big['client_rss_mb']:.0f} MB "
                 f"(client reader; {small['client_rss_mb']:.0f} MB at {small['rows']:,} rows), "

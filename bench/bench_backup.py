@@ -36,7 +36,7 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from common import record, vmhwm_mb  # noqa: E402
+from common import command_line, record, vmhwm_mb  # noqa: E402
 MIB = 1024 * 1024
 KEY_ID, SECRET = "bench", "bench-secret"
 
@@ -157,14 +157,13 @@ def main():
     (small, small_mb), (large, large_mb) = results["small"], results["large"]
     ratio = large["ganymede"]["mb_s"] / large["bare"]["mb_s"]
     small_ratio = small["ganymede"]["mb_s"] / small["bare"]["mb_s"]
-    command = ".venv/bin/python bench/bench_backup.py " + " ".join(sys.argv[1:])
     figures = (f"{args.small_count} x {args.small_mb} MB + {args.large_mb} MB ({large_mb:.0f} MB): bare upload_file "
                f"{large['bare']['mb_s']:.1f} MB/s, HourlyBackup upload step {large['ganymede']['mb_s']:.1f} MB/s, "
                f"ratio {ratio:.2f} (with a {args.small_large_mb} MB file: {small_ratio:.2f}) · peak RSS upload step "
                f"{small['ganymede']['vmhwm_mb']:.0f} MB with {small_mb:.0f} MB, {large['ganymede']['vmhwm_mb']:.0f} MB "
                f"with {large_mb:.0f} MB (bare {small['bare']['vmhwm_mb']:.0f} / {large['bare']['vmhwm_mb']:.0f} MB)")
     if not args.no_record:
-        record(command.strip(), f"best of {args.rounds} · {figures}")
+        record(command_line(__file__), f"best of {args.rounds} · {figures}")
     print(figures)
     print(f"backup upload ratio {ratio:.2f} (target >= 0.8); peak RSS {small['ganymede']['vmhwm_mb']:.0f} MB -> "
           f"{large['ganymede']['vmhwm_mb']:.0f} MB for {large_mb / small_mb:.1f}x the bytes")

@@ -50,35 +50,6 @@ BARE = ("collect", "upload", "staging", "mongodb", "extract", "dump", "backup")
 RSS_TARGET_MB = 300
 
 
-# --- the bare Tornado handler (a child process) -------------------------------------
-
-def bare_server(port, directory):
-    import asyncio
-    import uuid
-    import tornado.web
-    from tornado.httpserver import HTTPServer
-
-    @tornado.web.stream_request_body
-    class Sink(tornado.web.RequestHandler):
-        def prepare(self):
-            self.file = open(os.path.join(directory, uuid.uuid4().hex), "wb")
-
-        def data_received(self, chunk):
-            self.file.write(chunk)
-
-        def put(self, *args):
-            self.file.close()
-            self.write({"ok": True})
-
-    async def serve():
-        server = HTTPServer(tornado.web.Application([(r"/.*", Sink)]), max_body_size=1 << 40,
-                            chunk_size=512 << 10)
-        server.listen(port, "127.0.0.1")
-        await asyncio.Event().wait()
-
-    asyncio.run(serve())
-
-
 def start_bare_server(world):
     port, directory = common.free_port(), os.path.join(world.base, "bare-upload")
     os.makedirs(directory)
@@ -429,7 +400,7 @@ def main():
     parser.add_argument("--bare-server", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
-        return bare_server(int(args.bare_server[0]), args.bare_server[1])
+        return common.bare_tornado_sink(int(args.bare_server[0]), args.bare_server[1], chunk_size=512 << 10)
     common.require_services()
     from ganymede import hours
 

@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from common import record, vmhwm_mb  # noqa: E402
+from common import command_line, record, vmhwm_mb  # noqa: E402
 
 HOURS = {"small": datetime(2026, 11, 30, 5), "large": datetime(2026, 11, 30, 6)}
 AGENTS = 4
@@ -209,14 +209,13 @@ def main():
     small_ratio = rate["small"]["extract"] / rate["small"]["bare"]
     rss = {size: best["extract"]["vmhwm_mb"] for size, best in (("small", small), ("large", large))}
     bare_rss = {size: best["bare"]["vmhwm_mb"] for size, best in (("small", small), ("large", large))}
-    command = ".venv/bin/python bench/bench_extract.py " + " ".join(sys.argv[1:])
     figures = (f"{args.docs} docs: bare find+json+gzip {rate['large']['bare']:.0f} docs/s, GlassbeamExtract "
                f"{rate['large']['extract']:.0f} docs/s, ratio {ratio:.2f} "
                f"(at {args.small_docs} docs: {small_ratio:.2f}) "
                f"· peak RSS GlassbeamExtract {rss['small']:.0f} MB at {args.small_docs} docs, {rss['large']:.0f} MB at "
                f"{args.docs} docs (bare {bare_rss['small']:.0f} / {bare_rss['large']:.0f} MB)")
     if not args.no_record:
-        record(command.strip(), f"best of {args.rounds} · {figures}")
+        record(command_line(__file__), f"best of {args.rounds} · {figures}")
     print(figures)
     print(f"extract ratio {ratio:.2f} (target >= 0.8); peak RSS {rss['small']:.0f} MB -> {rss['large']:.0f} MB "
           f"for {args.docs // args.small_docs}x the documents")

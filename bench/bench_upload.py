@@ -33,43 +33,10 @@ import time
 import uuid
 from types import SimpleNamespace
 
-from common import record, vmhwm_mb  # bench/ is on sys.path: this is a script
+from common import bare_tornado_sink, command_line, cpu_seconds, free_port, record, vmhwm_mb  # bench/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def bare_server(port, directory):
-    """The baseline: stream the body to disk, nothing else."""
-    import tornado.web
-    from tornado.httpserver import HTTPServer
-
-    @tornado.web.stream_request_body
-    class Sink(tornado.web.RequestHandler):
-        def prepare(self):
-            self.file = open(os.path.join(directory, uuid.uuid4().hex), "wb")
-
-        def data_received(self, chunk):
-            self.file.write(chunk)
-
-        def put(self, *args):
-            self.file.close()
-            self.write({"ok": True})
-
-    async def serve():
-        server = HTTPServer(tornado.web.Application([(r"/.*", Sink)]), max_body_size=1 << 40)
-        server.listen(port, "127.0.0.1")
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-
-    asyncio.run(serve())
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port, proc, timeout=30):
@@ -83,12 +50,6 @@ def wait_port(port, proc, timeout=30):
         except OSError:
             time.sleep(0.1)
     raise SystemExit(f"nothing listens on {port} after {timeout}s")
-
-
-def cpu_seconds_of(pid):
-    """User + system CPU seconds a process has used so far."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def put(port, path, headers, payload, size):
@@ -128,7 +89,7 @@ def main():
     parser.add_argument("--bare-server", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
-        return bare_server(int(args.bare_server[0]), args.bare_server[1])
+        return bare_tornado_sink(int(args.bare_server[0]), args.bare_server[1])
 
     sys.path.insert(0, ROOT)
     from ganymede_agent.archive import sha256_file
@@ -191,34 +152,33 @@ def main():
                                       for p, h in requests], warm, 1 << 20))
             clean(directory)
         times = {"bare": [], "api": []}
-        cpu_seconds = {"bare": [], "api": []}
+        cpu_used = {"bare": [], "api": []}
         for r in range(args.rounds):
             order = ["bare", "api"] if r % 2 == 0 else ["api", "bare"]  # neither always goes first
             for name in order:
                 proc, port, requests, directory = servers[name]
                 subprocess.run(["sync"])
-                before = cpu_seconds_of(proc.pid)
+                before = cpu_seconds(proc.pid)
                 elapsed = asyncio.run(round_(port, requests, payload, size))
-                cpu_seconds[name].append(cpu_seconds_of(proc.pid) - before)
+                cpu_used[name].append(cpu_seconds(proc.pid) - before)
                 times[name].append(elapsed)
                 print(f"round {r + 1} {name:4s}: {n * size / elapsed / 1e6:8.1f} MB/s ({elapsed:.2f} s, "
-                      f"server CPU {cpu_seconds[name][-1]:.2f} s)", flush=True)
+                      f"server CPU {cpu_used[name][-1]:.2f} s)", flush=True)
                 clean(directory)
 
         total, gb = n * size / 1e6, n * size / 1e9
         best = {k: total / min(v) for k, v in times.items()}
         median = {k: total / statistics.median(v) for k, v in times.items()}
-        cpu = {k: statistics.median(v) / gb for k, v in cpu_seconds.items()}
+        cpu = {k: statistics.median(v) / gb for k, v in cpu_used.items()}
         rss = {"bare": vmhwm_mb(bare.pid), "api": vmhwm_mb(api.pid)}
         ratio, median_ratio = best["api"] / best["bare"], median["api"] / median["bare"]
-        command = " ".join(["bench/bench_upload.py"] + sys.argv[1:])
         print(f"uploads: {n} concurrent x {args.size_mb} MB; best (median) of {args.rounds} rounds")
         for key, name in (("bare", "bare tornado"), ("api", "ganymede-api")):
             print(f"{name}: {best[key]:7.1f} MB/s ({median[key]:.1f})   CPU {cpu[key]:.2f} s/GB   "
                   f"peak RSS {rss[key]:5.1f} MB" + ("  (target < 200 MB)" if key == "api" else ""))
         print(f"ratio api/bare: {ratio:.2f} (median {median_ratio:.2f}; target >= 0.8)")
         if not args.no_record:
-            record(command, f"upload {n} x {args.size_mb} MB, best of {args.rounds}: bare {best['bare']:.0f} MB/s, "
+            record(command_line(__file__), f"upload {n} x {args.size_mb} MB, best of {args.rounds}: bare {best['bare']:.0f} MB/s, "
                             f"ganymede-api {best['api']:.0f} MB/s (median ratio {median_ratio:.2f}), CPU "
                             f"{cpu['bare']:.2f} vs {cpu['api']:.2f} s/GB, api peak RSS {rss['api']:.0f} MB · "
                             f"ratio {ratio:.2f}")

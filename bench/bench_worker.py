@@ -29,7 +29,6 @@ key figures last and appends a line to BENCHMARKS.md.
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -37,11 +36,12 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+from common import command_line, record, vmhwm_mb  # noqa: E402
 
 HOUR = datetime(2026, 11, 30, 5)
 AGENT = "bench-agent"
@@ -128,14 +128,6 @@ def child(task_name, transaction_id, hour):
     ok = luigi.build([task], local_scheduler=True, log_level="WARNING")
     elapsed = time.perf_counter() - started
     print(json.dumps({"ok": ok, "seconds": elapsed, "vmhwm_mb": vmhwm_mb()}))
-
-
-def vmhwm_mb(pid="self"):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_child(task_name, transaction_id, hour):
@@ -373,7 +365,6 @@ def main():
             big = bench.rss_figures(rss_tx, HOUR + timedelta(hours=5))
 
         stage_ratio, load_ratio = stage_rows / bare_rows, load_docs / bare_docs
-        command = "bench/bench_worker.py " + " ".join(sys.argv[1:])
         print(f"staging {args.rows} rows, best of {args.rounds}: bare LOAD DATA {bare_rows:.0f} rows/s, "
               f"StageTransaction {stage_rows:.0f} rows/s")
         context = "previous hour loaded" if args.previous_hour else "no previous hour"
@@ -387,16 +378,13 @@ def main():
             rss_text = f"peak RSS {args.rss_rows} rows {max(big[:2]):.0f} MB (target < 300)"
         print(f"ratios: staging {stage_ratio:.2f}, MongoDB load {load_ratio:.2f} (targets >= 0.8); {rss_text}")
         if not args.no_record:
-            line = (f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {platform.node()} ({os.cpu_count()} cpu) · "
-                    f"`{command.strip()}` · best of {args.rounds} · "
-                    f"staging {args.rows} rows: bare LOAD DATA {bare_rows:.0f} rows/s, "
-                    f"StageTransaction {stage_rows:.0f} rows/s, ratio {stage_ratio:.2f} · MongoDB {args.mongo_rows} "
-                    f"docs ({context}): bare bulk_write {bare_docs:.0f} docs/s, "
-                    f"LoadTransaction {load_docs:.0f} docs/s, ratio {load_ratio:.2f}"
-                    + (f" · {args.rss_rows} rows: peak RSS stage {big[0]:.0f} MB, load {big[1]:.0f} MB "
-                       f"(at {args.mongo_rows} rows: load {load_rss:.0f} MB)" if big else "") + "\n")
-            with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:
-                f.write(line)
+            record(command_line(__file__),
+                   f"best of {args.rounds} · staging {args.rows} rows: bare LOAD DATA {bare_rows:.0f} rows/s, "
+                   f"StageTransaction {stage_rows:.0f} rows/s, ratio {stage_ratio:.2f} · MongoDB {args.mongo_rows} "
+                   f"docs ({context}): bare bulk_write {bare_docs:.0f} docs/s, "
+                   f"LoadTransaction {load_docs:.0f} docs/s, ratio {load_ratio:.2f}"
+                   + (f" · {args.rss_rows} rows: peak RSS stage {big[0]:.0f} MB, load {big[1]:.0f} MB "
+                      f"(at {args.mongo_rows} rows: load {load_rss:.0f} MB)" if big else ""))
     finally:
         try:
             bench.drop()

@@ -57,6 +57,35 @@ def free_port():
         return s.getsockname()[1]
 
 
+def bare_tornado_sink(port, directory, chunk_size=None):
+    """The bare upload baseline (run in a child process): stream each PUT body to a file, nothing else; SIGTERM stops it."""
+    import asyncio
+    import tornado.web
+    from tornado.httpserver import HTTPServer
+
+    @tornado.web.stream_request_body
+    class Sink(tornado.web.RequestHandler):
+        def prepare(self):
+            self.file = open(os.path.join(directory, uuid.uuid4().hex), "wb")
+
+        def data_received(self, chunk):
+            self.file.write(chunk)
+
+        def put(self, *args):
+            self.file.close()
+            self.write({"ok": True})
+
+    async def serve():
+        server = HTTPServer(tornado.web.Application([(r"/.*", Sink)]), max_body_size=1 << 40,
+                            **({"chunk_size": chunk_size} if chunk_size else {}))
+        server.listen(port, "127.0.0.1")
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+
+    asyncio.run(serve())
+
+
 def require_services():
     for what, url in (("MariaDB", "tcp://127.0.0.1:3306"), ("MongoDB test server", MONGO_URI),
                       ("S3 test server", S3_ENDPOINT)):

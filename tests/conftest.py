@@ -92,12 +92,13 @@ class GanymedeEnv:
         return client[self.mongo_database]
 
 
-def drop_buckets(prefix):
-    """Remove this test's buckets from the S3 test server (it keeps everything in memory)."""
+def drop_buckets(prefix, client=None):
+    """Remove this test's buckets from the S3 test server (it keeps everything in memory); `client` for
+    buckets only other credentials or another endpoint can see."""
     import boto3
     import botocore.exceptions
-    s3 = boto3.client("s3", endpoint_url=S3_ENDPOINT, aws_access_key_id="testing",
-                      aws_secret_access_key="testing-secret", region_name="us-east-1")
+    s3 = client or boto3.client("s3", endpoint_url=S3_ENDPOINT, aws_access_key_id="testing",
+                                aws_secret_access_key="testing-secret", region_name="us-east-1")
     try:
         for bucket in s3.list_buckets().get("Buckets", []):
             if bucket["Name"].startswith(prefix):

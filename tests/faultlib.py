@@ -210,18 +210,6 @@ def s3_client(endpoint=S3_ENDPOINT, key_id="testing", secret="testing-secret"):
                                                       response_checksum_validation="when_required"))
 
 
-def drop_buckets(prefix, client=None):
-    client = client or s3_client()
-    for bucket in client.list_buckets().get("Buckets", []):
-        if not bucket["Name"].startswith(prefix):
-            continue
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=bucket["Name"], Delete={"Objects": keys})
-        client.delete_bucket(Bucket=bucket["Name"])
-
-
 def register_agent(env, agent_id, geo="geo-test", since=None):
     """Add an agent as `ganymede agents add` does; returns its token (shown once, stored hashed)."""
     from ganymede.stores import txlog

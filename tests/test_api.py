@@ -30,6 +30,7 @@ from ganymede.api.main import make_server
 from ganymede.paths import StateRoot
 from ganymede.stores import txlog
 
+import faultlib as F
 from test_archives import BAD, archive, dataset_files, manifest_for, member, write_tar_gz
 
 MAX_ARCHIVE = 4 << 20
@@ -656,62 +657,8 @@ def test_mysql_down_gives_503_and_recovers_by_itself(world, open_tx):
     assert agent.complete(tx).status == 200
 
 
-class TcpProxy:
-    """127.0.0.1:port -> target. stop() breaks every connection and refuses new ones, like a MySQL that died."""
-
-    def __init__(self, target):
-        self.target, self.port, self.socks = target, None, []
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.start()
-
-    def start(self):
-        self.running = True
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        self.listener.settimeout(0.1)
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-
-    def _accept(self, listener):
-        while self.running:
-            try:
-                client, _ = listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self.socks += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a, b):
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def stop(self):
-        self.running = False
-        self.listener.close()
-        socks, self.socks = self.socks, []
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-
 def test_mysql_dying_under_pooled_connections_gives_503_then_recovers(genv, tmp_path):
-    proxy = TcpProxy(("127.0.0.1", 3306))
+    proxy = F.TcpProxy(("127.0.0.1", 3306))
     settings = api_settings(genv)
     settings.mysql.port = proxy.port
     server = ApiServer(settings, genv.api_port)
@@ -720,10 +667,10 @@ def test_mysql_dying_under_pooled_connections_gives_503_then_recovers(genv, tmp_
         agent = world.agent()
         tx = agent.create().json["transaction_id"]  # leaves warm connections in the pool
         assert agent.get(tx).status == 200
-        proxy.stop()
+        proxy.down()
         for resp in (agent.get(tx), agent.create(), agent.upload(tx, agent.archive()), world.call("GET", "/healthz")):
             assert resp.status == 503 and resp.headers.getheader("Retry-After") == "7"
-        proxy.start()
+        proxy.up()
         data = agent.archive()
         assert agent.get(tx).status == 200
         assert agent.upload(tx, data).status == 200
@@ -731,7 +678,7 @@ def test_mysql_dying_under_pooled_connections_gives_503_then_recovers(genv, tmp_
         assert world.call("GET", "/healthz").status == 200
     finally:
         server.stop()
-        proxy.stop()
+        proxy.close()
         settings.executor.shutdown()
 
 

@@ -21,7 +21,7 @@ from ganymede.paths import StateRoot
 from ganymede.stores import txlog
 from ganymede.stores.s3 import bucket_name, sha256_file
 from ganymede.tasks import HourlyBackup
-from conftest import S3_ENDPOINT, completed_transaction, free_port
+from conftest import S3_ENDPOINT, completed_transaction, drop_buckets, free_port
 from test_s3_store import auth_server  # noqa: F401  (fixture: a second moto server with authentication on)
 
 HOUR = datetime(2026, 11, 30, 5)
@@ -46,22 +46,11 @@ def s3_client(endpoint=S3_ENDPOINT, key_id="testing", secret="testing-secret", a
     return client
 
 
-def drop_buckets(client, prefix):
-    for bucket in client.list_buckets().get("Buckets", []):
-        if not bucket["Name"].startswith(prefix):
-            continue
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=bucket["Name"], Delete={"Objects": keys})
-        client.delete_bucket(Bucket=bucket["Name"])
-
-
 @pytest.fixture
 def clean_buckets(genv, s3_up):
     """Drops every bucket this test made on the shared S3 test server."""
     yield
-    drop_buckets(s3_client(), genv.bucket_prefix)
+    drop_buckets(genv.bucket_prefix, s3_client())
 
 
 @pytest.fixture
@@ -277,7 +266,7 @@ def test_wrong_secret_fails_clearly_then_fixing_only_s3curl_completes(genv, mong
         assert set(archive_places(genv, txs).values()) == {"archives"}
         assert len(bucket_keys(s3_client(url, creds.id, creds.key))) == 5
     finally:
-        drop_buckets(s3_client(url, creds.id, creds.key), genv.bucket_prefix)
+        drop_buckets(genv.bucket_prefix, s3_client(url, creds.id, creds.key))
 
 
 def test_bucket_owned_by_someone_else_fails_clearly(genv, mongo_up, clean_buckets, failures):
@@ -292,7 +281,7 @@ def test_bucket_owned_by_someone_else_fails_clearly(genv, mongo_up, clean_bucket
         assert_nothing_moved(genv, txs)
         assert foreign.list_objects_v2(Bucket=name).get("KeyCount", 0) == 0
     finally:
-        drop_buckets(foreign, genv.bucket_prefix)
+        drop_buckets(genv.bucket_prefix, foreign)
 
 
 def test_s3curl_readable_by_others_is_refused(genv, mongo_up, clean_buckets, failures):

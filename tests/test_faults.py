@@ -25,7 +25,7 @@ import luigi
 import pytest
 
 import faultlib as F
-from conftest import build_test_archive, require_port, sample_rows
+from conftest import build_test_archive, drop_buckets, require_port, sample_rows
 from ganymede import generator, hours
 from ganymede.paths import StateRoot
 from ganymede.stores import txlog
@@ -80,7 +80,7 @@ def world(genv, s3_up, mongo_up):
     genv.write_config(**SETTINGS)
     seed(genv)
     yield genv
-    F.drop_buckets(genv.bucket_prefix)
+    drop_buckets(genv.bucket_prefix)
 
 
 def assert_same_end_state(env, baseline):

@@ -28,6 +28,7 @@ import luigi
 import pytest
 
 import faultlib as F
+from conftest import drop_buckets
 from ganymede import generator, hours
 from ganymede.stores import txlog
 from ganymede.tasks import HourlyBackup
@@ -148,7 +149,7 @@ def test_no_secret_in_the_database_logs_config_or_exceptions(genv, auth_server, 
     finally:
         api.stop()
         generator.drop_database(geo_name)
-        F.drop_buckets(genv.bucket_prefix, F.s3_client(url, creds.id, creds.key))
+        drop_buckets(genv.bucket_prefix, F.s3_client(url, creds.id, creds.key))
 
     # what was written, everywhere
     sources = {"API log": api.log(), "caplog": "\n".join(
