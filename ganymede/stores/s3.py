@@ -174,7 +174,8 @@ class S3Store:
         with ThreadPoolExecutor(self.transfer.max_concurrency, thread_name_prefix="s3-put") as pool:
             results = dict(pool.map(send, files.items()))
             sent = {key: local for key, (action, local) in results.items() if action == "uploaded"}
-            listed = self._listed(bucket, prefix) if sent else {}
+            # only single-part copies can be proven by a listing; multipart ones get a HEAD either way
+            listed = self._listed(bucket, prefix) if any(local.md5 for local in sent.values()) else {}
             problems = [(key, local, problem) for key, local, problem in pool.map(
                 lambda item: (*item, self._verified(bucket, item[0], item[1], listed.get(item[0]))), sent.items())
                 if problem]
