@@ -44,6 +44,8 @@ class s3(luigi.Config):
     multipart_threshold_mb = luigi.IntParameter(default=64, description="Files at least this large go multipart")
     multipart_chunk_mb = luigi.IntParameter(default=16, description="Part size for multipart uploads")
     max_concurrency = luigi.IntParameter(default=4, description="Parallel part/object uploads")
+    model_cache = luigi.Parameter(default="~/.cache/ganymede/botocore",
+                                  description="Where botocore's decoded model files are kept between runs; empty: none")
 
 
 class api(luigi.Config):

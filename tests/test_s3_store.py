@@ -19,6 +19,7 @@ import boto3
 import botocore.config
 import pytest
 
+from conftest import MODEL_CACHE
 from ganymede import config
 from ganymede.errors import ConfigError, S3BackupError
 from ganymede.s3curl import Credentials
@@ -47,7 +48,7 @@ def _free_port():
 def _cfg(endpoint, **overrides):
     values = dict(endpoint_url=endpoint, region="us-east-1", profile="ganymede", s3curl_path="~/.s3curl",
                   checksum_mode="when_required", multipart_threshold_mb=5, multipart_chunk_mb=5,
-                  max_concurrency=4)
+                  max_concurrency=4, model_cache=MODEL_CACHE)
     values.update(overrides)
     return config.s3(**values)
 

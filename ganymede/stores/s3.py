@@ -36,6 +36,7 @@ from boto3.s3.transfer import TransferConfig
 from s3transfer.utils import ChunksizeAdjuster
 
 from .. import hours, s3curl
+from . import botomodels
 from ..errors import ConfigError, S3BackupError
 
 log = logging.getLogger(__name__)
@@ -143,24 +144,24 @@ class S3Store:
         """The part size boto3 uses for a file of `size` bytes (the configured one, raised past 10,000 parts)."""
         return ChunksizeAdjuster().adjust_chunksize(self.transfer.multipart_chunksize, size)
 
-    def put_verified(self, bucket, key, path, local=None):
+    def put_verified(self, bucket, key, path, local=None, listed=None):
         """Upload `path` to bucket/key unless an identical copy is there; "skipped" or "uploaded" (and verified)."""
-        return self.put_all(bucket, {key: path}, {key: local} if local else None)[key][0]
+        return self.put_all(bucket, {key: path}, {key: local} if local else None, listed)[key][0]
 
-    def put_all(self, bucket, files, known=None):
+    def put_all(self, bucket, files, known=None, listed=None):
         """Upload {key: path} unless an identical copy is there, then verify every copy sent.
 
         Returns {key: (action, LocalFile)}, action "skipped" or "uploaded".
-        One listing decides what is already there and one more, after the
-        uploads, verifies them (see `_verified`); objects go up
-        `max_concurrency` at a time. Copies that fail verification are
-        deleted, so a later run uploads them again instead of skipping them,
-        and the error names them. `known` {key: LocalFile} spares reading
-        those files again.
+        One listing decides what is already there (or `listed`, a `listed()`
+        of the bucket taken before) and one more, after the uploads, verifies
+        them (see `_verified`); objects go up `max_concurrency` at a time.
+        Copies that fail verification are deleted, so a later run uploads
+        them again instead of skipping them, and the error names them.
+        `known` {key: LocalFile} spares reading those files again.
         """
         known = known or {}
         prefix = os.path.commonprefix(list(files))
-        listed = self._listed(bucket, prefix)
+        listed = self.listed(bucket, prefix) if listed is None else listed
 
         def send(item):
             key, path = item
@@ -175,7 +176,7 @@ class S3Store:
             results = dict(pool.map(send, files.items()))
             sent = {key: local for key, (action, local) in results.items() if action == "uploaded"}
             # only single-part copies can be proven by a listing; multipart ones get a HEAD either way
-            listed = self._listed(bucket, prefix) if any(local.md5 for local in sent.values()) else {}
+            listed = self.listed(bucket, prefix) if any(local.md5 for local in sent.values()) else {}
             problems = [(key, local, problem) for key, local, problem in pool.map(
                 lambda item: (*item, self._verified(bucket, item[0], item[1], listed.get(item[0]))), sent.items())
                 if problem]
@@ -190,7 +191,8 @@ class S3Store:
             log.info("uploaded and verified s3://%s/%s (%d bytes)", bucket, key, local.size)
         return results
 
-    def _listed(self, bucket, prefix):
+    def listed(self, bucket, prefix=""):
+        """{key: {Key, Size, ETag}} of the bucket's objects under `prefix`."""
         return {o["Key"]: o for o in self.list_objects(bucket, prefix)}
 
     def _upload(self, bucket, key, local):
@@ -371,7 +373,8 @@ def make_client(cfg, creds):
         retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
         max_pool_connections=max(10, cfg.max_concurrency),
     )
-    client = boto3.session.Session().client(
+    botocore_session = botomodels.session(getattr(cfg, "model_cache", ""), "s3")
+    client = boto3.session.Session(botocore_session=botocore_session).client(
         "s3", endpoint_url=cfg.endpoint_url, aws_access_key_id=creds.id,
         aws_secret_access_key=creds.key, config=boto_config)
     transfer = TransferConfig(
