@@ -140,7 +140,7 @@ def test_second_run_does_nothing(genv, mongo_up, clean_buckets):
 
 def test_a_fresh_hour_costs_one_request_per_object_plus_five(genv, clean_buckets, tmp_path, monkeypatch):
     """Bucket, one listing (what is there, MANIFEST.json included), the objects, one listing that verifies
-    them, MANIFEST.json and its verifying listing; a second run only lists."""
+    them, MANIFEST.json and its verifying listing; a second run uploads nothing."""
     plan = {f"archives/agent-a/{i}.tar.gz": str(tmp_path / f"a{i}") for i in range(3)}
     for i, path in enumerate(plan.values()):
         with open(path, "wb") as f:

@@ -173,11 +173,13 @@ class S3Store:
             return key, ("uploaded", local)
 
         with ThreadPoolExecutor(self.transfer.max_concurrency, thread_name_prefix="s3-put") as pool:
-            results = dict(pool.map(send, files.items()))
+            # (a lone object, or checks that ask the server nothing, stay on this thread: no hand-offs)
+            results = dict((pool.map if len(files) > 1 else map)(send, files.items()))
             sent = {key: local for key, (action, local) in results.items() if action == "uploaded"}
             # only single-part copies can be proven by a listing; multipart ones get a HEAD either way
             listed = self.listed(bucket, prefix) if any(local.md5 for local in sent.values()) else {}
-            problems = [(key, local, problem) for key, local, problem in pool.map(
+            heads = sum(not _proves(listed.get(key), local) for key, local in sent.items())
+            problems = [(key, local, problem) for key, local, problem in (pool.map if heads > 1 else map)(
                 lambda item: (*item, self._verified(bucket, item[0], item[1], listed.get(item[0]))), sent.items())
                 if problem]
         for key, local, _ in problems:
@@ -223,7 +225,7 @@ class S3Store:
         metadata, and the server's checksum of the object (for a multipart
         copy, the CRC32 over its parts').
         """
-        if listed and local.md5 and listed["Size"] == local.size and listed["ETag"] == local.md5:
+        if _proves(listed, local):
             return None
         described = self.describe(bucket, key)
         if described is None:
@@ -330,6 +332,12 @@ class S3Store:
         if code == "NoSuchBucket":
             return f"S3 at {where}: no such bucket while {action}"
         return f"S3 at {where} refused {action}: {code} {message}".rstrip()
+
+
+def _proves(listed, local):
+    """Whether a listing entry proves a single-part copy of `local`: its size, and its ETag (the MD5 the
+    server computed over what it stored) equal to the file's MD5."""
+    return bool(listed and local.md5 and listed["Size"] == local.size and listed["ETag"] == local.md5)
 
 
 def _root(exc):

@@ -92,15 +92,18 @@ def backup_plan(root, hour, rounds, archives):
 def backup_hour(cfg, bucket, plan, manifest_path):
     """The hour's objects into `bucket` (made if need be), verified, then MANIFEST.json; returns the listing.
 
-    (Hashing the files while the client is built was tried: the hashing
-    threads' turns at the GIL slowed the client more than they saved.)
+    Tried and dropped, each costing what it saved: hashing the files while
+    the client is built (the hashing threads' turns at the GIL slow the
+    client), and making the bucket and listing it at once (a listing that
+    comes first fails, and botocore's first error builds the exception
+    classes of the whole S3 model).
     """
     store = s3.connect(cfg)
     store.ensure_bucket(bucket)
     return upload_plan(store, bucket, plan, manifest_path)
 
 
-def upload_plan(store, bucket, plan, manifest_path, known=None):
+def upload_plan(store, bucket, plan, manifest_path):
     """Upload and verify every object, then MANIFEST.json (key, size, sha256 of each); returns the listing.
 
     MANIFEST.json goes up last, once everything it lists is verified. One
@@ -108,7 +111,7 @@ def upload_plan(store, bucket, plan, manifest_path, known=None):
     """
     listed = store.listed(bucket)
     listing = [{"key": key, "size": local.size, "sha256": local.sha256, "action": action}
-               for key, (action, local) in store.put_all(bucket, plan, known, listed).items()]
+               for key, (action, local) in store.put_all(bucket, plan, None, listed).items()]
     markers.write_json(manifest_path, {"bucket": bucket,
                                        "objects": [{k: o[k] for k in ("key", "size", "sha256")} for o in listing]})
     manifest = store.local(manifest_path)
