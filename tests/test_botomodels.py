@@ -90,6 +90,18 @@ def test_a_damaged_cache_file_is_a_miss_and_is_rewritten(tmp_path, monkeypatch, 
     assert loaded == []  # rewritten whole
 
 
+@pytest.mark.parametrize("what", ["directory", "file"])
+def test_a_cache_others_can_write_is_not_read(tmp_path, monkeypatch, what):
+    _client(botomodels.session(str(tmp_path), "s3"), "us-east-1")
+    directory = next(tmp_path.iterdir())
+    for path in [directory] if what == "directory" else list(directory.iterdir()):
+        path.chmod(0o777 if what == "directory" else 0o666)
+    loaded = _json_loads(monkeypatch)
+    client = _client(botomodels.session(str(tmp_path), "s3"), "us-east-1")
+    assert client.meta.endpoint_url == "https://s3.amazonaws.com"
+    assert "endpoints" in loaded and "service-2" in loaded
+
+
 def test_an_unwritable_cache_is_no_error(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -14,7 +14,8 @@ boto3 versions, the search paths and the name asked for. The loader searches
 only the data shipped with the installed botocore and boto3 (no
 ~/.aws/models, no AWS_DATA_PATH): what Ganymede was tested with. A cache that
 cannot be read or written is a miss, never an error: the client is built the
-way botocore builds it.
+way botocore builds it. Files another user could have written are not read
+(the models decide where requests go).
 """
 import gc
 import hashlib
@@ -93,6 +94,9 @@ def _one_service(loaded, service):
 def _read(path, key):
     try:
         with open(path, "rb") as handle, _no_gc():
+            if not (_private(os.fstat(handle.fileno())) and _private(os.stat(os.path.dirname(path)))):
+                _warn_once(os.path.dirname(path))
+                return None
             stored_key, value = marshal.loads(handle.read())  # marshal.load reads a file object piece by piece
     except FileNotFoundError:
         return None
@@ -100,6 +104,22 @@ def _read(path, key):
         log.debug("botocore model cache %s unreadable (%s): loading from botocore", path, exc)
         return None
     return value if stored_key == key else None
+
+
+_WARNED = set()
+
+
+def _warn_once(directory):
+    if directory not in _WARNED:
+        _WARNED.add(directory)
+        log.warning("botocore model cache %s not used: its files must be ours and writable by no one else "
+                    "(delete the directory: it is rebuilt)", directory)
+
+
+def _private(st):
+    """Owned by this user and writable by no one else: the models say where requests go (endpoint rules),
+    so a cache another user could write is not read."""
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 @contextmanager
@@ -118,6 +138,8 @@ def _no_gc():
 def _write(directory, path, key, value):
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not _private(os.stat(directory)):
+            return _warn_once(directory)
         handle, temp = tempfile.mkstemp(dir=directory, suffix=".tmp")
         try:
             with os.fdopen(handle, "wb") as out:
@@ -131,7 +153,7 @@ def _write(directory, path, key, value):
 
 
 def _plain(value):
-    """The loaded JSON with botocore's OrderedDicts as dicts (same order), tuples as lists: what marshal keeps."""
+    """The loaded data with botocore's OrderedDicts as plain dicts (same order): what marshal can keep."""
     if isinstance(value, (dict, OrderedDict)):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
