@@ -430,21 +430,9 @@ class Luigid:
 
 
 def start_api(world, log_name="api.log"):
-    import urllib.request
-    log_path = os.path.join(world.base, log_name)
-    proc = subprocess.Popen([bin_path("ganymede-api")], env=world.env, stdout=open(log_path, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{world.api_port}"
-    for _ in range(200):
-        if proc.poll() is not None:
-            raise SystemExit(f"ganymede-api exited {proc.returncode}; see {log_path}")
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1).read()
-            return proc, url
-        except OSError:
-            time.sleep(0.05)
-    stop_process(proc)
-    raise SystemExit(f"ganymede-api did not answer on {url}; see {log_path}")
+    """The world's ganymede-api, started as the demo starts its own: (process, base URL)."""
+    from ganymede.demo import start_api as start
+    return start(world.env, os.path.join(world.base, log_name), world.api_port)
 
 
 # --- an hour delivered by N agents through the API -----------------------------------

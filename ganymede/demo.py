@@ -94,11 +94,12 @@ def geo_db(geo):
     return f"{DEMO_DB}_geo_{geo.replace('-', '_')}"
 
 
-def start_api(env, log_path):
+def start_api(env, log_path, port=API_PORT):
+    """`ganymede-api` with `env` (its luigi.cfg must say `port`), once /healthz answers: (process, base URL)."""
     log = open(log_path, "ab")
     proc = subprocess.Popen([_bin("ganymede-api")], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    url = f"http://127.0.0.1:{API_PORT}"
+    url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         if proc.poll() is not None:
             raise SystemExit(f"ganymede-api exited {proc.returncode}; see {log_path}")
