@@ -3,7 +3,12 @@
 
 Each bench runs as its own process, one after the other (they share the
 services and the machine), prints its key figure last and appends its line
-to BENCHMARKS.md itself. This command collects those outputs and rewrites
+to BENCHMARKS.md itself. Before each one the MongoDB and S3 test servers are
+restarted when `scripts/services` started them (`--keep-servers`: not): both
+keep everything in memory and slow down as they grow (nx-27017 was 1.4 GB
+after the benches before the busy hour), so without it a figure would
+depend on which benches ran before it. Each bench still measures its
+baselines in the same run on the same servers as Ganymede. This command collects those outputs and rewrites
 only the "latest figures vs targets" table at the top of BENCHMARKS.md (the
 runs' lines below it are kept), marking each target met or MISSED. A figure
 whose bench was not run this time keeps its previous row.
@@ -174,6 +179,17 @@ def write_table(rows, path=common.BENCHMARKS_MD):
 
 # --- running ---------------------------------------------------------------------------------
 
+def fresh_test_servers():
+    """Restart the MongoDB and S3 test servers if scripts/services started them (else they are left alone)."""
+    done = subprocess.run([sys.executable, os.path.join(common.ROOT, "scripts", "services"), "restart", "mongodb", "s3"],
+                          capture_output=True, text=True, cwd=common.ROOT)
+    print("\n" + " · ".join(line for line in done.stdout.splitlines() if "not restarted" in line or "started on" in line),
+          flush=True)
+    if done.returncode != 0:
+        raise SystemExit(f"restarting the test servers failed:\n{done.stdout}{done.stderr}")
+    common.require_services()
+
+
 def run_bench(name, extra, log_path):
     """Run one bench, echoing its output; (exit code, output, seconds)."""
     argv = [sys.executable, os.path.join(common.HERE, f"bench_{name}.py"), *extra]
@@ -194,6 +210,8 @@ def main():
     parser.add_argument("--only", nargs="+", choices=BENCHES, help="run just these")
     parser.add_argument("--skip", nargs="+", choices=BENCHES, default=[], help="run all but these")
     parser.add_argument("--scale", type=int, default=1, help="passed to bench_busy_hour.py (10: the 10x hour too)")
+    parser.add_argument("--keep-servers", action="store_true",
+                        help="do not restart the MongoDB and S3 test servers before each bench")
     parser.add_argument("--no-record", action="store_true",
                         help="pass --no-record to every bench and leave BENCHMARKS.md alone")
     parser.add_argument("--from-logs", metavar="STAMP",
@@ -220,6 +238,8 @@ def main():
         if not os.path.exists(os.path.join(common.HERE, f"bench_{name}.py")):
             summary.append((name, "missing", f"bench/bench_{name}.py does not exist", 0.0))
             continue
+        if not args.keep_servers:
+            fresh_test_servers()
         code, out, seconds = run_bench(name, extra, log_path)
         last = next((line for line in reversed(out.splitlines()) if line.strip()), "")
         if code != 0:

@@ -56,7 +56,7 @@ def test_each_service_answers(name):
     assert (row[0], row[2]) == (name, "up"), res.stdout
 
 
-@pytest.mark.parametrize("args", [("status", "nosuch"), ("start", "mongodb", "nosuch"), ("restart",), ()])
+@pytest.mark.parametrize("args", [("status", "nosuch"), ("start", "mongodb", "nosuch"), ("reload",), ()])
 def test_bad_arguments_are_one_line_on_stderr(args):
     res = services(*args)
     assert res.returncode == 1
@@ -86,3 +86,26 @@ def test_databases_are_isolated_and_dropped_one_at_a_time(new_mongo_db):
     first.client.drop_database(first.name)
     assert first["c"].count_documents({}) == 0
     assert second["c"].count_documents({}) == 1
+
+
+def test_restart_brings_back_an_empty_server_and_leaves_others_alone(tmp_path):
+    """A second S3 test server of our own (own port, own runtime dir): restarted, it has forgotten its buckets;
+    the MongoDB server this run did not start is left alone."""
+    import boto3
+    from conftest import free_port
+    env = dict(os.environ, GANYMEDE_SERVICES_DIR=str(tmp_path), GANYMEDE_S3_PORT=str(free_port()))
+    run = lambda *args: subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                                       timeout=60, env=env)
+    assert run("start", "s3").returncode == 0
+    try:
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{env['GANYMEDE_S3_PORT']}", region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")
+        s3.create_bucket(Bucket="before-restart")
+        first_pid = (tmp_path / "s3.pid").read_text().strip()
+        res = run("restart", "s3", "mongodb")
+        assert res.returncode == 0, res.stderr
+        assert "mongodb: not restarted (not started by us)" in res.stdout
+        assert (tmp_path / "s3.pid").read_text().strip() != first_pid
+        assert s3.list_buckets()["Buckets"] == []
+    finally:
+        run("stop", "s3")
