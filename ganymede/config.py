@@ -70,6 +70,8 @@ class api(luigi.Config):
                                            description="MySQL connections ganymede-api keeps open for reuse between requests")
     upload_chunk_kb = luigi.IntParameter(default=512,
                                          description="Socket read size for uploads; memory per upload is about twice this")
+    sweep_minutes = luigi.IntParameter(default=60,
+                                       description="Minutes between sweeps of incoming/ (archives of finished transactions, dead temp files)")
     retry_after = luigi.IntParameter(default=15,
                                      description="Seconds sent in Retry-After with 503 answers (MySQL down, busy transaction)")
 

@@ -790,20 +790,6 @@ def test_ganymede_api_command_with_tls(genv, tmp_path):
     assert proc.returncode == 0
 
 
-def test_stale_upload_temp_files_are_swept_at_start(tmp_path):
-    from ganymede.api.main import sweep_incoming
-    state = StateRoot(str(tmp_path))
-    incoming = os.path.dirname(state.incoming("x"))
-    os.makedirs(incoming)
-    old, fresh, part = (os.path.join(incoming, name) for name in ("a.part.1.tmp", "b.part.2.tmp", "c.part"))
-    for path in (old, fresh, part):
-        open(path, "w").close()
-    os.utime(old, (time.time() - 7200, time.time() - 7200))
-    os.utime(part, (time.time() - 7200, time.time() - 7200))
-    assert sweep_incoming(state, 3600) == 1
-    assert sorted(os.listdir(incoming)) == ["b.part.2.tmp", "c.part"]
-
-
 def test_ganymede_api_command_refuses_a_world_readable_tls_key(genv, tmp_path):
     key = tmp_path / "key.pem"
     key.write_text("not really a key")

@@ -166,27 +166,8 @@ def _agent_check(conn, agent_id, token):
     return None, 401
 
 
-@contextmanager
-def _transaction_lock(conn, transaction_id, wait):
-    """Serialize upload-finish and complete of one transaction, across API processes (a MySQL named lock)."""
-    name = f"ganymede-tx-{transaction_id}"
-    with conn.cursor() as cur:
-        cur.execute("SELECT GET_LOCK(%s, %s)", (name, wait))
-        if cur.fetchone()[0] != 1:
-            raise TransactionError(f"another request is working on transaction {transaction_id}; retry",
-                                   status=503, transaction_id=transaction_id)
-    try:
-        yield
-    finally:
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT RELEASE_LOCK(%s)", (name,))
-        except pymysql.err.Error:
-            pass  # a lost connection releases the lock by itself
-
-
 def _finish_upload(conn, api, transaction_id, temp, size, sha256):
-    with _transaction_lock(conn, transaction_id, api.lock_wait):
+    with txlog.transaction_lock(conn, transaction_id, api.lock_wait):
         tx = txlog.mark_uploaded(conn, transaction_id, size, sha256)
         os.replace(temp, api.state.incoming(transaction_id))
     return tx
@@ -194,7 +175,7 @@ def _finish_upload(conn, api, transaction_id, temp, size, sha256):
 
 def _complete(conn, api, agent_id, geo, transaction_id):
     """Validate and install (or quarantine) the uploaded archive: (status, body)."""
-    with _transaction_lock(conn, transaction_id, api.lock_wait):
+    with txlog.transaction_lock(conn, transaction_id, api.lock_wait):
         tx = txlog.get_transaction(conn, transaction_id)
         conn.commit()
         if tx is None or tx["agent_id"] != agent_id:

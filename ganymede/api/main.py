@@ -6,7 +6,6 @@ import os
 import signal
 import ssl
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import luigi.configuration
@@ -16,6 +15,7 @@ from tornado.httpserver import HTTPServer
 from .. import config
 from ..errors import ConfigError
 from ..paths import StateRoot
+from . import sweep
 from .handlers import ApiSettings, make_app
 
 log = logging.getLogger("ganymede.api")
@@ -73,19 +73,7 @@ def make_server(app, settings, idle_timeout=75, body_timeout=3600, ssl_options=N
                       chunk_size=settings.chunk_bytes)
 
 
-def sweep_incoming(state, older_than):
-    """Remove upload temp files left by a process that died mid-upload (older than any live upload can be)."""
-    directory = os.path.dirname(state.incoming("x"))
-    cutoff = time.time() - older_than
-    removed = 0
-    for entry in os.scandir(directory):
-        if entry.name.endswith(".tmp") and entry.is_file() and entry.stat().st_mtime < cutoff:
-            os.remove(entry.path)
-            removed += 1
-    return removed
-
-
-async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options=None, backlog=1024):
+async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options=None, backlog=1024, sweep_minutes=60):
     app = make_app(settings)
     server = make_server(app, settings, idle_timeout, body_timeout, ssl_options)
     server.listen(port, host, backlog=backlog)
@@ -96,11 +84,21 @@ async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options=No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    sweeper = asyncio.create_task(sweep_every(app, settings, sweep_minutes * 60, body_timeout + 60))
     await stop.wait()
+    sweeper.cancel()
     log.info("stopping: no new connections, closing open ones")
     server.stop()
     await server.close_all_connections()
     app.pool.clear()
+
+
+async def sweep_every(app, settings, interval, temp_older_than):
+    """incoming/ swept now and then every `interval` seconds, off the event loop (see ganymede.api.sweep)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, temp_older_than)
+        await asyncio.sleep(interval)
 
 
 def main(argv=None):
@@ -116,16 +114,15 @@ def main(argv=None):
         api = config.api()
         ssl_options = ssl_context(api.tls_cert, api.tls_key)
         settings = settings_from_config()
-        os.makedirs(os.path.dirname(settings.state.incoming("x")), exist_ok=True)
-        swept = sweep_incoming(settings.state, api.body_timeout + 60)
-        if swept:
-            log.info("removed %d stale upload temp files", swept)
+        os.makedirs(sweep.incoming_dir(settings.state), exist_ok=True)
+        if api.sweep_minutes < 1:
+            raise ConfigError("[api] sweep_minutes must be at least 1")
     except (ConfigError, OSError) as exc:
         print(f"ganymede-api: {exc}", file=sys.stderr)
         return 2
     try:
         asyncio.run(serve(api.host, api.port, settings, api.idle_timeout, api.body_timeout, ssl_options,
-                          api.listen_backlog))
+                          api.listen_backlog, api.sweep_minutes))
     except OSError as exc:  # the port is taken, the address is not ours
         print(f"ganymede-api: cannot listen on {api.host}:{api.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import hmac
 import json
 import secrets
 import uuid
+from contextlib import contextmanager
 
 import pymysql
 
@@ -262,3 +263,36 @@ def transactions_between(conn, first, last):
         cur.execute("SELECT transaction_id, agent_id, hour, state FROM transactions WHERE hour BETWEEN %s AND %s "
                     "ORDER BY hour, agent_id, created_at", (hours.floor_hour(first), hours.floor_hour(last)))
         return _rows(cur)
+
+
+def states(conn, transaction_ids):
+    """{transaction id: state} of those of `transaction_ids` the log holds."""
+    found, ids = {}, list(transaction_ids)
+    with conn.cursor() as cur:
+        for i in range(0, len(ids), 1000):
+            chunk = ids[i:i + 1000]
+            cur.execute(f"SELECT transaction_id, state FROM transactions WHERE transaction_id IN "
+                        f"({', '.join(['%s'] * len(chunk))})", chunk)
+            found.update(cur.fetchall())
+    conn.commit()
+    return found
+
+
+@contextmanager
+def transaction_lock(conn, transaction_id, wait):
+    """Serialize upload-finish, complete and the sweep of one transaction's files, across API processes
+    (a MySQL named lock); TransactionError (503) if another holds it past `wait` seconds."""
+    name = f"ganymede-tx-{transaction_id}"
+    with conn.cursor() as cur:
+        cur.execute("SELECT GET_LOCK(%s, %s)", (name, wait))
+        if cur.fetchone()[0] != 1:
+            raise TransactionError(f"another request is working on transaction {transaction_id}; retry",
+                                   status=503, transaction_id=transaction_id)
+    try:
+        yield
+    finally:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT RELEASE_LOCK(%s)", (name,))
+        except pymysql.err.Error:
+            pass  # a lost connection releases the lock by itself

@@ -301,11 +301,12 @@ class LoadTransaction(TransactionTask):
         return StageTransaction(**self.tx_params())
 
     def run(self):
-        staged, mongo_cfg, mysql_cfg = markers.read_json(self.input().path), config.mongodb(), config.mysql()
+        stage = self.requires()  # built once: a task instance costs about a millisecond, a tiny load ~20
+        staged, mongo_cfg, mysql_cfg = markers.read_json(stage.output().path), config.mongodb(), config.mysql()
         client, db = mongo.connect(mongo_cfg)
         with closing(client), closing(mysql.connect(mysql_cfg)) as conn, \
                 closing(mysql.connect(mysql_cfg)) as cache_conn, markers.AtomicText(self.rejects_path()) as rejects:
-            result = load_transaction(conn, cache_conn, db, staged, self.requires().requires().path(), self.root.tmp(),
+            result = load_transaction(conn, cache_conn, db, staged, stage.requires().path(), self.root.tmp(),
                                       mongo_cfg.batch_size, rejects)
         markers.write_json(self.output().path, dict(result, rejects_file=os.path.basename(self.rejects_path())))
 

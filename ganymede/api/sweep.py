@@ -1,0 +1,116 @@
+"""incoming/ housekeeping: files no upload can use any more are removed.
+
+Two kinds of file live in incoming/:
+- `<transaction>.part.<random>.tmp`, an upload being received. One older than
+  the longest an upload may take was left by a process that died mid-upload.
+- `<transaction>.part`, an uploaded archive waiting for /complete. Once its
+  transaction is failed (refused, or abandoned when the agent started a newer
+  one for the hour), completed or superseded, nothing reads it again: a
+  completed archive lives in upload/, and a failed transaction takes no more
+  uploads. A .part whose transaction is still open is kept (the agent can
+  still complete it), and so is one the log does not know (a state root shared
+  with another database is not ours to clean); the sweep logs those.
+
+ganymede-api sweeps at start and then every `[api] sweep_minutes`.
+"""
+import logging
+import os
+import time
+
+from ..errors import TransactionError
+from ..paths import check_id
+from ..stores import txlog
+
+log = logging.getLogger("ganymede.api")
+
+_PART = ".part"
+
+
+def incoming_dir(state):
+    return os.path.dirname(state.incoming("x"))
+
+
+def sweep_temp_files(state, older_than):
+    """Remove upload temp files not written to for `older_than` seconds; returns how many."""
+    cutoff = time.time() - older_than
+    removed = 0
+    for entry in os.scandir(incoming_dir(state)):
+        if entry.name.endswith(".tmp") and entry.is_file() and entry.stat().st_mtime < cutoff:
+            _remove(entry.path)
+            removed += 1
+    return removed
+
+
+def waiting_parts(state):
+    """{transaction id: path} of the uploaded archives in incoming/."""
+    parts = {}
+    for entry in os.scandir(incoming_dir(state)):
+        if entry.name.endswith(_PART) and entry.is_file():
+            try:
+                parts[check_id(entry.name[: -len(_PART)], "transaction id")] = entry.path
+            except ValueError:
+                continue  # not a name the API writes
+    return parts
+
+
+def sweep_parts(conn, state):
+    """Remove the .part files of transactions that are no longer open; returns (removed, unknown ids).
+
+    Each file is removed under its transaction's lock, taken without
+    waiting, and only if the transaction is still not open once the lock is
+    held: an upload finishing or a completion moving the file is never raced
+    (a busy transaction is left for the next sweep).
+    """
+    parts = waiting_parts(state)
+    if not parts:
+        return 0, []
+    conn.rollback()  # read the log as committed now, not as an older snapshot of this connection saw it
+    known = txlog.states(conn, parts)
+    removed = 0
+    for transaction_id, path in sorted(parts.items()):
+        if transaction_id not in known or known[transaction_id] in txlog.OPEN_STATES:
+            continue
+        try:
+            with txlog.transaction_lock(conn, transaction_id, 0):
+                tx = txlog.get_transaction(conn, transaction_id)
+                conn.commit()
+                if tx is None or tx["state"] in txlog.OPEN_STATES:
+                    continue
+                if _remove(path):
+                    removed += 1
+                    log.info("removed %s: transaction %s is %s", os.path.basename(path), transaction_id, tx["state"])
+        except TransactionError:
+            continue  # another request holds it: next sweep
+    return removed, sorted(set(parts) - set(known))
+
+
+def sweep(pool, state, temp_older_than):
+    """One round of both sweeps (MySQL through `pool`); logs what it did and never raises.
+
+    Returns (temp files removed, .part files removed), None for a sweep that
+    could not run.
+    """
+    temps = parts = None
+    try:
+        temps = sweep_temp_files(state, temp_older_than)
+        if temps:
+            log.info("removed %d stale upload temp files", temps)
+    except OSError as exc:
+        log.error("sweeping upload temp files: %s", exc)
+    try:
+        with pool.connection() as conn:
+            parts, unknown = sweep_parts(conn, state)
+        if unknown:
+            log.warning("%d uploaded archives in %s belong to no transaction in the log (left alone): %s",
+                        len(unknown), incoming_dir(state), ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
+    except Exception as exc:  # MySQL away, a disk error: the next round tries again
+        log.warning("sweeping uploaded archives of finished transactions: %s", exc)
+    return temps, parts
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+        return True
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,138 @@
+"""incoming/ housekeeping (ganymede.api.sweep) against the real MariaDB, and in the running ganymede-api."""
+import logging
+import os
+import signal
+import subprocess
+import time
+from datetime import datetime
+
+import pymysql
+import pytest
+
+from ganymede import config
+from ganymede.api import sweep
+from ganymede.api.handlers import MySQLPool
+from ganymede.paths import StateRoot
+from ganymede.stores import txlog
+
+from conftest import completed_transaction
+from test_api import _command, _wait_for
+
+HOUR = datetime(2026, 11, 30, 4)
+
+
+def _incoming(state, name, age=0):
+    path = os.path.join(sweep.incoming_dir(state), name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"archive bytes")
+    if age:
+        os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def _agent(conn, agent_id):
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO agents (agent_id, geo, token_hash, active, created_at) VALUES (%s, 'geo', %s, 1, %s)",
+                    (agent_id, "0" * 64, datetime(2025, 1, 1)))
+    conn.commit()
+
+
+def _open_tx(conn, agent_id, hour=HOUR):
+    return txlog.create_transaction(conn, agent_id, hour)[0]["transaction_id"]
+
+
+@pytest.fixture
+def world(genv):
+    state = StateRoot(genv.root)
+    with genv.mysql() as conn:
+        _agent(conn, "agent-a")
+        _agent(conn, "agent-b")
+        yield genv, state, conn
+
+
+def test_stale_upload_temp_files_are_swept(tmp_path):
+    state = StateRoot(str(tmp_path))
+    old = _incoming(state, "a.part.1.tmp", age=7200)
+    fresh = _incoming(state, "b.part.2.tmp")
+    part = _incoming(state, "c.part", age=7200)
+    assert sweep.sweep_temp_files(state, 3600) == 1
+    assert not os.path.exists(old) and os.path.exists(fresh) and os.path.exists(part)
+
+
+def test_parts_of_failed_and_completed_transactions_go_open_and_unknown_ones_stay(world):
+    genv, state, conn = world
+    failed = _open_tx(conn, "agent-a")
+    failed_part = _incoming(state, f"{failed}.part")
+    txlog.mark_uploaded(conn, failed, 13, "0" * 64)
+    txlog.mark_failed(conn, failed, "the archive was refused")
+    waiting = _open_tx(conn, "agent-b")
+    waiting_part = _incoming(state, f"{waiting}.part")
+    done = completed_transaction(genv, "agent-c", HOUR)["transaction_id"]
+    stray_part = _incoming(state, f"{done}.part")  # a completed archive lives in upload/
+    unknown_part = _incoming(state, "4f1c2d6e-0000-4000-8000-000000000000.part")
+    odd = _incoming(state, "not an id.part")
+
+    removed, unknown = sweep.sweep_parts(conn, state)
+
+    assert removed == 2
+    assert not os.path.exists(failed_part) and not os.path.exists(stray_part)
+    assert os.path.exists(waiting_part) and os.path.exists(unknown_part) and os.path.exists(odd)
+    assert unknown == ["4f1c2d6e-0000-4000-8000-000000000000"]
+    assert txlog.get_transaction(conn, waiting)["state"] == "created"  # the sweep changes no state
+    assert sweep.sweep_parts(conn, state) == (0, unknown)
+
+
+def test_a_transaction_another_request_holds_is_left_for_the_next_sweep(world):
+    genv, state, conn = world
+    failed = _open_tx(conn, "agent-a")
+    part = _incoming(state, f"{failed}.part")
+    txlog.mark_failed(conn, failed, "refused")
+    with genv.mysql() as other, txlog.transaction_lock(other, failed, 0):
+        assert sweep.sweep_parts(conn, state) == (0, [])
+        assert os.path.exists(part)
+    assert sweep.sweep_parts(conn, state) == (1, [])
+    assert not os.path.exists(part)
+
+
+def test_a_sweep_with_mysql_away_logs_and_changes_nothing(world, caplog):
+    genv, state, conn = world
+    failed = _open_tx(conn, "agent-a")
+    part = _incoming(state, f"{failed}.part")
+    txlog.mark_failed(conn, failed, "refused")
+    cfg = config.mysql()
+    away = MySQLPool(type("cfg", (), dict(cfg.param_kwargs, port=1, connect_timeout=2))(), 1)
+    with caplog.at_level(logging.WARNING, logger="ganymede.api"):
+        assert sweep.sweep(away, state, 3600) == (0, None)
+    assert os.path.exists(part)
+    assert "sweeping uploaded archives" in caplog.text
+
+
+def test_ganymede_api_sweeps_at_start(world):
+    genv, state, conn = world
+    abandoned = _open_tx(conn, "agent-a")
+    part = _incoming(state, f"{abandoned}.part")
+    txlog.mark_failed(conn, abandoned, "abandoned for a newer request")
+    waiting = _incoming(state, f"{_open_tx(conn, 'agent-b')}.part")
+    dead_temp = _incoming(state, f"{abandoned}.part.abc.tmp", age=7 * 3600)
+    proc = subprocess.Popen([_command(), "--config", genv.config_path], env=genv.subprocess_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert _wait_for(genv.api_port)[0] == 200
+        deadline = time.time() + 20
+        while (os.path.exists(part) or os.path.exists(dead_temp)) and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=20)[0].decode()
+    assert proc.returncode == 0, out
+    assert not os.path.exists(part) and not os.path.exists(dead_temp), out
+    assert os.path.exists(waiting)
+    assert f"transaction {abandoned} is failed" in out
+
+
+def test_sweep_minutes_below_one_is_refused(genv):
+    genv.write_config(api={"sweep_minutes": 0})
+    proc = subprocess.run([_command(), "--config", genv.config_path], env=genv.subprocess_env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "sweep_minutes" in proc.stderr and "Traceback" not in proc.stderr
