@@ -435,12 +435,16 @@ def main():
     if len(results) > 1:
         ten = results[1]
         scaling = ten["busy_s"] / one["busy_s"]
+        # the same servers' own scaling: the bare stages on the same data at both sizes
+        bare_scaling = ten["bare_sum"] / one["bare_sum"]
+        stage_scaling = ", ".join(f"{k} {ten['bare'][k] / v:.1f}" for k, v in one["bare"].items() if v > 0.05)
         figures += (f" · {args.scale}x ({args.rows * args.scale:,} rows/agent, {ten['docs']:,} docs): busy hour "
                     f"{ten['busy_s']:.1f} s (agents {ten['agents_s']:.1f} + graph {ten['graph_s']:.1f}), bare sum "
                     f"{ten['bare_sum']:.1f} s, ratio {ten['ratio']:.2f}; time {args.scale}x/1x {scaling:.2f} "
-                    f"(target <= {args.scale * 1.05:.1f}); peak RSS {peak_rss(ten):.0f} MB")
-        last += (f"; {args.scale}x/1x time {scaling:.2f} (target <= {args.scale * 1.05:.1f}), "
-                 f"peak RSS at {args.scale}x {peak_rss(ten):.0f} MB")
+                    f"(target <= {args.scale * 1.05:.1f}; the bare stages' own: {bare_scaling:.2f}, by stage "
+                    f"{stage_scaling}); peak RSS {peak_rss(ten):.0f} MB")
+        last += (f"; {args.scale}x/1x time {scaling:.2f} (target <= {args.scale * 1.05:.1f}; bare stages "
+                 f"{bare_scaling:.2f}), peak RSS at {args.scale}x {peak_rss(ten):.0f} MB")
     if not args.no_record:
         common.record(common.command_line(__file__), figures)
     print(last)

@@ -107,6 +107,33 @@ def test_archive_built_by_the_agent_passes(tmp_path):
     assert check(dest)[0] == {"account_usage": 4, "api_requests": 4, "node_health": 4}
 
 
+def test_a_multi_block_archive_is_the_same_bytes_however_its_csv_arrives(tmp_path):
+    """Several 1 MiB deflate blocks (more than are ever in flight): rows, or CSV chunks cut anywhere, give one
+    archive, byte for byte, that standard gzip and tar read back exactly."""
+    from ganymede_agent.archive import CsvChunks, build_archive
+    hour_text = hours.format_hour(HOUR)
+    rows = [[f"acct-{i:07d}", 10_000 + i, i % 977, 100 * i, 50 * i, i % 13] for i in range(200_000)]
+    csv_bytes = "".join(",".join(map(str, r)) + "\n" for r in rows).encode()
+    assert len(csv_bytes) > 6 * (1 << 20)
+    fields = {"agent_id": AGENT, "geo": "test", "hour": hour_text, "agent_version": "test"}
+
+    def chunks(size):
+        return CsvChunks((csv_bytes[i:i + size], csv_bytes[i:i + size].count(b"\n"))
+                         for i in range(0, len(csv_bytes), size))
+
+    built = []
+    for n, source in enumerate((rows, chunks(65_521), chunks(3 << 20))):
+        dest = str(tmp_path / f"a{n}.tar.gz")
+        build_archive(dest, fields, [("account_usage", HEADERS["account_usage"], source),
+                                     ("api_requests", HEADERS["api_requests"], []), ("node_health", HEADERS["node_health"], [])])
+        built.append(open(dest, "rb").read())
+    assert built[0] == built[1] == built[2]
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(built[0]))) as tar:
+        member = tar.extractfile("account_usage.csv").read()
+    assert member == (",".join(HEADERS["account_usage"]) + "\n").encode() + csv_bytes
+    assert check(str(tmp_path / "a0.tar.gz"))[0] == {"account_usage": 200_000, "api_requests": 0, "node_health": 0}
+
+
 def test_a_manifest_geo_other_than_the_registered_one_is_refused(tmp_path):
     with pytest.raises(ArchiveError, match="registered geo"):
         check(archive(tmp_path / "a.tar.gz"), geo="eu-west")

@@ -4,10 +4,11 @@ An archive is a gzip'd ustar file: `manifest.json` first, then one CSV per
 dataset (`<dataset>.csv`, UTF-8, header row, '\\n' line ends). Everything that
 could vary between two builds of the same rows is pinned (member order, times,
 owners, modes, the gzip header, the compression level and where the deflate
-stream is flushed), so the same rows give byte-identical archives. Each CSV is
-deflated by a second thread while its rows are read, and the gzip'd tar is
-then spliced from those pieces (raw deflate ending in a full flush, crc32s
-combined): compression overlaps reading instead of following it.
+stream is flushed: every 1 MiB of CSV), so the same rows give byte-identical
+archives. Each CSV is deflated in 1 MiB blocks by two threads while its rows
+are read, and the gzip'd tar is then spliced from those pieces (raw deflate
+ending in a full flush, crc32s combined): compression overlaps reading
+instead of following it.
 Reading streams member by member and refuses anything that is not a plain file
 with a name the manifest announces.
 """
@@ -16,19 +17,21 @@ import hashlib
 import io
 import json
 import os
-import queue
 import re
 import struct
 import tarfile
 import tempfile
-import threading
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _CHUNK = 1 << 20
+_BLOCK = 1 << 20  # CSV bytes deflated as one independent block (changing it changes every archive's bytes)
+_DEFLATE_THREADS = 2  # modest: the agent shares its GEO server with that GEO's database
 
 
 class ArchiveError(Exception):
@@ -57,18 +60,22 @@ class CsvChunks:
 
 
 class _Piece(io.RawIOBase):
-    """A binary sink that hashes and counts what passes, while a thread deflates it to `raw`.
+    """A binary sink that hashes and counts what passes, while threads deflate it to `raw`.
 
-    The deflate stream is raw and ends with a full flush, so the piece can be
-    spliced into the archive's gzip stream later; its crc32 comes along.
+    What is written is cut into blocks of exactly `_BLOCK` bytes (the last one
+    shorter), each deflated on its own by one of `_DEFLATE_THREADS` threads
+    and ending in a full flush, and written to `raw` in order: one raw deflate
+    stream that can be spliced into the archive's gzip stream later, its crc32
+    alongside. Block boundaries depend only on the bytes, never on how they
+    arrived, so the same rows still give the same archive. zlib releases the
+    GIL, so the blocks really are compressed side by side (level 1 deflate is
+    the slowest step of a build, ~140 MB/s a core).
     """
 
     def __init__(self, raw, level):
-        self.raw, self.sha256, self.size, self.crc = raw, hashlib.sha256(), 0, 0
-        self._compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
-        self._queue, self._error = queue.Queue(8), None
-        self._thread = threading.Thread(target=self._deflate, daemon=True)
-        self._thread.start()
+        self.raw, self.level, self.sha256, self.size, self.crc = raw, level, hashlib.sha256(), 0, 0
+        self._pending, self._blocks = bytearray(), deque()
+        self._pool = ThreadPoolExecutor(_DEFLATE_THREADS, thread_name_prefix="deflate")
 
     def writable(self):
         return True
@@ -76,26 +83,38 @@ class _Piece(io.RawIOBase):
     def write(self, data):
         data = bytes(data)
         self.sha256.update(data)
+        self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
-        self._queue.put(data)
+        self._pending += data
+        if len(self._pending) >= _BLOCK:
+            cut = len(self._pending) - len(self._pending) % _BLOCK
+            for start in range(0, cut, _BLOCK):
+                self._submit(bytes(self._pending[start:start + _BLOCK]))
+            del self._pending[:cut]
         return len(data)
 
-    def _deflate(self):
-        try:
-            while (data := self._queue.get()) is not None:
-                self.crc = zlib.crc32(data, self.crc)
-                self.raw.write(self._compressor.compress(data))
-            self.raw.write(self._compressor.flush(zlib.Z_FULL_FLUSH))
-        except BaseException as exc:
-            self._error = exc
-            while self._queue.get() is not None:
-                pass
+    def _submit(self, block):
+        self._blocks.append(self._pool.submit(_deflate_block, block, self.level))
+        while len(self._blocks) > 2 * _DEFLATE_THREADS:  # bounded: a few blocks in flight
+            self.raw.write(self._blocks.popleft().result())
 
     def finish(self):
-        self._queue.put(None)
-        self._thread.join()
-        if self._error:
-            raise self._error
+        try:
+            if self._pending or not self.size:
+                self._submit(bytes(self._pending))
+                self._pending.clear()
+            while self._blocks:
+                self.raw.write(self._blocks.popleft().result())
+        finally:
+            for block in self._blocks:
+                block.cancel()
+            self._pool.shutdown(wait=True)
+
+
+def _deflate_block(block, level):
+    """One block as raw deflate ending byte-aligned (a full flush), independent of the blocks around it."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
 
 
 def write_csv(path, header, rows, level=1):
