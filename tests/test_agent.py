@@ -296,6 +296,27 @@ sys.exit(ganymede_agent.cli.main(["--version"]))
     assert result.returncode == 0 and result.stdout.startswith("ganymede-agent "), result.stderr
 
 
+def test_the_agent_alone_installs_with_pymysql_as_its_only_dependency(tmp_path):
+    """agent/setup.py: what a GEO server installs (`pip install ./agent`), the package and its command only."""
+    import shutil
+    source = tmp_path / "agent"
+    shutil.copytree(os.path.dirname(AGENT_DIR), source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    target = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--no-index", "--target", str(target), str(source)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    installed = {p.name for p in target.iterdir()}
+    assert "ganymede_agent" in installed and "ganymede" not in installed
+    assert (target / "ganymede_agent" / "agent.cfg.sample").exists()
+    metadata = next(target.glob("ganymede_agent-*.dist-info")) / "METADATA"
+    assert [line for line in metadata.read_text().splitlines() if line.startswith("Requires-Dist")] == \
+        ["Requires-Dist: pymysql<2,>=1.1"]
+    assert "ganymede-agent = ganymede_agent.cli:main" in (metadata.parent / "entry_points.txt").read_text()
+    version = subprocess.run([str(target / "bin" / "ganymede-agent"), "--version"], capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(target)))
+    assert version.returncode == 0 and version.stdout.startswith("ganymede-agent "), version.stderr
+
+
 # --- config ------------------------------------------------------------------------------------
 
 def write_cfg(path, text, mode=0o600):
