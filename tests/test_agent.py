@@ -569,6 +569,8 @@ def csv_of(rows, datetimes=()):
     ([["cr\rx", None, "é ü"], ["", " lead", "nul\0x"]], ()),
     ([["with space", "2026-11-30 05:01:02", "1"]], (1,)),
     ([["2026-11-30 05:01:02", None]], (0,)),
+    ([["NODE-1", "2026-11-30 05:01:02", "3"]], (1,)),  # an N, but no NULL
+    ([["NULLISH", "12"], ["x", None]], ()),
 ])
 def test_client_output_becomes_the_csv_the_csv_module_writes(rows, datetimes):
     data = b"".join(client_batch_line(r) for r in rows)

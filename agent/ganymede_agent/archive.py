@@ -88,9 +88,11 @@ class _Piece(io.RawIOBase):
         self._pending += data
         if len(self._pending) >= _BLOCK:
             cut = len(self._pending) - len(self._pending) % _BLOCK
-            for start in range(0, cut, _BLOCK):
-                self._submit(bytes(self._pending[start:start + _BLOCK]))
+            with memoryview(self._pending) as view:  # one copy per block, not two
+                blocks = [bytes(view[start:start + _BLOCK]) for start in range(0, cut, _BLOCK)]
             del self._pending[:cut]
+            for block in blocks:
+                self._submit(block)
         return len(data)
 
     def _submit(self, block):

@@ -169,20 +169,24 @@ class Source:
                     proc.stdout.close()
 
 
+_TABS_TO_COMMAS = bytes.maketrans(b"\t", b",")
+_TO_CSV = bytes.maketrans(b"\t ", b",T")  # and the space of each datetime ("YYYY-MM-DD HH:MM:SS") becomes a T
+
+
 def tsv_to_csv(data, ncols, datetimes=()):
     """Whole lines of the client's --batch output -> (the same rows as CSV bytes, row count).
 
     The common case (no quoting, escaping or NULL needed; the only spaces are
-    the ones inside the datetime columns) is a couple of bytes.replace calls;
+    the ones inside the datetime columns) is one bytes.translate call;
     anything else is rendered line by line by the csv module, exactly as
     archive.write_csv would.
     """
     rows = _check_columns(data, ncols)
     if (ncols > 1 and b"," not in data and b'"' not in data and b"\\" not in data and b"\r" not in data
-            and b"NULL" not in data and (not datetimes or data.count(b" ") == rows * len(datetimes))
+            and (b"N" not in data or b"NULL" not in data)  # one byte is found far faster than four
+            and (not datetimes or data.count(b" ") == rows * len(datetimes))
             and _utf8(data)):
-        data = data.replace(b"\t", b",")
-        return (data.replace(b" ", b"T") if datetimes else data), rows
+        return data.translate(_TO_CSV if datetimes else _TABS_TO_COMMAS), rows
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     for line in data[:-1].split(b"\n"):
