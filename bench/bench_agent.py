@@ -24,13 +24,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from contextlib import closing
 
 
-from common import command_line, record, vmhwm_mb  # bench/ is on sys.path: this is a script
+from common import RssWatch, command_line, record, vmhwm_mb  # bench/ is on sys.path: this is a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -59,40 +58,22 @@ def child(database, reader, work):
     os.remove(dest)
 
 
-class ClientPeak(threading.Thread):
-    """Polls the peak RSS (VmHWM) of the children of the build process: the command-line client, when it reads.
-
-    It runs here, not in the build process: polling /proc there cost the build ~1 ms of CPU, and the GIL,
-    every 20 ms.
-    """
-
-    def __init__(self, parent):
-        super().__init__(daemon=True)
-        self.parent, self.peak_mb, self.stop = str(parent), 0.0, threading.Event()
-
-    def run(self):
-        while not self.stop.wait(0.05):  # the client's RSS is flat while it streams
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    with open(f"/proc/{pid}/stat") as f:
-                        ppid = f.read().rsplit(")", 1)[1].split()[1]
-                except OSError:
-                    continue
-                if ppid == self.parent:
-                    self.peak_mb = max(self.peak_mb, vmhwm_mb(pid))
-
-
 def run_agent(database, reader, work):
-    with subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", database, reader, work],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) as proc:
-        peak = ClientPeak(proc.pid)
-        peak.start()
-        stdout, stderr = proc.communicate()
-        peak.stop.set()
-        peak.join()
+    """One build in a process of its own; the peak RSS of its command-line clients is watched from here, not
+    from inside the timed build (polling /proc there cost it ~1 ms of CPU, and the GIL, every 20 ms)."""
+    watch = RssWatch()
+    watch.start()
+    try:
+        with subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", database, reader, work],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) as proc:
+            watch.watch(proc.pid, "build")
+            stdout, stderr = proc.communicate()
+    finally:
+        watch.stop()
     if proc.returncode != 0:
         raise SystemExit(f"agent build ({reader}) failed: {stderr[-2000:]}")
-    return dict(json.loads(stdout.strip().splitlines()[-1]), client_maxrss_mb=peak.peak_mb)
+    return dict(json.loads(stdout.strip().splitlines()[-1]),
+                client_maxrss_mb=max(watch.children_of("build").values(), default=0.0))
 
 
 def run_dump(database, host, port):

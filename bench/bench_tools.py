@@ -6,17 +6,17 @@ The data: a busy hour as the agents deliver it (N GEO databases of R rows, N
 
 - backup: HourlyBackup's upload step (`ganymede.tasks.backup.backup_hour`:
   the S3 client, the bucket, sha256 and MD5 of each file, upload with
-  checksums the server checks, then
-  one listing that verifies size and ETag (the server's MD5) of every
-  single-part object and a HEAD for any other, then MANIFEST.json) against `rclone copy --checksum`, `aws s3 sync` and
+  checksums the server checks, then one listing that verifies size and ETag
+  (the server's MD5) of every single-part object and a HEAD for any other,
+  then MANIFEST.json) against `rclone copy --checksum`, `aws s3 sync` and
   `s5cmd cp` of the same files (the hour's archives and the schema dump as
   DumpSchema writes it) laid out as the bucket's keys, each into a fresh
   bucket on the same S3 server. Target: at least as fast as the fastest tool
-  (the tools do not read the objects back). All are timed as whole
-  processes (start-up included, as an operator's script would run them);
-  the in-process time of Ganymede's step (as inside a running Luigi worker)
-  is shown beside it. aws and s5cmd get their bucket made beforehand,
-  untimed; rclone and Ganymede make theirs.
+  (the tools do not read the objects back). All are timed as whole processes
+  (start-up included, as an operator's script would run them); the
+  in-process time of Ganymede's step (as inside a running Luigi worker) is
+  shown beside it. aws and s5cmd get their bucket made beforehand, untimed;
+  rclone and Ganymede make theirs.
 - staging: StageTransaction for every transaction (`luigi.build`, local
   scheduler, one worker; unpacks the archive, checks sha256s and row counts,
   LOAD DATA, refuses warnings) against `mysqlimport --local` of the same

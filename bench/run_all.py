@@ -2,16 +2,16 @@
 """Run every benchmark in bench/ with its default sizes, then rewrite the table at the top of BENCHMARKS.md.
 
 Each bench runs as its own process, one after the other (they share the
-services and the machine), prints its key figure last and appends its line
-to BENCHMARKS.md itself. Before each one the MongoDB and S3 test servers are
+services and the machine), prints its key figure last and appends its line to
+BENCHMARKS.md itself. Before each one the MongoDB and S3 test servers are
 restarted when `scripts/services` started them (`--keep-servers`: not): both
 keep everything in memory and slow down as they grow (nx-27017 was 1.4 GB
-after the benches before the busy hour), so without it a figure would
-depend on which benches ran before it. Each bench still measures its
-baselines in the same run on the same servers as Ganymede. This command collects those outputs and rewrites
-only the "latest figures vs targets" table at the top of BENCHMARKS.md (the
-runs' lines below it are kept), marking each target met or MISSED. A figure
-whose bench was not run this time keeps its previous row.
+after the benches before the busy hour), so without it a figure would depend
+on which benches ran before it. Each bench still measures its baselines in
+the same run on the same servers as Ganymede. This command collects those
+outputs and rewrites only the "latest figures vs targets" table at the top of
+BENCHMARKS.md (the runs' lines below it are kept), marking each target met or
+MISSED. A figure whose bench was not run this time keeps its previous row.
 
     .venv/bin/python bench/run_all.py                    # everything, default sizes: ~20-30 min on 2 cores
     .venv/bin/python bench/run_all.py --only busy_hour scheduling

@@ -36,8 +36,7 @@ def sweep_temp_files(state, older_than):
     removed = 0
     for entry in os.scandir(incoming_dir(state)):
         if entry.name.endswith(".tmp") and entry.is_file() and entry.stat().st_mtime < cutoff:
-            _remove(entry.path)
-            removed += 1
+            removed += _remove(entry.path)
     return removed
 
 

@@ -23,7 +23,6 @@ import logging
 import marshal
 import os
 import tempfile
-from collections import OrderedDict
 from contextlib import contextmanager
 
 import boto3
@@ -154,7 +153,7 @@ def _write(directory, path, key, value):
 
 def _plain(value):
     """The loaded data with botocore's OrderedDicts as plain dicts (same order): what marshal can keep."""
-    if isinstance(value, (dict, OrderedDict)):
+    if isinstance(value, dict):  # botocore's OrderedDicts too
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v) for v in value)

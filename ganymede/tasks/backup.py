@@ -116,8 +116,7 @@ def upload_plan(store, bucket, plan, manifest_path):
                                        "objects": [{k: o[k] for k in ("key", "size", "sha256")} for o in listing]})
     manifest = store.local(manifest_path)
     listing.append({"key": "MANIFEST.json", "size": manifest.size, "sha256": manifest.sha256,
-                    "action": store.put_verified(bucket, "MANIFEST.json", manifest_path, manifest,
-                                                 {k: v for k, v in listed.items() if k == "MANIFEST.json"})})
+                    "action": store.put_verified(bucket, "MANIFEST.json", manifest_path, manifest, listed)})
     return listing
 
 
