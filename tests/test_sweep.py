@@ -5,8 +5,8 @@ import signal
 import subprocess
 import time
 from datetime import datetime
+from types import SimpleNamespace
 
-import pymysql
 import pytest
 
 from ganymede import config
@@ -101,7 +101,7 @@ def test_a_sweep_with_mysql_away_logs_and_changes_nothing(world, caplog):
     part = _incoming(state, f"{failed}.part")
     txlog.mark_failed(conn, failed, "refused")
     cfg = config.mysql()
-    away = MySQLPool(type("cfg", (), dict(cfg.param_kwargs, port=1, connect_timeout=2))(), 1)
+    away = MySQLPool(SimpleNamespace(**dict(cfg.param_kwargs, port=1, connect_timeout=2)), 1)
     with caplog.at_level(logging.WARNING, logger="ganymede.api"):
         assert sweep.sweep(away, state, 3600) == (0, None)
     assert os.path.exists(part)
