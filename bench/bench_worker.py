@@ -185,7 +185,7 @@ class Bench:
     def unpacked_csvs(self, transaction_id, hour, directory):
         """The archive's CSVs on disk, as the bare LOAD DATA gets them."""
         from ganymede.paths import StateRoot
-        from ganymede_agent.archive import read_archive
+        from ganymede.archives import read_archive
         os.makedirs(directory, exist_ok=True)
         paths = {}
         with open(StateRoot(self.root).upload(hour, AGENT, transaction_id), "rb") as raw:

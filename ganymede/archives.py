@@ -7,14 +7,17 @@ catalog, and every row parsed as the pipeline will parse it. An archive that
 passes is installed under upload/, one that does not is quarantined with the
 reason beside it. Plain functions over paths; the API runs them off its loop.
 """
+import csv
 import hashlib
+import io
 import json
 import os
 import tarfile
 import zlib
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from ganymede_agent.archive import ArchiveError, Limits, csv_rows, fsync_path, read_archive
+from ganymede_agent.archive import MANIFEST_NAME, ArchiveError, fsync_path, validate_manifest
 
 from . import hours
 from .markers import write_json
@@ -40,6 +43,137 @@ class _HashingReader:
             pass
         return self.sha256.hexdigest()
 
+
+# --- reading an archive stream -------------------------------------------------
+
+@dataclass(frozen=True)
+class Limits:
+    """What a reader accepts; the server sets these from its config."""
+    max_member_bytes: int = 2 << 30
+    max_total_bytes: int = 8 << 30
+    max_manifest_bytes: int = 1 << 20
+    max_members: int = 64
+    max_line_bytes: int = 64 << 10
+
+
+class _CheckedMember(io.RawIOBase):
+    """Reads one tar member, hashing as it goes; `verify()` checks it against the manifest."""
+
+    def __init__(self, raw, entry, name):
+        self.raw, self.entry, self.name = raw, entry, name
+        self.sha256, self.size = hashlib.sha256(), 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        data = self.raw.read(len(buffer))
+        self.sha256.update(data)
+        self.size += len(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def drain(self):
+        """Read what the consumer left (it may have closed its wrapper around us)."""
+        for data in iter(lambda: self.raw.read(_CHUNK), b""):
+            self.sha256.update(data)
+            self.size += len(data)
+
+    def verify(self):
+        self.drain()
+        if self.size != self.entry["bytes"]:
+            raise ArchiveError(f"size {self.size} != manifest {self.entry['bytes']}", self.name)
+        if self.sha256.hexdigest() != self.entry["sha256"]:
+            raise ArchiveError("sha256 does not match the manifest", self.name)
+
+
+def read_archive(fileobj, limits=Limits()):
+    """Stream an archive: yields ('manifest', manifest, None) then (name, entry, member) per dataset.
+
+    The caller reads each member (a binary stream) before asking for the next
+    and calls `member.verify()` to check size and sha256; unread members are
+    verified here. Raises ArchiveError for anything malformed or unsafe.
+    """
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r|gz")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ArchiveError(f"not a gzip'd tar archive ({exc})") from None
+    manifest, seen, total = None, set(), 0
+    try:
+        with tar:
+            for count, info in enumerate(tar, 1):
+                name = info.name
+                if count > limits.max_members:
+                    raise ArchiveError(f"more than {limits.max_members} members")
+                _check_member(info)
+                total += info.size
+                if info.size > limits.max_member_bytes or total > limits.max_total_bytes:
+                    raise ArchiveError("member or archive larger than the configured limit", name)
+                if manifest is None:
+                    manifest = _read_manifest(tar, info, limits)
+                    yield MANIFEST_NAME, manifest, None
+                    continue
+                dataset = name[: -len(".csv")] if name.endswith(".csv") else None
+                if dataset not in manifest["datasets"]:
+                    raise ArchiveError("not announced in the manifest", name)
+                if dataset in seen:
+                    raise ArchiveError("appears twice", name)
+                seen.add(dataset)
+                member = _CheckedMember(tar.extractfile(info), manifest["datasets"][dataset], name)
+                yield dataset, manifest["datasets"][dataset], member
+                member.verify()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise ArchiveError(f"corrupt archive ({exc})") from None
+    if manifest is None:
+        raise ArchiveError("empty archive: no manifest")
+    missing = set(manifest["datasets"]) - seen
+    if missing:
+        raise ArchiveError(f"datasets in the manifest but not in the archive: {sorted(missing)}")
+
+
+def _check_member(info):
+    name = info.name
+    if not info.isreg():
+        raise ArchiveError("not a regular file (links, devices, FIFOs and directories are refused)", name)
+    if name.startswith("/") or "\\" in name or "/" in name or name in ("", ".", "..") or "\x00" in name:
+        raise ArchiveError("member path must be a plain file name", name)
+
+
+def _read_manifest(tar, info, limits):
+    if info.name != MANIFEST_NAME:
+        raise ArchiveError(f"first member must be {MANIFEST_NAME}", info.name)
+    if info.size > limits.max_manifest_bytes:
+        raise ArchiveError("manifest too large", MANIFEST_NAME)
+    try:
+        manifest = json.loads(tar.extractfile(info).read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ArchiveError(f"manifest is not JSON or nested too deeply ({type(exc).__name__})", MANIFEST_NAME) from None
+    return validate_manifest(manifest)
+
+
+def _lf_lines(text, name):
+    """The format ends lines with '\n' alone; a '\r' anywhere would not survive LOAD DATA unchanged."""
+    for line in text:
+        if "\r" in line:
+            raise ArchiveError("carriage return in the CSV (lines must end with \\n only)", name)
+        yield line
+
+
+def csv_rows(member, limits=Limits(), name=None):
+    """Rows of a CSV member (header included), strict UTF-8, bounded line length."""
+    text = io.TextIOWrapper(io.BufferedReader(member, _CHUNK), encoding="utf-8", errors="strict", newline="")
+    try:
+        for row in csv.reader(_lf_lines(text, name), strict=True):
+            if sum(map(len, row)) > limits.max_line_bytes:
+                raise ArchiveError(f"a line longer than {limits.max_line_bytes} bytes", name)
+            yield row
+    except UnicodeDecodeError as exc:
+        raise ArchiveError(f"invalid UTF-8 ({exc.reason} at byte {exc.start})", name) from None
+    except csv.Error as exc:
+        raise ArchiveError(f"CSV does not parse ({exc})", name) from None
+
+
+# --- checks against what the server knows ----------------------------------------
 
 def validate(fileobj, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
     """Check a whole archive stream; returns {dataset: row count} or raises ArchiveError.

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ganymede import generator, hours
+from ganymede import archives, generator, hours
 from ganymede.stores import txlog
 from ganymede_agent import archive, cli, collect, config, spool
 from ganymede_agent.client import Api, RetryBudget, Unavailable, parse_retry_after
@@ -611,7 +611,7 @@ def build_with(geo_db, reader, tmp_path, datasets, hour="2026-11-30T05", tag="")
 
 def archive_csv(path):
     with open(path, "rb") as f:
-        return {name: list(archive.csv_rows(member)) for name, entry, member in archive.read_archive(f) if member}
+        return {name: list(archives.csv_rows(member)) for name, entry, member in archives.read_archive(f) if member}
 
 
 def test_both_readers_give_the_same_values_and_bytes(geo_db, tmp_path):

@@ -22,7 +22,8 @@ from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
-from ganymede_agent.archive import Limits, sha256_file
+from ganymede.archives import Limits
+from ganymede_agent.archive import sha256_file
 
 from ganymede import config, hours
 from ganymede.api import ApiSettings, make_app

@@ -13,7 +13,8 @@ import tarfile
 from datetime import datetime
 
 import pytest
-from ganymede_agent.archive import ArchiveError, Limits, sha256_file
+from ganymede.archives import Limits
+from ganymede_agent.archive import ArchiveError, sha256_file
 
 from ganymede import archives, hours
 

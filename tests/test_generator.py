@@ -7,7 +7,7 @@ from contextlib import closing
 
 import pytest
 
-from ganymede import generator
+from ganymede import archives, generator
 from ganymede.datasets import CATALOG
 from ganymede_agent import archive, collect, config
 
@@ -36,9 +36,9 @@ def read_datasets(name, hour, reader="pymysql"):
             archive.build_archive(dest, {"agent_id": "a", "geo": "g", "hour": hour, "agent_version": "t"}, datasets)
         with open(dest, "rb") as f:
             out = {}
-            for dataset, entry, member in archive.read_archive(f):
+            for dataset, entry, member in archives.read_archive(f):
                 if member:
-                    header, *rows = archive.csv_rows(member)
+                    header, *rows = archives.csv_rows(member)
                     out[dataset] = (header, rows)
             return out
 

@@ -17,9 +17,11 @@ Exit codes:
 When several apply, the highest is returned.
 """
 import argparse
+import json
 import logging
 import os
 import sys
+import tarfile
 import tempfile
 import time
 from contextlib import closing
@@ -259,9 +261,9 @@ def dry_run(cfg, source, hours):
 
 
 def read_manifest(path):
-    with open(path, "rb") as f:
-        for _, manifest, _ in archive.read_archive(f):
-            return manifest
+    """The manifest of an archive this agent built (its first member)."""
+    with tarfile.open(path, "r:gz") as tar:
+        return json.load(tar.extractfile(tar.next()))
 
 
 def _rows(manifest):

@@ -28,9 +28,10 @@ import tornado.web
 from tornado import httputil
 from tornado.ioloop import IOLoop
 
-from ganymede_agent.archive import ArchiveError, Limits
+from ganymede_agent.archive import ArchiveError
 
 from .. import archives, hours, paths
+from ..archives import Limits
 from ..errors import HourError, StoreUnavailable, TransactionError
 from ..stores import mysql, txlog
 

@@ -9,10 +9,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import luigi.configuration
-from ganymede_agent.archive import Limits
 from tornado.httpserver import HTTPServer
 
 from .. import config
+from ..archives import Limits
 from ..errors import ConfigError
 from ..paths import StateRoot
 from . import sweep

@@ -16,9 +16,10 @@ from contextlib import closing
 from datetime import timedelta
 from functools import partial
 
-from ganymede_agent.archive import ArchiveError, read_archive
+from ganymede_agent.archive import ArchiveError
 
 from .. import config, datasets, hours, markers
+from ..archives import read_archive
 from ..datasets import RowError
 from ..errors import TransactionError
 from ..stores import mongo, mysql, previous, staging, txlog
