@@ -17,9 +17,9 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from ganymede_agent.archive import MANIFEST_NAME, ArchiveError, fsync_path, validate_manifest
+from ganymede_agent.archive import MANIFEST_NAME, ArchiveError, validate_manifest
 
-from . import hours
+from . import files, hours
 from .markers import write_json
 from .datasets import CATALOG, RowError
 
@@ -259,12 +259,7 @@ def reason_path(quarantine_path):
 
 def install(src, dest):
     """Move a verified archive to its final path atomically and durably (same filesystem)."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fsync_path(src)
-    os.replace(src, dest)
-    fsync_path(os.path.dirname(dest))
-    fsync_path(os.path.dirname(src))
-    return dest
+    return files.move_durably(src, dest)
 
 
 def quarantine(src, dest, reason, detail=None):
@@ -277,9 +272,7 @@ def quarantine(src, dest, reason, detail=None):
     record = dict(detail or {}, reason=reason,
                   quarantined_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
     write_json(why, record)
-    os.replace(src, dest)
-    fsync_path(os.path.dirname(dest))
-    fsync_path(os.path.dirname(src))
+    files.move_durably(src, dest)
     return why
 
 

@@ -8,7 +8,6 @@ import json
 import os
 import tempfile
 
-from ganymede_agent.archive import fsync_path
 
 
 def write_json(path, data):
@@ -23,14 +22,6 @@ def write_bytes(path, data):
 def read_json(path):
     with open(path, "rb") as f:
         return json.load(f)
-
-
-def move_atomic(src, dst):
-    """Rename within one filesystem, creating the destination directory; fsync both directories."""
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    os.replace(src, dst)
-    for directory in {os.path.dirname(src), os.path.dirname(dst)}:
-        fsync_path(directory)
 
 
 class AtomicFile:

@@ -14,9 +14,9 @@ string literal, so a secret key cannot leak through them.
 """
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 
+from . import files
 from .errors import S3CredentialsError
 
 
@@ -264,20 +264,9 @@ def parse(text):
 
 def read(path):
     """Read and parse a .s3curl file, refusing one that others could read."""
+    raw = files.read_private(path, lambda message: S3CredentialsError(
+        message + (": create it (s3curl format) with mode 600" if message.endswith("does not exist") else "")))
     path = os.path.expanduser(path)
-    try:
-        # O_NONBLOCK: a FIFO planted at the path must not hang the pipeline.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise S3CredentialsError(f"{path} does not exist: create it (s3curl format) with mode 600") from None
-    except OSError as exc:
-        raise S3CredentialsError(f"cannot open {path}: {exc.strerror}") from None
-    try:
-        _check_private(path, os.fstat(fd))
-        with open(fd, "rb", closefd=False) as handle:
-            raw = handle.read()
-    finally:
-        os.close(fd)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -286,16 +275,6 @@ def read(path):
         return parse(text)
     except S3CredentialsError as exc:
         raise S3CredentialsError(f"{path}: {exc}") from None
-
-
-def _check_private(path, info):
-    """s3curl's own rule: a credentials file that others can touch is not used."""
-    if not stat.S_ISREG(info.st_mode):
-        raise S3CredentialsError(f"{path} is not a regular file")
-    if info.st_mode & 0o077:
-        raise S3CredentialsError(
-            f"{path} is accessible by group or others (mode {stat.S_IMODE(info.st_mode):04o}): "
-            f"run chmod 600 {path}")
 
 
 def load(path, profile):

@@ -115,7 +115,7 @@ KILL_POINTS = [
     ("extract-before-delivery", "extract written, before delivery to the outbox",
      "ganymede.tasks.extract:deliver", 1, None, False),
     ("extract-mid-outbox-copy", "during the outbox copy (copied, not renamed into place)",
-     "ganymede.markers:move_atomic", 1, "state/outbox/", False),
+     "ganymede.files:move_durably", 1, "state/outbox/", False),
     ("extract-before-marker", "extract delivered, before its manifest (the task's marker)",
      "ganymede.markers:write_json", 1, ".manifest.json", False),
     ("dump-mid-write", "during the schema dump (written, not renamed)",
@@ -133,7 +133,7 @@ KILL_POINTS = [
     ("mid-backed-up-events", "after upload: one `backed_up` event logged of two",
      "ganymede.stores.txlog:append_event", 2, "'backed_up'", False),
     ("mid-move", "during the move: one archive moved to archives/, one still in upload/",
-     "ganymede.markers:move_atomic", 2, None, False),
+     "ganymede.files:move_durably", 2, None, False),
     ("moved-before-marker", "everything verified, before the backup marker (written before the move)",
      "ganymede.markers:write_json", 1, "backup.json", False),
 ]
@@ -206,7 +206,7 @@ LATE_KILL_POINTS = [
     ("late-upload-mid", "during the upload of the late objects",
      "ganymede.stores.s3:S3Store._upload", 2, None, False),
     ("late-mid-move", "during the move of the late archives",
-     "ganymede.markers:move_atomic", 2, None, False),
+     "ganymede.files:move_durably", 2, None, False),
     ("late-before-marker", "late archives moved, before the backup marker",
      "ganymede.markers:write_json", 1, "backup.json", False),
 ]
@@ -230,7 +230,7 @@ def test_kill_9_while_delivering_a_late_arrival_and_a_replacement(world, late_ba
 @pytest.mark.timeout(60)
 def test_a_crash_mid_outbox_copy_leaves_no_partial_file_in_the_vendors_outbox(world):
     """The outbox is the vendor's pickup directory: a half-copied extract must not stay there."""
-    crashed = F.run(F.faulty_command("ganymede.markers:move_atomic", 1, "state/outbox/",
+    crashed = F.run(F.faulty_command("ganymede.files:move_durably", 1, "state/outbox/",
                                      args=F.luigi_args(HOUR_TEXT)), world.subprocess_env)
     assert crashed.returncode == F.SIGKILLED, crashed.stderr[-2000:]
     assert F.run(F.luigi_command(HOUR_TEXT), world.subprocess_env).returncode == 0

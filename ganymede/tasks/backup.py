@@ -18,7 +18,7 @@ from contextlib import closing
 
 import luigi
 
-from .. import config, hours, markers
+from .. import config, files, hours, markers
 from ..errors import CommandError, GanymedeError
 from ..stores import mysql, previous, txlog
 from ..stores import s3
@@ -125,7 +125,7 @@ def move_archives(archives):
     moved = []
     for agent_id, transaction_id, path, done in archives:
         if path != done:
-            markers.move_atomic(path, done)
+            files.move_durably(path, done)
             moved.append(transaction_id)
     return moved
 

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import ssl
-import stat
 import time
 from contextlib import closing
 from datetime import datetime
@@ -31,7 +30,7 @@ from urllib.parse import urlsplit
 
 import luigi
 
-from .. import config, datasets, hours, markers
+from .. import config, datasets, files, hours, markers
 from ..errors import ConfigError, DeliveryError, GanymedeError
 from ..stores import mongo, mysql, txlog
 from .agent import state_root
@@ -219,24 +218,14 @@ def copy_to_outbox(path, outbox):
         shutil.copyfileobj(src, out, 1 << 20)
         out.flush()
         os.fsync(out.fileno())
-    markers.move_atomic(partial, dest)
+    files.move_durably(partial, dest)
     return dest
 
 
 def read_token(path):
     """The bearer token in `path`, refused if group or others can read it (like .s3curl)."""
-    path = os.path.expanduser(path)
-    try:
-        with open(path, "rb") as handle:
-            mode = os.fstat(handle.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise ConfigError(f"[extract] token_file {path} is not a regular file")
-            if mode & 0o077:
-                raise ConfigError(f"[extract] token_file {path} is accessible by group or others "
-                                  f"(mode {stat.S_IMODE(mode):04o}): run chmod 600 {path}")
-            token = handle.read().decode("utf-8", "replace").strip()
-    except OSError as exc:
-        raise ConfigError(f"[extract] token_file {path}: {exc.strerror}") from None
+    token = files.read_private(path, lambda message: ConfigError(f"[extract] token_file {message}"))
+    token = token.decode("utf-8", "replace").strip()
     if not token or any(c in token for c in "\r\n"):
         raise ConfigError(f"[extract] token_file {path} must hold one non-empty line")
     return token

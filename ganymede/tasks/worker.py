@@ -23,7 +23,7 @@ from ..archives import read_archive
 from ..datasets import RowError
 from ..errors import TransactionError
 from ..stores import mongo, mysql, previous, staging, txlog
-from .agent import AgentArchive, TransactionTask, state_root
+from .agent import AgentArchive, TransactionTask
 
 
 # --- staging ---------------------------------------------------------------------
