@@ -34,8 +34,9 @@ def sha256_file(path):
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def read_private(path, error):
-    """The bytes of a file only its owner may read; `error(message)` builds the exception raised otherwise.
+def read_private(path, error, missing_hint=""):
+    """The bytes of a file only its owner may read; `error(message)` builds the exception raised otherwise
+    (`missing_hint` is added to the message when the file does not exist).
 
     Opened without blocking, so a FIFO planted at the path cannot hang the caller.
     """
@@ -43,7 +44,7 @@ def read_private(path, error):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise error(f"{path} does not exist") from None
+        raise error(f"{path} does not exist{missing_hint}") from None
     except OSError as exc:
         raise error(f"cannot open {path}: {exc.strerror}") from None
     try:

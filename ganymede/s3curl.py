@@ -264,8 +264,7 @@ def parse(text):
 
 def read(path):
     """Read and parse a .s3curl file, refusing one that others could read."""
-    raw = files.read_private(path, lambda message: S3CredentialsError(
-        message + (": create it (s3curl format) with mode 600" if message.endswith("does not exist") else "")))
+    raw = files.read_private(path, S3CredentialsError, ": create it (s3curl format) with mode 600")
     path = os.path.expanduser(path)
     try:
         text = raw.decode("utf-8")
