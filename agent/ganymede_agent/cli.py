@@ -115,10 +115,7 @@ def main(argv=None):
         cfg = config.load(args.config, agent_id=args.agent_id)
     except config.ConfigError as exc:
         usage_error(str(exc))
-    try:
-        source = collect.Source(cfg.database, cfg.datasets, cfg.database.reader)
-    except collect.CollectError as exc:
-        usage_error(str(exc))
+    source = collect.Source(cfg.database, cfg.datasets)
     if args.dry_run:
         return dry_run(cfg, source, hours)
     spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
@@ -149,8 +146,7 @@ class Run:
             self.spool.update_state(replace=sorted(set(state.get("replace", [])) | set(hours)))
         failed = self.collect(hours, default, state)
         code = max(self.deliver(), EXIT_KEPT if failed else EXIT_OK)
-        self.spool.update_state(last_run={"at": _utc_now(), "exit": code, "version": __version__,
-                                          "reader": self.source.reader})
+        self.spool.update_state(last_run={"at": _utc_now(), "exit": code, "version": __version__})
         return code
 
     def collect(self, hours, default, state):
@@ -222,18 +218,10 @@ class Run:
 
 
 def build(cfg, source, hour, dest, workdir):
-    """Collect one hour into an archive at `dest` (atomic); the manifest. Falls back to pymysql in auto mode."""
+    """Collect one hour into an archive at `dest` (atomic); returns the manifest."""
     fields = {"agent_id": cfg.agent_id, "geo": cfg.geo, "hour": hour, "agent_version": __version__}
-    try:
-        with closing(source.datasets(hour)) as datasets:
-            return archive.build_archive(dest, fields, datasets, workdir)
-    except collect.CollectError as exc:
-        if not (source.reader == "client" and cfg.database.reader == "auto"):
-            raise
-        log.warning("hour %s: the command-line client failed (%s); using pymysql from now on", hour, exc)
-        source.reader = "pymysql"
-        with closing(source.datasets(hour)) as datasets:
-            return archive.build_archive(dest, fields, datasets, workdir)
+    with closing(source.datasets(hour)) as datasets:
+        return archive.build_archive(dest, fields, datasets, workdir)
 
 
 def dry_run(cfg, source, hours):
