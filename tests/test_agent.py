@@ -901,6 +901,18 @@ def test_spool_limit_drops_the_oldest_with_a_counter(genv, geo_db, tmp_path):
     assert agent.state()["dropped"] == 2 and agent.state()["dropped_hours"] == [recent(3), recent(2)]
 
 
+def test_an_unreadable_spooled_archive_is_set_aside(genv, geo_db, tmp_path):
+    agent = Agent(genv, geo_db, tmp_path, f"http://127.0.0.1:{free_port()}")  # API down: the hour stays spooled
+    assert agent.run("--hour", recent(2)).returncode == cli.EXIT_KEPT
+    with open(os.path.join(agent.spool_dir, f"{spool.hour_key(recent(2))}.tar.gz"), "wb") as f:
+        f.write(b"not an archive any more")  # a damaged disk
+    result = agent.run("--hour", recent(1))
+    assert result.returncode == cli.EXIT_REJECTED and f"hour {recent(2)} REJECTED" in result.stderr
+    assert sorted(os.listdir(os.path.join(agent.spool_dir, "rejected"))) == [
+        f"{spool.hour_key(recent(2))}.reason.json", f"{spool.hour_key(recent(2))}.tar.gz"]
+    assert agent.spooled() == [f"{spool.hour_key(recent(1))}.tar.gz"]  # the next hour is still delivered later
+
+
 def test_an_hour_the_database_could_not_give_is_collected_next_run(genv, geo_db, tmp_path):
     agent = Agent(genv, geo_db, tmp_path, f"http://127.0.0.1:{free_port()}")
     agent.configure(database=geo_db.name + "_later")
