@@ -4,6 +4,7 @@ real GEO database in MariaDB made by the generator.
 """
 import ast
 import csv
+import glob
 import gzip
 import hashlib
 import http.client
@@ -703,6 +704,20 @@ def test_happy_path_delivers_the_hour(genv, api, geo_db, tmp_path):
     again = agent.run("--hour", hour)  # same rows again: the server already has this very archive
     assert again.returncode == cli.EXIT_OK and "already completed" in again.stderr
     assert len(agent.transactions(hour)) == 1
+
+
+def test_an_account_named_NULL_arrives_as_NULL(genv, api, geo_db, tmp_path):
+    hour = recent(2)
+    generator.generate_hour(geo_db.conn, hour, accounts=3, endpoints=1, nodes=1, seed=1)
+    with geo_db.conn.cursor() as cur:
+        cur.execute("UPDATE account_usage_hourly SET account_id = 'NULL' WHERE account_id = 'acct-0000001'")
+    agent = Agent(genv, geo_db, tmp_path, api.start().url)
+    result = agent.run("--hour", hour)
+    assert result.returncode == cli.EXIT_OK, result.stderr
+    (tx,) = agent.transactions(hour)
+    (path,) = glob.glob(os.path.join(genv.root, "upload", "**", tx["transaction_id"] + ".tar.gz"), recursive=True)
+    rows = list(csv.reader(io.StringIO(members(path)["account_usage.csv"].decode(), newline="")))
+    assert [r[0] for r in rows] == ["account_id", "acct-0000000", "acct-0000002", "NULL"]  # case-insensitive order
 
 
 def test_api_down_then_up_delivers_spooled_hours_in_order(genv, api, geo_db, tmp_path):
