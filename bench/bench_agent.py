@@ -154,8 +154,8 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
     agent, bare, dump = best["agent"], best["bare"], best["dump"]
-    figure = (f"agent archive build at {args.rows:,} rows: {agent['rows_s']:,.0f} rows/s "
-              f"(target >= {TARGET_ROWS_S:,}; {agent['seconds']:.2f} s, CPU {agent['cpu']:.2f} core, "
+    figure = (f"agent archive build at {args.rows:,} rows: {agent['rows_s']:.0f} rows/s "
+              f"(target >= {TARGET_ROWS_S}; {agent['seconds']:.2f} s, CPU {agent['cpu']:.2f} core, "
               f"archive {agent['bytes'] / 1e6:.1f} MB), peak RSS {agent['vmhwm_mb']:.0f} MB "
               f"(target < {TARGET_RSS_MB} MB); bare SSCursor read {bare['rows_s']:,.0f} rows/s, "
               f"agent/bare {agent['rows_s'] / bare['rows_s']:.2f}; "
