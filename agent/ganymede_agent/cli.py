@@ -30,7 +30,7 @@ from datetime import datetime, timedelta, timezone
 
 from . import __version__, archive, collect, config
 from .client import Api, Misdirected, Refused, RetryBudget, Unavailable
-from .spool import Spool, SpoolError, SpoolLocked
+from .spool import Spool, SpoolError, SpoolLocked, utc_now
 
 EXIT_OK, EXIT_KEPT, EXIT_USAGE, EXIT_LOCKED, EXIT_REJECTED, EXIT_AUTH = 0, 1, 2, 3, 4, 5
 MAX_HOURS = 24 * 31  # one --backfill at most
@@ -155,7 +155,7 @@ class Run:
             self.spool.update_state(replace=sorted(set(state.get("replace", [])) | set(hours)))
         failed = self.collect(hours, default, state)
         code = max(self.deliver(), EXIT_KEPT if failed else EXIT_OK)
-        self.spool.update_state(last_run={"at": _utc_now(), "exit": code, "version": __version__})
+        self.spool.update_state(last_run={"at": utc_now(), "exit": code, "version": __version__})
         return code
 
     def collect(self, hours, default, state):
@@ -271,10 +271,6 @@ def read_manifest(path):
 
 def _rows(manifest):
     return ", ".join(f"{name}={entry['rows']}" for name, entry in manifest["datasets"].items()) + " rows"
-
-
-def _utc_now():
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 if __name__ == "__main__":
