@@ -1,25 +1,27 @@
 #!/usr/bin/env python3
-"""Archive build speed and memory of ganymede-agent against `mariadb-dump | gzip -1`, same table, same run.
+"""Archive build speed and memory of ganymede-agent against a bare pymysql read of the same rows, same run.
 
-The baseline is the pipeline the old shell agent ran. The agent builds one
-hour's archive (three datasets read with the sample SQL, CSV, manifest,
-tar.gz, fsync'd into place) in a subprocess of its own, with each reader
-(`client`: the mariadb command-line client; `pymysql`: a server-side cursor
-without type conversion), and reports its build time and peak RSS (VmHWM; the
-client process's peak is shown beside it). Rows come from the generator
-(`rows=N` spread 60/20/20 over the three tables of one hour); the dump reads
-the same three tables. Rounds alternate and the best of each counts, since
-these machines are shared. Memory must not grow with rows, so two sizes run.
+The agent builds one hour's archive (three datasets read with the sample SQL
+through pymysql's server-side cursor, CSV, manifest, tar.gz, fsync'd into
+place) in a process of its own and reports its build time, its CPU time (at
+most one core: it shares the GEO's database server) and its peak RSS (VmHWM).
+The baseline is the least any reader can do: the same three queries through a
+bare SSCursor, rows fetched and dropped. `mariadb-dump | gzip -1` of the same
+tables is shown beside them as a reference, with no target. Rows come from
+the generator (`rows=N` spread 60/20/20 over the three tables of one hour).
+Rounds alternate and the best of each counts, since these machines are shared.
 
-    bench/bench_agent.py                 # 1,000,000 rows, and 250,000 for the RSS comparison
-    bench/bench_agent.py --rows 10000000 --small 1000000
+    bench/bench_agent.py                 # 1,000,000 rows
+    bench/bench_agent.py --rows 20000 --rounds 1 --no-record
 
-Needs the local MariaDB (make services) and mariadb-dump. Prints the ratio
-last and appends a line to BENCHMARKS.md.
+Targets: >= 150,000 rows/s, RSS < 100 MB. Needs the local MariaDB (make
+services) and mariadb-dump. Prints the figure last and appends a line to
+BENCHMARKS.md (unless --no-record).
 """
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -27,53 +29,71 @@ import tempfile
 import time
 import uuid
 from contextlib import closing
+from datetime import timedelta
 
-
-from common import RssWatch, command_line, record, vmhwm_mb  # bench/ is on sys.path: this is a script
+from common import command_line, record, vmhwm_mb  # bench/ is on sys.path: this is a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HOUR = "2026-11-30T05"
 TABLES = ("account_usage_hourly", "api_request_stats", "node_samples")
-READERS = ("client", "pymysql")
+TARGET_ROWS_S, TARGET_RSS_MB = 150_000, 100
 
 
-def child(database, reader, work):
-    """One archive build, as the agent does it; prints its figures as JSON."""
+def _cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def child(kind, database, work):
+    """One archive build as the agent does it, or the bare read; prints its figures as JSON."""
     from ganymede import generator
     from ganymede_agent import cli, collect, config
 
-    path = generator.write_agent_config(os.path.join(work, f"{reader}.cfg"), api_url="http://127.0.0.1:1",
+    path = generator.write_agent_config(os.path.join(work, "bench.cfg"), api_url="http://127.0.0.1:1",
                                         agent_id="bench", token="unused", geo="bench", database=database,
-                                        spool_dir=os.path.join(work, "spool"), reader=reader)
+                                        spool_dir=os.path.join(work, "spool"))
     cfg = config.load(path)
-    source = collect.Source(cfg.database, cfg.datasets, reader)
-    dest = os.path.join(work, f"{reader}.tar.gz")
-    started = time.perf_counter()
-    manifest = cli.build(cfg, source, HOUR, dest, work)
+    dest = os.path.join(work, "bench.tar.gz")
+    cpu, started = _cpu_seconds(), time.perf_counter()
+    if kind == "agent":
+        manifest = cli.build(cfg, collect.Source(cfg.database, cfg.datasets), HOUR, dest, work)
+        rows, size = sum(d["rows"] for d in manifest["datasets"].values()), os.path.getsize(dest)
+        os.remove(dest)
+    else:
+        rows, size = bare_read(cfg), 0
     seconds = time.perf_counter() - started
-    print(json.dumps({
-        "seconds": seconds, "reader": source.reader, "bytes": os.path.getsize(dest),
-        "rows": sum(d["rows"] for d in manifest["datasets"].values()), "vmhwm_mb": vmhwm_mb()}))
-    os.remove(dest)
+    print(json.dumps({"seconds": seconds, "cpu": (_cpu_seconds() - cpu) / seconds, "rows": rows, "bytes": size,
+                      "vmhwm_mb": vmhwm_mb()}))
 
 
-def run_agent(database, reader, work):
-    """One build in a process of its own; the peak RSS of its command-line clients is watched from here, not
-    from inside the timed build (polling /proc there cost it ~1 ms of CPU, and the GIL, every 20 ms)."""
-    watch = RssWatch()
-    watch.start()
-    try:
-        with subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", database, reader, work],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) as proc:
-            watch.watch(proc.pid, "build")
-            stdout, stderr = proc.communicate()
-    finally:
-        watch.stop()
-    if proc.returncode != 0:
-        raise SystemExit(f"agent build ({reader}) failed: {stderr[-2000:]}")
-    return dict(json.loads(stdout.strip().splitlines()[-1]),
-                client_maxrss_mb=max(watch.children_of("build").values(), default=0.0))
+def bare_read(cfg):
+    """The sample queries through a bare SSCursor (no value conversion), every row fetched and dropped."""
+    import pymysql
+    import pymysql.converters
+    import pymysql.cursors
+    from ganymede_agent import collect
+
+    db, start = cfg.database, collect.parse_hour(HOUR)
+    params = {"start": start, "end": start + timedelta(hours=1)}
+    rows = 0
+    with closing(pymysql.connect(host=db.host, port=db.port, user=db.user, password=db.password,
+                                 database=db.database, charset="utf8mb4", conv=dict(pymysql.converters.encoders),
+                                 init_command="SET time_zone = '+00:00'")) as conn:
+        for sql in cfg.datasets.values():
+            with conn.cursor(pymysql.cursors.SSCursor) as cur:
+                cur.execute(sql, params)
+                while batch := cur.fetchmany(5000):
+                    rows += len(batch)
+    return rows
+
+
+def run_child(kind, database, work):
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind, database, work],
+                          capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_dump(database, host, port):
@@ -81,7 +101,7 @@ def run_dump(database, host, port):
                f"{database} {' '.join(TABLES)} | gzip -1 > /dev/null")
     started = time.perf_counter()
     subprocess.run(["bash", "-c", command], check=True)
-    return time.perf_counter() - started
+    return {"seconds": time.perf_counter() - started}
 
 
 def measure(rows, args, work):
@@ -89,34 +109,26 @@ def measure(rows, args, work):
 
     database = f"gbench_{uuid.uuid4().hex[:8]}"
     connect = {"host": args.mysql_host, "port": args.mysql_port}
+    runs = {"agent": lambda: run_child("agent", database, work), "bare": lambda: run_child("bare", database, work),
+            "dump": lambda: run_dump(database, args.mysql_host, args.mysql_port)}
     try:
         started = time.perf_counter()
         with closing(generator.create_database(database, **connect)) as conn:
             counts = generator.generate_hour(conn, HOUR, rows=rows, seed=1)
         print(f"{rows:,} rows generated in {time.perf_counter() - started:.1f} s: {counts}", flush=True)
-        run_dump(database, args.mysql_host, args.mysql_port)  # warm the buffer pool for everyone
-        best = {"dump": float("inf")}
-        agent = {}
+        runs["dump"]()  # warm the buffer pool for everyone
+        best = {}
         for r in range(args.rounds):
-            order = ["dump", *READERS] if r % 2 == 0 else [*reversed(READERS), "dump"]
-            for name in order:
-                if name == "dump":
-                    seconds = run_dump(database, args.mysql_host, args.mysql_port)
-                    best["dump"] = min(best["dump"], seconds)
-                    print(f"round {r + 1} mariadb-dump | gzip -1: {rows / seconds:10,.0f} rows/s ({seconds:.2f} s)",
-                          flush=True)
-                    continue
-                result = run_agent(database, name, work)
-                assert result["rows"] == rows and result["reader"] == name, result
-                if name not in agent or result["seconds"] < agent[name]["seconds"]:
-                    agent[name] = result
-                print(f"round {r + 1} agent ({name:7s}):      {rows / result['seconds']:10,.0f} rows/s "
-                      f"({result['seconds']:.2f} s, peak RSS {result['vmhwm_mb']:.0f} MB, client "
-                      f"{result['client_maxrss_mb']:.0f} MB, archive {result['bytes'] / 1e6:.1f} MB)", flush=True)
-        return {"rows": rows, "dump_rows_s": rows / best["dump"],
-                **{f"{n}_rows_s": rows / agent[n]["seconds"] for n in READERS},
-                **{f"{n}_rss_mb": agent[n]["vmhwm_mb"] for n in READERS},
-                "client_process_rss_mb": agent["client"]["client_maxrss_mb"]}
+            for name in (["agent", "bare", "dump"] if r % 2 == 0 else ["dump", "bare", "agent"]):
+                result = runs[name]()
+                assert name == "dump" or result["rows"] == rows, result
+                if name not in best or result["seconds"] < best[name]["seconds"]:
+                    best[name] = result
+                extra = (f", CPU {result['cpu']:.2f} core, peak RSS {result['vmhwm_mb']:.0f} MB"
+                         if name != "dump" else "")
+                print(f"round {r + 1} {name:5s}: {rows / result['seconds']:10,.0f} rows/s "
+                      f"({result['seconds']:.2f} s{extra})", flush=True)
+        return {name: dict(result, rows_s=rows / result["seconds"]) for name, result in best.items()}
     finally:
         generator.drop_database(database, **connect)
 
@@ -124,12 +136,11 @@ def measure(rows, args, work):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the hour (default: %(default)s)")
-    parser.add_argument("--small", type=int, help="a second, smaller size for the RSS comparison (default: rows/4)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each counts")
     parser.add_argument("--mysql-host", default="127.0.0.1")
     parser.add_argument("--mysql-port", type=int, default=3306)
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
-    parser.add_argument("--child", nargs=3, metavar=("DATABASE", "READER", "WORKDIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "DATABASE", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
     if args.child:
@@ -139,26 +150,20 @@ def main():
 
     work = tempfile.mkdtemp(prefix="bench-agent-", dir=os.environ.get("BENCH_TMP"))
     try:
-        small = measure(args.small or max(1, args.rows // 4), args, work)
-        big = measure(args.rows, args, work)
+        best = measure(args.rows, args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    ratio = big["client_rows_s"] / big["dump_rows_s"]
+    agent, bare, dump = best["agent"], best["bare"], best["dump"]
+    figure = (f"agent archive build at {args.rows:,} rows: {agent['rows_s']:.0f} rows/s "
+              f"(target >= {TARGET_ROWS_S}; {agent['seconds']:.2f} s, CPU {agent['cpu']:.2f} core, "
+              f"archive {agent['bytes'] / 1e6:.1f} MB), peak RSS {agent['vmhwm_mb']:.0f} MB "
+              f"(target < {TARGET_RSS_MB} MB); bare SSCursor read {bare['rows_s']:,.0f} rows/s, "
+              f"agent/bare {agent['rows_s'] / bare['rows_s']:.2f}; "
+              f"reference, no target: mariadb-dump | gzip -1 {dump['rows_s']:,.0f} rows/s")
     print()
-    for m in (small, big):
-        print(f"{m['rows']:>11,} rows: agent/client {m['client_rows_s']:10,.0f} rows/s (peak RSS "
-              f"{m['client_rss_mb']:.0f} MB + client {m['client_process_rss_mb']:.0f} MB), agent/pymysql "
-              f"{m['pymysql_rows_s']:10,.0f} rows/s (peak RSS {m['pymysql_rss_mb']:.0f} MB), "
-              f"mariadb-dump | gzip -1 {m['dump_rows_s']:10,.0f} rows/s")
-    print(f"ratio agent (client reader) / mariadb-dump | gzip -1 at {args.rows:,} rows: {ratio:.2f} "
-          f"(target >= 1.0; RSS target < 100 MB)")
+    print(figure)
     if not args.no_record:
-        record(command_line(__file__), f"agent archive build, {big['rows']:,} rows: client reader "
-                f"{big['client_rows_s']:,.0f} rows/s, pymysql reader {big['pymysql_rows_s']:,.0f} rows/s, "
-                f"mariadb-dump | gzip -1 {big['dump_rows_s']:,.0f} rows/s; peak RSS {big['client_rss_mb']:.0f} MB "
-                f"(client reader; {small['client_rss_mb']:.0f} MB at {small['rows']:,} rows), "
-                f"{big['pymysql_rss_mb']:.0f} MB (pymysql) · ratio {ratio:.2f}")
+        record(command_line(__file__), figure)
 
 
 if __name__ == "__main__":

@@ -201,7 +201,7 @@ def sample_datasets():
 
 
 def write_agent_config(path, *, api_url, agent_id, token, geo, database, spool_dir, db_host="127.0.0.1",
-                       db_port=3306, db_user="root", db_password="", reader="auto", spool_max_mb=1024,
+                       db_port=3306, db_user="root", db_password="", spool_max_mb=1024,
                        retry_budget_seconds=300, retry_base_seconds=1.0, retry_cap_seconds=60,
                        request_timeout_seconds=60, datasets=None):
     """Write an agent config (mode 0600) for the demo and tests; the SQL comes from the sample."""
@@ -209,7 +209,7 @@ def write_agent_config(path, *, api_url, agent_id, token, geo, database, spool_d
     parser["agent"] = {"agent_id": agent_id, "geo": geo}
     parser["api"] = {"url": api_url, "token": token, "timeout_seconds": str(request_timeout_seconds)}
     parser["database"] = {"host": db_host, "port": str(db_port), "user": db_user, "password": db_password,
-                          "database": database, "reader": reader}
+                          "database": database}
     parser["spool"] = {"dir": spool_dir, "max_mb": str(spool_max_mb)}
     parser["retry"] = {"budget_seconds": str(retry_budget_seconds), "base_seconds": str(retry_base_seconds),
                        "cap_seconds": str(retry_cap_seconds)}

@@ -1,9 +1,12 @@
-"""The GEO agent: its pieces (config, spool, retries, readers, archives), then the
+"""The GEO agent: its pieces (config, spool, retries, reading, archives), then the
 `ganymede-agent` command against the real API (`ganymede-api` subprocess) and a
 real GEO database in MariaDB made by the generator.
 """
 import ast
 import csv
+import glob
+import gzip
+import hashlib
 import http.client
 import http.server
 import io
@@ -16,6 +19,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.request
@@ -26,7 +30,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ganymede import archives, generator, hours
+from ganymede import generator, hours
 from ganymede.stores import txlog
 from ganymede_agent import archive, cli, collect, config, spool
 from ganymede_agent.client import Api, RetryBudget, Unavailable, parse_retry_after
@@ -343,11 +347,19 @@ account_usage = SELECT a FROM t WHERE h >= %(start)s AND h < %(end)s;
 
 def test_config_loads_and_agent_id_overrides(tmp_path):
     cfg = config.load(write_cfg(tmp_path / "a.cfg", GOOD))
-    assert (cfg.agent_id, cfg.api_url, cfg.database.reader, cfg.retry.budget_seconds) == (
-        "geo-1", "http://127.0.0.1:1", "auto", 300)
+    assert (cfg.agent_id, cfg.api_url, cfg.database.port, cfg.retry.budget_seconds) == (
+        "geo-1", "http://127.0.0.1:1", 3306, 300)
     assert cfg.datasets == {"account_usage": "SELECT a FROM t WHERE h >= %(start)s AND h < %(end)s"}
     assert "secret" not in repr(cfg)
     assert config.load(str(tmp_path / "a.cfg"), agent_id="other").agent_id == "other"
+
+
+def test_config_of_the_removed_client_reader_still_loads_with_a_warning(tmp_path, caplog):
+    path = write_cfg(tmp_path / "a.cfg", GOOD.replace("database = geo\n", "database = geo\nreader = auto\n"
+                                                                            "client_path = /usr/bin/mariadb\n"))
+    assert config.load(path).database.database == "geo"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "[database] reader, client_path ignored" in warning and "\n" not in warning
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o700])
@@ -360,7 +372,6 @@ def test_config_refused_unless_owner_only(tmp_path, mode):
 @pytest.mark.parametrize("change, message", [
     (("token = secret\n", ""), r"\[api\] token is required"),
     (("url = http://127.0.0.1:1", "url = ftp://x"), "must be an http"),
-    (("database = geo\n", "database = geo\nreader = odbc\n"), "reader must be one of"),
     (("AND h < %(end)s;", ""), "must use %\\(start\\)s and %\\(end\\)s"),
     (("[spool]\ndir = /tmp/x\n", "[spool]\ndir = /tmp/x\nmax_mb = lots\n"), "must be a number"),
     (("agent_id = geo-1", "agent_id = bad id!"), "not a plain identifier"),
@@ -468,16 +479,22 @@ def test_spool_removes_half_built_leftovers(tmp_path):
 # --- retries, against a stand-in server ------------------------------------------------------------
 
 class Recorder:
+    """Stands in for the clock and sleep of a RetryBudget: records each delay and lets no real time pass."""
+
     def __init__(self):
-        self.delays = []
+        self.delays, self.now = [], 0.0
 
     def __call__(self, seconds):
         self.delays.append(seconds)
-        time.sleep(min(seconds, 0.01))
+        self.now += seconds
+
+    def clock(self):
+        return self.now
 
 
 def make_api(url, budget=5.0, sleep=None):
-    return Api(url, "a1", "tok", 5, RetryBudget(budget, 0.01, 0.05, sleep=sleep or time.sleep))
+    sleep = sleep or Recorder()
+    return Api(url, "a1", "tok", 5, RetryBudget(budget, 0.01, 0.05, clock=sleep.clock, sleep=sleep))
 
 
 def test_transient_failures_are_retried_until_success(stand_in):
@@ -495,19 +512,20 @@ def test_transient_failures_are_retried_until_success(stand_in):
 def test_retry_budget_runs_out(stand_in):
     server = stand_in()
     server.plan("GET", "/v1/x", *[("status", 503, {})] * 1000)
-    started = time.monotonic()
+    sleep = Recorder()
     with pytest.raises(Unavailable, match="HTTP 503.*retry budget of 0.3s used up"):
-        make_api(server.url, budget=0.3).call("GET", "/v1/x")
-    assert time.monotonic() - started < 2
+        make_api(server.url, budget=0.3, sleep=sleep).call("GET", "/v1/x")
+    assert len(sleep.delays) >= 6 and sum(sleep.delays) <= 0.3  # retried (delays <= 0.05 each) within the budget
+    assert len(server.seen) == len(sleep.delays) + 1
 
 
 def test_retry_after_beyond_the_budget_gives_up_at_once(stand_in):
     server = stand_in()
     server.plan("GET", "/v1/x", ("status", 429, {"Retry-After": "3600"}))
-    started = time.monotonic()
+    sleep = Recorder()
     with pytest.raises(Unavailable):
-        make_api(server.url, budget=5).call("GET", "/v1/x")
-    assert time.monotonic() - started < 1
+        make_api(server.url, budget=5, sleep=sleep).call("GET", "/v1/x")
+    assert sleep.delays == [] and len(server.seen) == 1
 
 
 def test_connection_refused_is_transient():
@@ -537,100 +555,101 @@ def test_retry_after_parsing(value, expected):
     assert parse_retry_after(value, now) == expected
 
 
-# --- readers and archives --------------------------------------------------------------------------
+# --- reading and archives --------------------------------------------------------------------------
 
-def client_batch_line(values):
-    """What `mariadb --batch` prints for a row."""
-    out = []
-    for v in values:
-        if v is None:
-            out.append(b"NULL")
-        else:
-            out.append(v.encode().replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n")
-                       .replace(b"\0", b"\\0"))
-    return b"\t".join(out) + b"\n"
-
-
-def csv_of(rows, datetimes=()):
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    for row in rows:
-        row = ["" if v is None else v for v in row]
-        for i in datetimes:
-            row[i] = row[i][:10] + "T" + row[i][11:] if len(row[i]) > 10 else row[i]
-        writer.writerow(row)
-    return out.getvalue().encode()
-
-
-@pytest.mark.parametrize("rows, datetimes", [
-    ([["acct-1", "12", "0.5"], ["acct-2", "13", "1e+300"]], ()),
-    ([["node-1", "2026-11-30 05:01:02", "3"], ["node-2", "2026-11-30 05:59:59.250000", "4"]], (1,)),
-    ([["a,b", "say \"hi\"", "x"], ["new\nline", "tab\there", "back\\slash"]], ()),
-    ([["cr\rx", None, "é ü"], ["", " lead", "nul\0x"]], ()),
-    ([["with space", "2026-11-30 05:01:02", "1"]], (1,)),
-    ([["2026-11-30 05:01:02", None]], (0,)),
-    ([["NODE-1", "2026-11-30 05:01:02", "3"]], (1,)),  # an N, but no NULL
-    ([["NULLISH", "12"], ["x", None]], ()),
-])
-def test_client_output_becomes_the_csv_the_csv_module_writes(rows, datetimes):
-    data = b"".join(client_batch_line(r) for r in rows)
-    assert collect.tsv_to_csv(data, len(rows[0]), datetimes) == (csv_of(rows, datetimes), len(rows))
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(collect.client_rows([data], len(rows[0]), datetimes))
-    assert out.getvalue().encode() == csv_of(rows, datetimes)
-
-
-TRICKY = [
-    (1, "plain", "2026-11-30 05:00:00", "note", 1.5, b"bin"),
-    (2, "a,b", "2026-11-30 05:10:00.250000", 'q"uote', 0.1, None),
-    (3, "new\nline", None, "tab\there", 1e300, b"\xff\xfe"),
-    (4, "back\\slash", "2026-11-30 05:59:59", "", -2.5e-7, b""),
-    (5, "é ünïcode", "2026-11-30 05:30:00", None, 0.0, b"x"),
-    (6, "a  b", "2026-11-30 05:30:00", " lead", 123456789.125, b"y"),
+# Every class of value as stored in the GEO database, and the exact CSV the archive must carry for it,
+# both written out by hand: the csv module's quoting ('\r' rows fully quoted), SQL NULL as an empty field.
+TEXTS = [  # (id, v TEXT, b VARBINARY)
+    (1, "NULL", b"bin"), (2, "\\N", None), (3, "", None), (4, None, None), (5, "a\tb", None),
+    (6, "a\nb", None), (7, "a\rb", None), (8, "a\r\nb", None), (9, "back\\slash", None),
+    (10, 'say "hi"', None), (11, "it's", None), (12, "a,b", None), (13, "é ünïcode ✓ 😀", "é".encode()),
+    (14, "  x  ", None), (15, '"', None),
 ]
-TRICKY_SQL = ("SELECT id, name, at, note, amount, bin FROM tricky "
-              "WHERE %(start)s IS NOT NULL AND %(end)s IS NOT NULL ORDER BY id")
+TEXTS_CSV = ('id,v,b\n1,NULL,bin\n2,\\N,\n3,,\n4,,\n5,a\tb,\n6,"a\nb",\n"7","a\rb",""\n"8","a\r\nb",""\n'
+             '9,back\\slash,\n10,"say ""hi""",\n11,it\'s,\n12,"a,b",\n13,é ünïcode ✓ 😀,é\n14,  x  ,\n15,"""",\n')
+TEXTS_READ = [["id", "v", "b"], ["1", "NULL", "bin"], ["2", "\\N", ""], ["3", "", ""], ["4", "", ""],
+              ["5", "a\tb", ""], ["6", "a\nb", ""], ["7", "a\rb", ""], ["8", "a\r\nb", ""], ["9", "back\\slash", ""],
+              ["10", 'say "hi"', ""], ["11", "it's", ""], ["12", "a,b", ""], ["13", "é ünïcode ✓ 😀", "é"],
+              ["14", "  x  ", ""], ["15", '"', ""]]
+NUMS_READ = [
+    ["id", "big", "neg", "d", "d2", "dec", "at", "at6", "ts"],
+    ["1", "18446744073709551615", "-5", "0.1", "1e300", "12.500000", "2026-11-30T05:10:00",
+     "2026-11-30T05:10:00.250000", "2026-11-30T05:00:00"],  # ts was written as 07:00 in a +02:00 session
+    ["2", "0", "0", "-0.00000025", "123456789.125", "-0.000001", "2026-11-30T05:59:59", "", ""],
+]
+ANY_HOUR = "WHERE %(start)s IS NOT NULL AND %(end)s IS NOT NULL ORDER BY id"
 
 
-def tricky_table(geo_db):
+def exact_tables(geo_db):
     with geo_db.conn.cursor() as cur:
-        cur.execute("CREATE TABLE tricky (id INT PRIMARY KEY, name VARCHAR(100), at DATETIME(6) NULL, "
-                    "note TEXT NULL, amount DOUBLE, bin VARBINARY(10) NULL) DEFAULT CHARSET=utf8mb4")
-        cur.executemany("INSERT INTO tricky VALUES (%s, %s, %s, %s, %s, %s)", TRICKY)
+        cur.execute("CREATE TABLE texts (id INT PRIMARY KEY, v TEXT NULL, b VARBINARY(20) NULL) DEFAULT CHARSET=utf8mb4")
+        cur.executemany("INSERT INTO texts VALUES (%s, %s, %s)", TEXTS)
+        cur.execute("CREATE TABLE nums (id INT PRIMARY KEY, big BIGINT UNSIGNED, neg INT, d DOUBLE, d2 DOUBLE, "
+                    "`dec` DECIMAL(20,6), at DATETIME, at6 DATETIME(6) NULL, ts TIMESTAMP NULL)")
+        cur.execute("SET time_zone = '+02:00'")
+        cur.execute("INSERT INTO nums VALUES (1, 18446744073709551615, -5, 0.1, 1e300, 12.5, '2026-11-30 05:10:00', "
+                    "'2026-11-30 05:10:00.25', '2026-11-30 07:00:00'), "
+                    "(2, 0, 0, -2.5e-7, 123456789.125, -0.000001, '2026-11-30 05:59:59', NULL, NULL)")
+        cur.execute("SET time_zone = '+00:00'")
+    return {"texts": f"SELECT id, v, b FROM texts {ANY_HOUR}", "nums": f"SELECT * FROM nums {ANY_HOUR}"}
 
 
-def build_with(geo_db, reader, tmp_path, datasets, hour="2026-11-30T05", tag=""):
-    db = config.Database(database=geo_db.name, reader=reader)
-    source = collect.Source(db, datasets, reader)
-    assert source.reader == reader
-    dest = str(tmp_path / f"{reader}{tag}.tar.gz")
+def build_with(geo_db, tmp_path, datasets, hour="2026-11-30T05", tag=""):
+    source = collect.Source(config.Database(database=geo_db.name), datasets)
+    dest = str(tmp_path / f"built{tag}.tar.gz")
     fields = {"agent_id": "a1", "geo": "g", "hour": hour, "agent_version": "test"}
     with closing(source.datasets(hour)) as datasets:
         return archive.build_archive(dest, fields, datasets, str(tmp_path)), dest
 
 
-def archive_csv(path):
-    with open(path, "rb") as f:
-        return {name: list(archives.csv_rows(member)) for name, entry, member in archives.read_archive(f) if member}
+def members(path):
+    """{name: bytes} of an archive, read with nothing but gzip and tarfile."""
+    with gzip.open(path) as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar}
 
 
-def test_both_readers_give_the_same_values_and_bytes(geo_db, tmp_path):
-    tricky_table(geo_db)
-    _, by_client = build_with(geo_db, "client", tmp_path, {"tricky": TRICKY_SQL})
-    _, by_pymysql = build_with(geo_db, "pymysql", tmp_path, {"tricky": TRICKY_SQL})
-    assert open(by_client, "rb").read() == open(by_pymysql, "rb").read()
-    rows = archive_csv(by_pymysql)["tricky"]
-    assert rows[0] == ["id", "name", "at", "note", "amount", "bin"]
-    assert rows[1] == ["1", "plain", "2026-11-30T05:00:00.000000", "note", "1.5", "bin"]
-    assert rows[2][1:4] == ["a,b", "2026-11-30T05:10:00.250000", 'q"uote']
-    assert rows[3][1:4] == ["new\nline", "", "tab\there"] and float(rows[3][4]) == 1e300
-    assert rows[4][1] == "back\\slash" and float(rows[4][4]) == -2.5e-7
-    assert rows[5][1] == "é ünïcode" and rows[5][3] == ""
-    assert rows[6][1] == "a  b" and rows[6][3] == " lead"
+def test_every_value_leaves_the_database_exactly_as_stored(geo_db, tmp_path):
+    manifest, dest = build_with(geo_db, tmp_path, exact_tables(geo_db))
+    data = members(dest)
+    assert list(data) == ["manifest.json", "nums.csv", "texts.csv"]
+    assert data["texts.csv"] == TEXTS_CSV.encode()
+    read = {name: list(csv.reader(io.StringIO(data[name].decode("utf-8"), newline=""))) for name in data
+            if name.endswith(".csv")}
+    assert read == {"texts.csv": TEXTS_READ, "nums.csv": NUMS_READ}
+    assert json.loads(data["manifest.json"])["datasets"]["texts"] == {
+        "file": "texts.csv", "rows": 15, "bytes": len(TEXTS_CSV.encode()),
+        "sha256": hashlib.sha256(TEXTS_CSV.encode()).hexdigest()}
 
 
-@pytest.mark.parametrize("reader", ["client", "pymysql"])
-def test_same_rows_same_archive_bytes(tmp_path, reader):
+def test_a_binary_value_that_is_not_text_stops_the_hour_naming_its_column(geo_db, tmp_path):
+    with geo_db.conn.cursor() as cur:
+        cur.execute("CREATE TABLE blobs (id INT PRIMARY KEY, raw VARBINARY(10))")
+        cur.execute("INSERT INTO blobs VALUES (1, 'text'), (2, 0xfffe)")
+    with pytest.raises(collect.CollectError, match=r"dataset 'blobs', column 'raw': .*not UTF-8.*HEX\(raw\)"):
+        build_with(geo_db, tmp_path, {"blobs": f"SELECT id, raw FROM blobs {ANY_HOUR}"})
+    assert os.listdir(tmp_path) == []  # no archive, no leftovers
+
+
+def test_archive_metadata_is_fixed_and_the_same_rows_give_the_same_bytes(tmp_path):
+    fields = {"agent_id": "a1", "geo": "g", "hour": "2026-11-30T05", "agent_version": "test"}
+    rows = [["acct-1", "5"], ["acct-2", None]]
+    built = []
+    for n in range(2):
+        dest = str(tmp_path / f"{n}.tar.gz")
+        archive.build_archive(dest, fields, [("b", ["k", "v"], iter(rows)), ("a", ["x"], [])])
+        built.append(open(dest, "rb").read())
+    assert built[0] == built[1]
+    assert built[0][:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x04\xff"  # no file name, time 0, level 1, OS unknown
+    with tarfile.open(str(tmp_path / "0.tar.gz")) as tar:
+        infos = tar.getmembers()
+        assert [i.name for i in infos] == ["manifest.json", "a.csv", "b.csv"]
+        assert {(i.mtime, i.uid, i.gid, i.uname, i.gname, i.mode, i.type) for i in infos} == {
+            (1796014800, 0, 0, "", "", 0o644, tarfile.REGTYPE)}  # 2026-11-30T05:00:00Z
+        assert tar.extractfile("b.csv").read() == b"k,v\nacct-1,5\nacct-2,\n"
+    assert sorted(os.listdir(tmp_path)) == ["0.tar.gz", "1.tar.gz"]  # no temporary file left
+
+
+def test_same_rows_same_archive_bytes(tmp_path):
     require_port("127.0.0.1", 3306, "MariaDB")
     names = [f"ggeo_{uuid.uuid4().hex[:10]}" for _ in range(2)]
     try:
@@ -639,8 +658,7 @@ def test_same_rows_same_archive_bytes(tmp_path, reader):
                 generator.generate_hour(conn, "2026-11-30T05", accounts=300, seed=7)
         built = []
         for n, name in enumerate(names):
-            manifest, dest = build_with(SimpleNamespace(name=name), reader, tmp_path, generator.sample_datasets(),
-                                        tag=str(n))
+            manifest, dest = build_with(SimpleNamespace(name=name), tmp_path, generator.sample_datasets(), tag=str(n))
             built.append(open(dest, "rb").read())
         assert built[0] == built[1]
         assert manifest["datasets"]["account_usage"]["rows"] == 300
@@ -651,11 +669,12 @@ def test_same_rows_same_archive_bytes(tmp_path, reader):
 
 
 def test_collect_failure_names_the_dataset(geo_db):
-    source = collect.Source(config.Database(database=geo_db.name), {"broken": TRICKY_SQL}, "pymysql")
-    with pytest.raises(collect.CollectError, match="dataset 'broken':.*tricky"):
+    sql = f"SELECT id FROM missing_table {ANY_HOUR}"
+    source = collect.Source(config.Database(database=geo_db.name), {"broken": sql})
+    with pytest.raises(collect.CollectError, match="dataset 'broken':.*missing_table"):
         with closing(source.datasets("2026-11-30T05")) as datasets:
             list(datasets)
-    source = collect.Source(config.Database(database=geo_db.name + "_missing"), {"x": TRICKY_SQL}, "pymysql")
+    source = collect.Source(config.Database(database=geo_db.name + "_missing"), {"x": sql})
     with pytest.raises(collect.CollectError, match="Unknown database"):
         with closing(source.datasets("2026-11-30T05")) as datasets:
             list(datasets)
@@ -685,6 +704,20 @@ def test_happy_path_delivers_the_hour(genv, api, geo_db, tmp_path):
     again = agent.run("--hour", hour)  # same rows again: the server already has this very archive
     assert again.returncode == cli.EXIT_OK and "already completed" in again.stderr
     assert len(agent.transactions(hour)) == 1
+
+
+def test_an_account_named_NULL_arrives_as_NULL(genv, api, geo_db, tmp_path):
+    hour = recent(2)
+    generator.generate_hour(geo_db.conn, hour, accounts=3, endpoints=1, nodes=1, seed=1)
+    with geo_db.conn.cursor() as cur:
+        cur.execute("UPDATE account_usage_hourly SET account_id = 'NULL' WHERE account_id = 'acct-0000001'")
+    agent = Agent(genv, geo_db, tmp_path, api.start().url)
+    result = agent.run("--hour", hour)
+    assert result.returncode == cli.EXIT_OK, result.stderr
+    (tx,) = agent.transactions(hour)
+    (path,) = glob.glob(os.path.join(genv.root, "upload", "**", tx["transaction_id"] + ".tar.gz"), recursive=True)
+    rows = list(csv.reader(io.StringIO(members(path)["account_usage.csv"].decode(), newline="")))
+    assert [r[0] for r in rows] == ["account_id", "acct-0000000", "acct-0000002", "NULL"]  # case-insensitive order
 
 
 def test_api_down_then_up_delivers_spooled_hours_in_order(genv, api, geo_db, tmp_path):
@@ -881,6 +914,18 @@ def test_spool_limit_drops_the_oldest_with_a_counter(genv, geo_db, tmp_path):
     assert agent.spooled() == [f"{spool.hour_key(recent(1))}.tar.gz"]
     assert result.stderr.count("SPOOL FULL") == 2
     assert agent.state()["dropped"] == 2 and agent.state()["dropped_hours"] == [recent(3), recent(2)]
+
+
+def test_an_unreadable_spooled_archive_is_set_aside(genv, geo_db, tmp_path):
+    agent = Agent(genv, geo_db, tmp_path, f"http://127.0.0.1:{free_port()}")  # API down: the hour stays spooled
+    assert agent.run("--hour", recent(2)).returncode == cli.EXIT_KEPT
+    with open(os.path.join(agent.spool_dir, f"{spool.hour_key(recent(2))}.tar.gz"), "wb") as f:
+        f.write(b"not an archive any more")  # a damaged disk
+    result = agent.run("--hour", recent(1))
+    assert result.returncode == cli.EXIT_REJECTED and f"hour {recent(2)} REJECTED" in result.stderr
+    assert sorted(os.listdir(os.path.join(agent.spool_dir, "rejected"))) == [
+        f"{spool.hour_key(recent(2))}.reason.json", f"{spool.hour_key(recent(2))}.tar.gz"]
+    assert agent.spooled() == [f"{spool.hour_key(recent(1))}.tar.gz"]  # the next hour is still delivered later
 
 
 def test_an_hour_the_database_could_not_give_is_collected_next_run(genv, geo_db, tmp_path):

@@ -1,13 +1,17 @@
 """The GEO stats generator: realistic rows the catalog accepts, deterministic per seed."""
+import csv
+import gzip
+import io
 import os
 import stat
+import tarfile
 import tempfile
 import uuid
 from contextlib import closing
 
 import pytest
 
-from ganymede import archives, generator
+from ganymede import generator
 from ganymede.datasets import CATALOG
 from ganymede_agent import archive, collect, config
 
@@ -26,21 +30,22 @@ def geo_db():
     generator.drop_database(name)
 
 
-def read_datasets(name, hour, reader="pymysql"):
-    """{dataset: (header, rows)} as the server will see them: through the agent's reader, the sample SQL
-    and an archive read back."""
-    source = collect.Source(config.Database(database=name), generator.sample_datasets(), reader)
+def read_datasets(name, hour):
+    """{dataset: (header, rows)}: through the agent's reader, the sample SQL and an archive read back with
+    gzip, tarfile and csv alone."""
+    source = collect.Source(config.Database(database=name), generator.sample_datasets())
     with tempfile.TemporaryDirectory() as tmp:
         dest = os.path.join(tmp, "a.tar.gz")
         with closing(source.datasets(hour)) as datasets:
             archive.build_archive(dest, {"agent_id": "a", "geo": "g", "hour": hour, "agent_version": "t"}, datasets)
-        with open(dest, "rb") as f:
-            out = {}
-            for dataset, entry, member in archives.read_archive(f):
-                if member:
-                    header, *rows = archives.csv_rows(member)
-                    out[dataset] = (header, rows)
-            return out
+        out = {}
+        with gzip.open(dest) as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
+            for member in tar:
+                if member.name.endswith(".csv"):
+                    text = tar.extractfile(member).read().decode("utf-8")
+                    header, *rows = csv.reader(io.StringIO(text, newline=""))
+                    out[member.name[:-len(".csv")]] = (header, rows)
+        return out
 
 
 def test_every_generated_row_satisfies_the_catalog(geo_db):
@@ -79,14 +84,15 @@ def test_hours_stay_apart(geo_db):
     assert all(not rows for header, rows in read_datasets(name, "2026-11-30T07").values())
 
 
-@pytest.mark.parametrize("rows", [0, 1, 7, 1000, 12345])
-def test_rows_spreads_an_exact_total(geo_db, rows):
+@pytest.mark.parametrize("rows, split", [
+    (0, (0, 0, 0)), (1, (0, 0, 1)), (7, (4, 1, 2)), (1000, (600, 200, 200)), (12345, (7407, 2469, 2469))])
+def test_rows_spreads_an_exact_total(geo_db, rows, split):
+    """60% accounts, 20% API stats, the rest node samples."""
     name, conn = geo_db
     counts = generator.generate_hour(conn, HOUR, rows=rows, seed=1)
-    assert sum(counts.values()) == rows
-    assert (counts["account_usage_hourly"], counts["api_request_stats"], counts["node_samples"]) == \
-        generator.split_rows(rows)
-    data = read_datasets(name, HOUR, reader="client")
+    assert (counts["account_usage_hourly"], counts["api_request_stats"], counts["node_samples"]) == split
+    data = read_datasets(name, HOUR)
+    assert tuple(len(data[d][1]) for d in ("account_usage", "api_requests", "node_health")) == split
     for dataset, (header, values) in data.items():
         for row in values:
             CATALOG[dataset].parse_row(row, collect.parse_hour(HOUR))
@@ -105,9 +111,9 @@ def test_write_agent_config_is_private_and_loads(tmp_path):
 
 
 def test_the_sample_config_is_valid_apart_from_its_placeholders(tmp_path):
-    sample = open(generator.sample_config_path()).read()
     path = tmp_path / "agent.cfg"
-    path.write_text(sample)
+    with open(generator.sample_config_path()) as f:
+        path.write_text(f.read())
     os.chmod(path, 0o600)
     cfg = config.load(str(path))
     assert cfg.agent_id == "geo-example-1" and set(cfg.datasets) == set(CATALOG)

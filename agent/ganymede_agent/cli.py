@@ -24,12 +24,13 @@ import sys
 import tarfile
 import tempfile
 import time
+import zlib
 from contextlib import closing
 from datetime import datetime, timedelta, timezone
 
 from . import __version__, archive, collect, config
 from .client import Api, Misdirected, Refused, RetryBudget, Unavailable
-from .spool import Spool, SpoolError, SpoolLocked
+from .spool import Spool, SpoolError, SpoolLocked, utc_now
 
 EXIT_OK, EXIT_KEPT, EXIT_USAGE, EXIT_LOCKED, EXIT_REJECTED, EXIT_AUTH = 0, 1, 2, 3, 4, 5
 MAX_HOURS = 24 * 31  # one --backfill at most
@@ -58,9 +59,20 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+HOUR = timedelta(hours=1)
+
+
+def _this_hour(now=None):
+    return (now or datetime.now(timezone.utc).replace(tzinfo=None)).replace(minute=0, second=0, microsecond=0)
+
+
+def _hour_range(first, last):
+    return [first + i * HOUR for i in range((last - first) // HOUR + 1)]
+
+
 def requested_hours(args, parser_error, now=None):
     """The hours named on the command line, or None for the default (last complete hour and catch-up)."""
-    current = (now or datetime.now(timezone.utc).replace(tzinfo=None)).replace(minute=0, second=0, microsecond=0)
+    current = _this_hour(now)
     try:
         if args.hour:
             hours = [collect.parse_hour(args.hour)]
@@ -68,7 +80,7 @@ def requested_hours(args, parser_error, now=None):
             first, last = (collect.parse_hour(h) for h in args.backfill)
             if first > last:
                 parser_error(f"--backfill FROM {args.backfill[0]} is after TO {args.backfill[1]}")
-            hours = [first + timedelta(hours=i) for i in range(int((last - first) / timedelta(hours=1)) + 1)]
+            hours = _hour_range(first, last)
             if len(hours) > MAX_HOURS:
                 parser_error(f"--backfill spans {len(hours)} hours; at most {MAX_HOURS} per run")
         else:
@@ -82,19 +94,16 @@ def requested_hours(args, parser_error, now=None):
 
 def due_hours(state, catch_up, now=None):
     """Default run: the last complete hour, the hours missed since the last collected one, and failed ones."""
-    last = (now or datetime.now(timezone.utc).replace(tzinfo=None)).replace(minute=0, second=0, microsecond=0)
-    last -= timedelta(hours=1)
-    first = last
+    first = last = _this_hour(now) - HOUR
     if state.get("last_collected"):
         previous = collect.parse_hour(state["last_collected"])
-        first = max(previous + timedelta(hours=1), last - timedelta(hours=max(catch_up - 1, 0)))
-        if previous + timedelta(hours=1) < first:
+        first = max(previous + HOUR, last - max(catch_up - 1, 0) * HOUR)
+        if previous + HOUR < first:
             log.error("the agent did not run for %d hours; collecting only the last %d (catch_up_hours); "
-                      "use --backfill %s %s for the rest", (first - previous) // timedelta(hours=1) - 1, catch_up,
-                      collect.format_hour(previous + timedelta(hours=1)), collect.format_hour(first - timedelta(hours=1)))
-    hours = {collect.format_hour(first + timedelta(hours=i)) for i in range(int((last - first) / timedelta(hours=1)) + 1)}
-    hours.update(state.get("uncollected", []))
-    return sorted(hours)
+                      "use --backfill %s %s for the rest", (first - previous) // HOUR - 1, catch_up,
+                      collect.format_hour(previous + HOUR), collect.format_hour(first - HOUR))
+    hours = {collect.format_hour(h) for h in _hour_range(first, last)}
+    return sorted(hours.union(state.get("uncollected", [])))
 
 
 def main(argv=None):
@@ -115,10 +124,7 @@ def main(argv=None):
         cfg = config.load(args.config, agent_id=args.agent_id)
     except config.ConfigError as exc:
         usage_error(str(exc))
-    try:
-        source = collect.Source(cfg.database, cfg.datasets, cfg.database.reader)
-    except collect.CollectError as exc:
-        usage_error(str(exc))
+    source = collect.Source(cfg.database, cfg.datasets)
     if args.dry_run:
         return dry_run(cfg, source, hours)
     spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
@@ -149,8 +155,7 @@ class Run:
             self.spool.update_state(replace=sorted(set(state.get("replace", [])) | set(hours)))
         failed = self.collect(hours, default, state)
         code = max(self.deliver(), EXIT_KEPT if failed else EXIT_OK)
-        self.spool.update_state(last_run={"at": _utc_now(), "exit": code, "version": __version__,
-                                          "reader": self.source.reader})
+        self.spool.update_state(last_run={"at": utc_now(), "exit": code, "version": __version__})
         return code
 
     def collect(self, hours, default, state):
@@ -222,18 +227,10 @@ class Run:
 
 
 def build(cfg, source, hour, dest, workdir):
-    """Collect one hour into an archive at `dest` (atomic); the manifest. Falls back to pymysql in auto mode."""
+    """Collect one hour into an archive at `dest` (atomic); returns the manifest."""
     fields = {"agent_id": cfg.agent_id, "geo": cfg.geo, "hour": hour, "agent_version": __version__}
-    try:
-        with closing(source.datasets(hour)) as datasets:
-            return archive.build_archive(dest, fields, datasets, workdir)
-    except collect.CollectError as exc:
-        if not (source.reader == "client" and cfg.database.reader == "auto"):
-            raise
-        log.warning("hour %s: the command-line client failed (%s); using pymysql from now on", hour, exc)
-        source.reader = "pymysql"
-        with closing(source.datasets(hour)) as datasets:
-            return archive.build_archive(dest, fields, datasets, workdir)
+    with closing(source.datasets(hour)) as datasets:
+        return archive.build_archive(dest, fields, datasets, workdir)
 
 
 def dry_run(cfg, source, hours):
@@ -261,17 +258,19 @@ def dry_run(cfg, source, hours):
 
 
 def read_manifest(path):
-    """The manifest of an archive this agent built (its first member)."""
-    with tarfile.open(path, "r:gz") as tar:
-        return json.load(tar.extractfile(tar.next()))
+    """The manifest of an archive this agent built (its first member); ArchiveError if it cannot be read."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            first = tar.next()
+            if first is None or first.name != archive.MANIFEST_NAME:
+                raise archive.ArchiveError(f"the first member is not {archive.MANIFEST_NAME}")
+            return archive.validate_manifest(json.load(tar.extractfile(first)))
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise archive.ArchiveError(f"{type(exc).__name__}: {exc}") from None
 
 
 def _rows(manifest):
     return ", ".join(f"{name}={entry['rows']}" for name, entry in manifest["datasets"].items()) + " rows"
-
-
-def _utc_now():
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 if __name__ == "__main__":

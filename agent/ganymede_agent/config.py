@@ -4,6 +4,7 @@ It holds the agent token and the GEO database password, so a file that group
 or others may read is refused before anything in it is used.
 """
 import configparser
+import logging
 import os
 import re
 import stat
@@ -11,9 +12,10 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 DEFAULT_PATH = "/etc/ganymede/agent.cfg"
-READERS = ("auto", "client", "pymysql")
+OBSOLETE = ("reader", "client_path")  # [database] keys of the removed command-line client reader
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+log = logging.getLogger("ganymede_agent")
 
 
 class ConfigError(Exception):
@@ -36,8 +38,6 @@ class Database:
     database: str = ""
     unix_socket: str = ""
     connect_timeout: float = 10.0
-    reader: str = "auto"
-    client_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,11 @@ def load(path=DEFAULT_PATH, agent_id=None):
         user=get("database", "user", "root"), password=get("database", "password", ""),
         database=get("database", "database"), unix_socket=get("database", "unix_socket", ""),
         connect_timeout=get.float("database", "connect_timeout_seconds", 10),
-        reader=get("database", "reader", "auto"), client_path=get("database", "client_path", ""),
     )
-    if db.reader not in READERS:
-        raise ConfigError(f"{path}: [database] reader must be one of {', '.join(READERS)}, not {db.reader!r}")
+    obsolete = [key for key in OBSOLETE if parser.has_option("database", key)]
+    if obsolete:
+        log.warning("%s: [database] %s ignored: the agent always reads with pymysql's server-side cursor now; "
+                    "remove %s", path, ", ".join(obsolete), "them" if len(obsolete) > 1 else "it")
     ca_file = get("api", "ca_file", "")
     if ca_file and not os.access(ca_file, os.R_OK):
         raise ConfigError(f"{path}: [api] ca_file {ca_file} is not a readable file")

@@ -148,7 +148,7 @@ class Spool:
         """Move an archive the API refused for good to rejected/, with the server's reason beside it."""
         key = hour_key(hour)
         _write_json(os.path.join(self.rejected_dir, key + ".reason.json"),
-                    dict(reason, hour=hour, agent_id=self.agent_id, at=_now()))
+                    dict(reason, hour=hour, agent_id=self.agent_id, at=utc_now()))
         os.replace(self.path_for(hour), os.path.join(self.rejected_dir, key + ".tar.gz"))
         fsync_path(self.rejected_dir)
         fsync_path(self.dir)
@@ -175,7 +175,7 @@ class Spool:
         self.update_state(**{counter: state.get(counter, 0) + n})
 
 
-def _now():
+def utc_now():
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
