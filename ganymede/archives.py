@@ -252,7 +252,7 @@ def _read_header(stream):
     name = _field(block[:100])
     if block[257:265] == _USTAR_MAGIC[0] and _field(block[345:500]):
         name = _field(block[345:500]) + b"/" + name
-    name, kind = printable(name.decode("utf-8", "surrogateescape")), block[156:157]
+    name, kind = printable(name.decode("utf-8", "backslashreplace")), block[156:157]
     if kind in _NOT_REGULAR:
         raise ArchiveError(f"not a regular file (links, devices, FIFOs and directories are refused): "
                            f"a {_NOT_REGULAR[kind]}", name)
