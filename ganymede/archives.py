@@ -43,6 +43,7 @@ _CHUNK = 1 << 20
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _MAX_PADDING = 1 << 20  # zeros accepted after the end-of-archive blocks (tar pads to its record size)
+_MAX_REASON = 500  # characters of a refusal kept (a header row or a manifest key could be 64 KiB)
 _USTAR_MAGIC = (b"ustar\x0000", b"ustar  \x00")  # POSIX, GNU
 _NOT_REGULAR = {b"1": "hard link", b"2": "symbolic link", b"3": "character device", b"4": "block device",
                 b"5": "directory", b"6": "FIFO"}
@@ -121,6 +122,8 @@ class _Gzip:
         return self.buffer if start == 0 and self.offset == len(self.buffer) else self.buffer[start:self.offset]
 
     def read_exact(self, n):
+        if not n:
+            return b""
         data = self.read(n)
         while len(data) < n:
             more = self.read(n - len(data))
@@ -418,9 +421,20 @@ def check_file(path, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
         try:
             counts = validate(reader, agent_id, geo, hour, limits, catalog)
         except ArchiveError as exc:
-            exc.file_sha256 = reader.drain()
-            raise
+            refusal = _fit_for_a_log(exc)
+            refusal.file_sha256 = reader.drain()
+            raise refusal from None
         return counts, reader.drain()
+
+
+def _fit_for_a_log(exc):
+    """The refusal as it reaches the API log, the JSON reason and the transaction log: escaped and short."""
+    message = printable(str(exc))
+    if message == str(exc) and len(message) <= _MAX_REASON:
+        return exc
+    short = ArchiveError(message[:_MAX_REASON] + ("..." if len(message) > _MAX_REASON else ""))
+    short.member = exc.member
+    return short
 
 
 def reason_path(quarantine_path):

@@ -389,3 +389,14 @@ def test_bomb_read_by_a_worker_stays_below_300_mb(tmp_path, bombs, case):
     result = _probe(tmp_path, "worker", bombs(case))
     assert result["outcome"] != "accepted"
     assert result["peak_kb"] < PEAK_LIMIT_MB << 10, result
+
+
+def test_a_refusal_quoting_agent_text_is_escaped_and_short(tmp_path, limits):
+    """A 60 KB header row with an escape sequence: the reason quotes it, but escaped and cut to 500 characters."""
+    files = dataset_files(HOUR)
+    files["api_requests"] = b"\x1b[2J" + b"h" * 60_000 + b"\n"
+    with pytest.raises(ArchiveError) as err:
+        check(write_archive(tmp_path / "a.tar.gz", files=files), limits)
+    message = str(err.value)
+    assert message.startswith("api_requests.csv: header ['\\x1b[2Jhhh") and message.endswith("hhh...")
+    assert len(message) == 503 and "\x1b" not in message
