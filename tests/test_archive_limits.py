@@ -16,11 +16,13 @@ import sys
 import tarfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 from ganymede_agent.archive import ArchiveError, sha256_file
 
 from ganymede import archives
+from conftest import require_port
 from ganymede.api.main import settings_from_config
 from test_archives import AGENT, HEADERS, HOUR, csv_bytes, dataset_files, manifest_for
 
@@ -400,3 +402,48 @@ def test_a_refusal_quoting_agent_text_is_escaped_and_short(tmp_path, limits):
     message = str(err.value)
     assert message.startswith("api_requests.csv: header ['\\x1b[2Jhhh") and message.endswith("hhh...")
     assert len(message) == 503 and "\x1b" not in message
+
+
+# --- the same bombs through ganymede-api: create, PUT, complete --------------------------------------
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """ganymede-api as production runs it, at its default [api] limits, and the agent the bombs name."""
+    import faultlib as F
+    require_port("127.0.0.1", 3306, "MariaDB")
+    base = tmp_path_factory.mktemp("api")
+    env = F.new_world(base)
+    proc = F.ApiProcess(env, base / "api.log").start()
+    token = F.register_agent(env, AGENT, "test")
+    yield SimpleNamespace(F=F, proc=proc, port=proc.port, token=token)
+    proc.stop()
+    F.drop_world(env)
+
+
+def _api_peak_kb(proc):
+    with open(f"/proc/{proc.proc.pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+
+
+def _send(api, path):
+    F, hour_text = api.F, HOUR.strftime("%Y-%m-%dT%H")
+    created = F.create_transaction(api.port, AGENT, api.token, hour_text)
+    assert created.status in (200, 201), created
+    transaction_id = created.json["transaction_id"]
+    with open(path, "rb") as f:
+        assert F.upload(api.port, AGENT, api.token, transaction_id, f.read()).status == 200
+    return F.complete(api.port, AGENT, api.token, transaction_id)
+
+
+@pytest.mark.parametrize("case", sorted(BOMBS))
+def test_bomb_through_the_api_is_a_422_and_its_peak_stays_below_300_mb(api, bombs, case):
+    reply = _send(api, bombs(case))
+    assert reply.status == 422 and BOMBS[case][1] in reply.json["error"], reply
+    assert _api_peak_kb(api.proc) < PEAK_LIMIT_MB << 10
+    assert api.F.healthz(api.port).status == 200
+
+
+def test_a_valid_archive_through_the_same_api_completes(api, tmp_path):
+    reply = _send(api, write_archive(tmp_path / "a.tar.gz"))
+    assert reply.status == 200, reply
+    assert reply.json["rows"] == {"account_usage": 3, "api_requests": 3, "node_health": 3}
