@@ -78,8 +78,8 @@ class _HashingReader:
 
 @dataclass(frozen=True)
 class Limits:
-    """What a reader accepts; the server sets these from its config."""
-    max_member_bytes: int = 2 << 30
+    """What a reader accepts; the API sets the sizes from [api], the defaults are [api]'s defaults."""
+    max_member_bytes: int = 4 << 30
     max_total_bytes: int = 8 << 30
     max_manifest_bytes: int = 1 << 20
     max_members: int = 64
@@ -100,8 +100,10 @@ class _Gzip:
     def _fill(self):
         """Inflate the next piece into the buffer; False at the end of the gzip member."""
         while not self.inflater.eof:
-            data = self.inflater.unconsumed_tail or self.raw.read(_CHUNK)
-            self.seen += len(data)
+            data = self.inflater.unconsumed_tail
+            if not data:
+                data = self.raw.read(_CHUNK)
+                self.seen += len(data)
             try:
                 out = self.inflater.decompress(data, _CHUNK)
             except zlib.error as exc:

@@ -130,6 +130,7 @@ def test_production_limits_are_the_documented_defaults(limits):
     """[api] max_member_mb = 4096, max_total_mb = 8192; the reader's own: 1 MiB manifest, 64 members, 64 KiB lines."""
     assert (limits.max_member_bytes, limits.max_total_bytes) == (4096 << 20, 8192 << 20)
     assert (limits.max_manifest_bytes, limits.max_members, limits.max_line_bytes) == (1 << 20, 64, 65536)
+    assert archives.Limits() == limits, "the worker reads with Limits(): it must accept what the API accepted"
 
 
 # --- every header kind but a regular file is refused from its header ---------------------------------
