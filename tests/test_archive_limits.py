@@ -22,8 +22,8 @@ import pytest
 from ganymede_agent.archive import ArchiveError, sha256_file
 
 from ganymede import archives
-from conftest import require_port
 from ganymede.api.main import settings_from_config
+from conftest import require_port
 from test_archives import AGENT, HEADERS, HOUR, csv_bytes, dataset_files, manifest_for
 
 GIB_IN_MIB = 1024
