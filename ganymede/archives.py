@@ -1,29 +1,59 @@
 """Server-side checks of an uploaded archive, and where it goes afterwards.
 
-The format itself (and its refusal of links, devices, odd paths and oversize
-members) lives in `ganymede_agent.archive`; here the archive is checked
-against what the server knows: the transaction's agent and hour, the dataset
-catalog, and every row parsed as the pipeline will parse it. An archive that
-passes is installed under upload/, one that does not is quarantined with the
-reason beside it. Plain functions over paths; the API runs them off its loop.
+The stream is read here, not by `tarfile`: tarfile holds a whole pax or GNU
+long-name header in memory before any limit of ours can run (a ~1 MB upload
+of a pax header of hundreds of MB of zeros took the API to 3 GB), and it never
+checks what follows the tar's end. So, byte by byte under limits that apply
+before anything is held:
+- gzip: one zlib inflater (wbits=31) fed and drained 1 MiB at a time; zlib
+  checks the CRC32 and ISIZE, and exactly one gzip member with nothing after
+  it is accepted (no second member, no trailing garbage, no truncation);
+- tar: 512-byte ustar headers parsed here (checksum, octal or base-256
+  size). The agent writes plain ustar, so only regular files with plain names
+  are accepted; every other kind (pax 'x'/'g', GNU 'L'/'K'/'S', contiguous
+  '7', links, devices, directories) is refused from its header alone, its
+  body never read; after the end-of-archive blocks, zero padding only;
+- CSV: each line read with a bounded readline before csv parses it.
+What is held at once is a few MiB of buffers, one CSV record and the manifest,
+whatever the archive declares.
+
+On top of the format, the archive is checked against what the server knows:
+the transaction's agent and hour, the dataset catalog, and every row parsed
+as the pipeline will parse it. An archive that passes is installed under
+upload/, one that does not is quarantined with the reason beside it. Plain
+functions over paths; the API runs them off its loop.
 """
 import csv
 import hashlib
 import io
 import json
 import os
-import tarfile
+import re
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from ganymede_agent.archive import MANIFEST_NAME, ArchiveError, validate_manifest
+from ganymede_agent.archive import FORMAT_VERSION, MANIFEST_NAME, ArchiveError, validate_manifest
 
 from . import files, hours
 from .markers import write_json
 from .datasets import CATALOG, RowError
 
 _CHUNK = 1 << 20
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_MAX_PADDING = 1 << 20  # zeros accepted after the end-of-archive blocks (tar pads to its record size)
+_MAX_REASON = 500  # characters of a refusal kept (a header row or a manifest key could be 64 KiB)
+_USTAR_MAGIC = (b"ustar\x0000", b"ustar  \x00")  # POSIX, GNU
+_NOT_REGULAR = {b"1": "hard link", b"2": "symbolic link", b"3": "character device", b"4": "block device",
+                b"5": "directory", b"6": "FIFO"}
+_EXTENSIONS = {b"x": "pax extended header", b"g": "pax global header", b"L": "GNU long name header",
+               b"K": "GNU long link header", b"S": "GNU sparse file", b"7": "contiguous file"}
+
+
+def printable(text):
+    """Agent-supplied text fit for a log line or a JSON reason: control and other unprintable characters escaped."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class _HashingReader:
@@ -48,26 +78,102 @@ class _HashingReader:
 
 @dataclass(frozen=True)
 class Limits:
-    """What a reader accepts; the server sets these from its config."""
-    max_member_bytes: int = 2 << 30
+    """What a reader accepts; the API sets the sizes from [api], the defaults are [api]'s defaults."""
+    max_member_bytes: int = 4 << 30
     max_total_bytes: int = 8 << 30
     max_manifest_bytes: int = 1 << 20
     max_members: int = 64
     max_line_bytes: int = 64 << 10
 
 
-class _CheckedMember(io.RawIOBase):
-    """Reads one tar member, hashing as it goes; `verify()` checks it against the manifest."""
+class _Gzip:
+    """The inflated bytes of exactly one gzip member, at most _CHUNK held at a time.
 
-    def __init__(self, raw, entry, name):
-        self.raw, self.entry, self.name = raw, entry, name
+    zlib checks the member's CRC32 and ISIZE as it reaches the end; `finish()`
+    checks that nothing follows it.
+    """
+
+    def __init__(self, raw):
+        self.raw, self.inflater, self.seen = raw, zlib.decompressobj(16 + zlib.MAX_WBITS), 0
+        self.buffer, self.offset = b"", 0
+
+    def _fill(self):
+        """Inflate the next piece into the buffer; False at the end of the gzip member."""
+        while not self.inflater.eof:
+            data = self.inflater.unconsumed_tail
+            if not data:
+                data = self.raw.read(_CHUNK)
+                self.seen += len(data)
+            try:
+                out = self.inflater.decompress(data, _CHUNK)
+            except zlib.error as exc:
+                raise ArchiveError(_gzip_reason(str(exc), self.seen)) from None
+            if out:
+                self.buffer, self.offset = out, 0
+                return True
+            if not data:
+                raise ArchiveError("not a gzip'd tar archive (empty file)" if not self.seen
+                                   else "truncated gzip stream (it ends before its CRC32 and length)")
+        return False
+
+    def read(self, n):
+        """Up to n bytes, b"" only at the end of the gzip member."""
+        if self.offset >= len(self.buffer) and not self._fill():
+            return b""
+        start, self.offset = self.offset, min(self.offset + n, len(self.buffer))
+        return self.buffer if start == 0 and self.offset == len(self.buffer) else self.buffer[start:self.offset]
+
+    def read_exact(self, n):
+        if not n:
+            return b""
+        data = self.read(n)
+        while len(data) < n:
+            more = self.read(n - len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+    def finish(self):
+        """After the tar's end: zero padding up to the end of the gzip member, then nothing."""
+        padding = 0
+        for data in iter(lambda: self.read(_CHUNK), b""):
+            padding += len(data)
+            if data.count(0) != len(data):
+                raise ArchiveError("data after the tar's end-of-archive blocks")
+            if padding > _MAX_PADDING:
+                raise ArchiveError(f"more than {_MAX_PADDING} bytes of padding after the tar's end-of-archive blocks")
+        if self.inflater.unused_data or self.raw.read(1):
+            raise ArchiveError("data after the gzip stream (a second gzip member or trailing garbage)")
+
+
+def _gzip_reason(zlib_message, seen):
+    if "incorrect data check" in zlib_message:
+        return "gzip CRC32 does not match the data (corrupt stream)"
+    if "incorrect length check" in zlib_message:
+        return "gzip length (ISIZE) does not match the data (corrupt stream)"
+    if "header" in zlib_message or "compression method" in zlib_message or seen < 10:
+        return f"not a gzip'd tar archive ({zlib_message.rpartition(': ')[2]})"
+    return f"corrupt gzip stream ({zlib_message.rpartition(': ')[2]})"
+
+
+class _CheckedMember(io.RawIOBase):
+    """Reads one tar member's `size` bytes, hashing as it goes; `verify()` checks it against the manifest."""
+
+    def __init__(self, stream, size, entry, name):
+        self.stream, self.remaining, self.entry, self.name = stream, size, entry, name
         self.sha256, self.size = hashlib.sha256(), 0
 
     def readable(self):
         return True
 
     def readinto(self, buffer):
-        data = self.raw.read(len(buffer))
+        if not self.remaining or not len(buffer):
+            return 0
+        data = self.stream.read(min(len(buffer), self.remaining))
+        if not data:
+            raise ArchiveError("truncated: the stream ends inside this member", self.name)
+        self.remaining -= len(data)
         self.sha256.update(data)
         self.size += len(data)
         buffer[: len(data)] = data
@@ -75,9 +181,9 @@ class _CheckedMember(io.RawIOBase):
 
     def drain(self):
         """Read what the consumer left (it may have closed its wrapper around us)."""
-        for data in iter(lambda: self.raw.read(_CHUNK), b""):
-            self.sha256.update(data)
-            self.size += len(data)
+        buffer = bytearray(min(_CHUNK, self.remaining))
+        while self.readinto(buffer):
+            pass
 
     def verify(self):
         self.drain()
@@ -88,42 +194,40 @@ class _CheckedMember(io.RawIOBase):
 
 
 def read_archive(fileobj, limits=Limits()):
-    """Stream an archive: yields ('manifest', manifest, None) then (name, entry, member) per dataset.
+    """Stream an archive: yields ('manifest.json', manifest, None) then (name, entry, member) per dataset.
 
     The caller reads each member (a binary stream) before asking for the next
     and calls `member.verify()` to check size and sha256; unread members are
-    verified here. Raises ArchiveError for anything malformed or unsafe.
+    verified here. The generator ends only after the whole gzip stream was
+    read and checked. Raises ArchiveError for anything malformed or unsafe.
     """
-    try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|gz")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ArchiveError(f"not a gzip'd tar archive ({exc})") from None
-    manifest, seen, total = None, set(), 0
-    try:
-        with tar:
-            for count, info in enumerate(tar, 1):
-                name = info.name
-                if count > limits.max_members:
-                    raise ArchiveError(f"more than {limits.max_members} members")
-                _check_member(info)
-                total += info.size
-                if info.size > limits.max_member_bytes or total > limits.max_total_bytes:
-                    raise ArchiveError("member or archive larger than the configured limit", name)
-                if manifest is None:
-                    manifest = _read_manifest(tar, info, limits)
-                    yield MANIFEST_NAME, manifest, None
-                    continue
-                dataset = name[: -len(".csv")] if name.endswith(".csv") else None
-                if dataset not in manifest["datasets"]:
-                    raise ArchiveError("not announced in the manifest", name)
-                if dataset in seen:
-                    raise ArchiveError("appears twice", name)
-                seen.add(dataset)
-                member = _CheckedMember(tar.extractfile(info), manifest["datasets"][dataset], name)
-                yield dataset, manifest["datasets"][dataset], member
-                member.verify()
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise ArchiveError(f"corrupt archive ({exc})") from None
+    stream = _Gzip(fileobj)
+    manifest, seen, total, count = None, set(), 0, 0
+    while (header := _read_header(stream)) is not None:
+        name, size = header
+        count += 1
+        if count > limits.max_members:
+            raise ArchiveError(f"more than {limits.max_members} members")
+        total += size
+        if size > limits.max_member_bytes or total > limits.max_total_bytes:
+            raise ArchiveError("member or archive larger than the configured limit", name)
+        if manifest is None:
+            manifest = _read_manifest(stream, name, size, limits)
+            yield MANIFEST_NAME, manifest, None
+            continue
+        dataset = name[: -len(".csv")] if name.endswith(".csv") else None
+        if dataset not in manifest["datasets"]:
+            raise ArchiveError("not announced in the manifest", name)
+        if dataset in seen:
+            raise ArchiveError("appears twice", name)
+        seen.add(dataset)
+        member = _CheckedMember(stream, size, manifest["datasets"][dataset], name)
+        yield dataset, manifest["datasets"][dataset], member
+        member.verify()
+        _skip_padding(stream, size, name)
+    if _read_block(stream) != _ZERO_BLOCK:
+        raise ArchiveError("the tar's end-of-archive is one zero block, not two")
+    stream.finish()
     if manifest is None:
         raise ArchiveError("empty archive: no manifest")
     missing = set(manifest["datasets"]) - seen
@@ -131,46 +235,123 @@ def read_archive(fileobj, limits=Limits()):
         raise ArchiveError(f"datasets in the manifest but not in the archive: {sorted(missing)}")
 
 
-def _check_member(info):
-    name = info.name
-    if not info.isreg():
-        raise ArchiveError("not a regular file (links, devices, FIFOs and directories are refused)", name)
-    if name.startswith("/") or "\\" in name or "/" in name or name in ("", ".", "..") or "\x00" in name:
+def _read_block(stream):
+    block = stream.read_exact(_BLOCK)
+    if len(block) < _BLOCK:
+        raise ArchiveError("truncated tar: the stream ends without the end-of-archive blocks")
+    return block
+
+
+def _read_header(stream):
+    """The next member's (printable name, size), or None at the end-of-archive; refuses all but regular files.
+
+    Only the 512 bytes of the header are read: a refused kind's body never is.
+    """
+    block = _read_block(stream)
+    if block == _ZERO_BLOCK:
+        return None
+    if _number(block[148:156]) != sum(block[:148]) + 8 * ord(" ") + sum(block[156:]):
+        raise ArchiveError("not a tar archive (a header's checksum does not match)")
+    if block[257:265] not in _USTAR_MAGIC:
+        raise ArchiveError("not a ustar archive (a header without the ustar magic)")
+    name = _field(block[:100])
+    if block[257:265] == _USTAR_MAGIC[0] and _field(block[345:500]):
+        name = _field(block[345:500]) + b"/" + name
+    name, kind = printable(name.decode("utf-8", "backslashreplace")), block[156:157]
+    if kind in _NOT_REGULAR:
+        raise ArchiveError(f"not a regular file (links, devices, FIFOs and directories are refused): "
+                           f"a {_NOT_REGULAR[kind]}", name)
+    if kind in _EXTENSIONS:
+        raise ArchiveError(f"{_EXTENSIONS[kind]} (type {kind.decode()!r}) refused: archives are plain ustar", name)
+    if kind not in (b"0", b"\0"):
+        raise ArchiveError(f"member type {printable(kind.decode('latin-1'))!r} refused: only regular files", name)
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
         raise ArchiveError("member path must be a plain file name", name)
+    return name, _number(block[124:136], name)
 
 
-def _read_manifest(tar, info, limits):
-    if info.name != MANIFEST_NAME:
-        raise ArchiveError(f"first member must be {MANIFEST_NAME}", info.name)
-    if info.size > limits.max_manifest_bytes:
-        raise ArchiveError("manifest too large", MANIFEST_NAME)
+def _field(data):
+    return data.split(b"\0", 1)[0]
+
+
+def _number(field, name=None):
+    """A numeric header field: octal digits (NUL/space padded), or GNU base-256 for large sizes."""
+    if field[0] == 0x80:
+        return int.from_bytes(field[1:], "big")
+    digits = field.strip(b" \0")
+    if not re.fullmatch(rb"[0-7]*", digits):
+        raise ArchiveError("not a tar archive (a header's numeric field is not octal)", name)
+    return int(digits or b"0", 8)
+
+
+def _skip_padding(stream, size, name):
+    padding = stream.read_exact(-size % _BLOCK)
+    if len(padding) != -size % _BLOCK:
+        raise ArchiveError("truncated: the stream ends inside this member", name)
+    if padding.count(0) != len(padding):
+        raise ArchiveError("data hidden in the padding after this member", name)
+
+
+def _read_manifest(stream, name, size, limits):
+    if name != MANIFEST_NAME:
+        raise ArchiveError(f"first member must be {MANIFEST_NAME}", name)
+    if size > limits.max_manifest_bytes:
+        raise ArchiveError(f"manifest larger than the configured limit ({limits.max_manifest_bytes} bytes)",
+                           MANIFEST_NAME)
+    data = stream.read_exact(size)
+    if len(data) < size:
+        raise ArchiveError("truncated: the stream ends inside this member", MANIFEST_NAME)
+    _skip_padding(stream, size, MANIFEST_NAME)
     try:
-        manifest = json.loads(tar.extractfile(info).read().decode("utf-8"))
+        manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ArchiveError(f"manifest is not JSON or nested too deeply ({type(exc).__name__})", MANIFEST_NAME) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:  # before a message quotes it
+        raise ArchiveError(f"unsupported manifest format (this server reads format {FORMAT_VERSION})", MANIFEST_NAME)
     return validate_manifest(manifest)
 
 
-def _lf_lines(text, name):
-    """The format ends lines with '\n' alone; a '\r' anywhere would not survive LOAD DATA unchanged."""
-    for line in text:
-        if "\r" in line:
-            raise ArchiveError("carriage return in the CSV (lines must end with \\n only)", name)
-        yield line
+class _Lines:
+    """A CSV member's lines for csv.reader, each read with a bounded readline and checked before it is parsed.
+
+    A record (several lines when a quoted field holds newlines) longer than
+    `limit` bytes is refused as soon as it passes the limit: never held whole.
+    csv_rows resets `record` whenever csv.reader completes a row.
+    """
+
+    def __init__(self, raw, limit, name):
+        self.raw, self.limit, self.name, self.record, self.number = raw, limit, name, 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = self.raw.readline(self.limit - self.record + 1)
+        if not line:
+            raise StopIteration
+        self.number += 1
+        self.record += len(line)
+        if self.record > self.limit:
+            raise ArchiveError(f"line {self.number}: a line longer than {self.limit} bytes", self.name)
+        if b"\r" in line:  # the format ends lines with '\n' alone: a '\r' would not survive LOAD DATA unchanged
+            raise ArchiveError(f"line {self.number}: carriage return in the CSV (lines must end with \\n only)",
+                               self.name)
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ArchiveError(f"line {self.number}: invalid UTF-8 ({exc.reason} at byte {exc.start})",
+                               self.name) from None
 
 
 def csv_rows(member, limits=Limits(), name=None):
-    """Rows of a CSV member (header included), strict UTF-8, bounded line length."""
-    text = io.TextIOWrapper(io.BufferedReader(member, _CHUNK), encoding="utf-8", errors="strict", newline="")
+    """Rows of a CSV member (header included): strict UTF-8, '\\n' line ends, records of at most max_line_bytes."""
+    lines = _Lines(io.BufferedReader(member, _CHUNK), limits.max_line_bytes, name)
     try:
-        for row in csv.reader(_lf_lines(text, name), strict=True):
-            if sum(map(len, row)) > limits.max_line_bytes:
-                raise ArchiveError(f"a line longer than {limits.max_line_bytes} bytes", name)
+        for row in csv.reader(lines, strict=True):
+            lines.record = 0
             yield row
-    except UnicodeDecodeError as exc:
-        raise ArchiveError(f"invalid UTF-8 ({exc.reason} at byte {exc.start})", name) from None
     except csv.Error as exc:
-        raise ArchiveError(f"CSV does not parse ({exc})", name) from None
+        raise ArchiveError(f"line {lines.number}: CSV does not parse ({exc})", name) from None
 
 
 # --- checks against what the server knows ----------------------------------------
@@ -184,21 +365,17 @@ def validate(fileobj, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
     """
     hour = hours.floor_hour(hour)
     counts = {}
-    try:
-        for name, entry, member in read_archive(fileobj, limits):
-            if member is None:
-                _check_manifest(entry, agent_id, geo, hour, catalog)
-                continue
-            counts[name] = _check_rows(catalog[name], entry, member, hour, limits)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        # raised while *we* read a member, outside read_archive's own guard
-        raise ArchiveError(f"corrupt archive ({exc})") from None
+    for name, entry, member in read_archive(fileobj, limits):
+        if member is None:
+            _check_manifest(entry, agent_id, geo, hour, catalog)
+            continue
+        counts[name] = _check_rows(catalog[name], entry, member, hour, limits)
     return counts
 
 
 def _check_manifest(manifest, agent_id, geo, hour, catalog):
     if manifest["agent_id"] != agent_id:
-        raise ArchiveError(f"agent_id {manifest['agent_id']!r} is not the transaction's agent {agent_id!r}",
+        raise ArchiveError(f"agent_id {manifest['agent_id'][:80]!r} is not the transaction's agent {agent_id!r}",
                            "manifest.json")
     if manifest["geo"] != geo:  # it reaches every document and extract line: only the registered value may
         raise ArchiveError(f"geo {manifest['geo'][:80]!r} is not the agent's registered geo {geo!r}", "manifest.json")
@@ -207,7 +384,7 @@ def _check_manifest(manifest, agent_id, geo, hour, catalog):
                            "manifest.json")
     unknown = sorted(set(manifest["datasets"]) - set(catalog))
     if unknown:
-        raise ArchiveError(f"unknown datasets {unknown}", "manifest.json")
+        raise ArchiveError(f"unknown datasets {unknown[:10]}", "manifest.json")
     missing = sorted(set(catalog) - set(manifest["datasets"]))
     if missing:
         raise ArchiveError(f"missing datasets {missing}", "manifest.json")
@@ -246,9 +423,20 @@ def check_file(path, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
         try:
             counts = validate(reader, agent_id, geo, hour, limits, catalog)
         except ArchiveError as exc:
-            exc.file_sha256 = reader.drain()
-            raise
+            refusal = _fit_for_a_log(exc)
+            refusal.file_sha256 = reader.drain()
+            raise refusal from None
         return counts, reader.drain()
+
+
+def _fit_for_a_log(exc):
+    """The refusal as it reaches the API log, the JSON reason and the transaction log: escaped and short."""
+    message = printable(str(exc))
+    if message == str(exc) and len(message) <= _MAX_REASON:
+        return exc
+    short = ArchiveError(message[:_MAX_REASON] + ("..." if len(message) > _MAX_REASON else ""))
+    short.member = exc.member
+    return short
 
 
 def reason_path(quarantine_path):
