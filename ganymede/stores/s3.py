@@ -1,8 +1,8 @@
 """The backup's S3 side: one bucket per UTC hour, objects uploaded and verified.
 
-What proves a copy. Each file is read once here for its SHA-256, which goes
-into the object's user metadata (`sha256`), and is then sent with boto3's
-managed transfer (`upload_file` and the [s3] TransferConfig) together with a
+What proves a copy. Each file is hashed here first: its SHA-256 goes into
+the object's user metadata (`sha256`). It is then sent with boto3's managed
+transfer (`upload_file` and the [s3] TransferConfig) together with a
 checksum that S3 checks when the bytes arrive:
 
 - below `multipart_threshold_mb`: one PutObject with ChecksumAlgorithm
