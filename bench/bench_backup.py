@@ -248,7 +248,7 @@ def main():
     parser.add_argument("--mb", type=int, default=200, help="MB in the hour: archives + extract (default %(default)s)")
     parser.add_argument("--archives", type=int, default=24, help="agents' archives (default %(default)s)")
     parser.add_argument("--large-mb", type=int, default=72,
-                        help="one archive of this size, above [s3] multipart_threshold_mb (0: none; default %(default)s)")
+                        help="one archive this large, above [s3] multipart_threshold_mb (0: none; default %(default)s)")
     parser.add_argument("--extract-mb", type=int, default=8, help="the hour's extract (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each counts")
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
