@@ -9,8 +9,8 @@ checksum that S3 checks when the bytes arrive:
   SHA256. botocore hashes the bytes it sends, S3 refuses a body that does not
   match, and keeps that SHA-256 as the object's checksum.
 - from the threshold up: a multipart upload with S3's full-object CRC32
-  (boto3 sets ChecksumType FULL_OBJECT when given the file's CRC32, read
-  here). Each part carries the CRC32 of its own bytes, which S3 checks on
+  (boto3 >= 1.36 sets ChecksumType FULL_OBJECT when given the file's CRC32,
+  read here). Each part carries the CRC32 of its own bytes, which S3 checks on
   receipt; CompleteMultipartUpload carries the whole file's CRC32, which S3
   checks against the parts it put together. (S3 has no full-object SHA-256
   for multipart objects, and a composite one would have to be rebuilt here
