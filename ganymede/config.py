@@ -43,9 +43,8 @@ class s3(luigi.Config):
                                           description="boto3 request/response checksum mode; when_required for non-AWS servers")
     multipart_threshold_mb = luigi.IntParameter(default=64, description="Files at least this large go multipart")
     multipart_chunk_mb = luigi.IntParameter(default=16, description="Part size for multipart uploads")
-    max_concurrency = luigi.IntParameter(default=4, description="Parallel part/object uploads")
-    model_cache = luigi.Parameter(default="~/.cache/ganymede/botocore",
-                                  description="Where botocore's decoded model files are kept between runs; empty: none")
+    max_concurrency = luigi.IntParameter(default=4, description="Objects uploaded at a time, and parts at a time "
+                                                                "of each multipart object")
 
 
 class api(luigi.Config):

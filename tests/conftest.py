@@ -3,11 +3,8 @@ database, bucket prefix and luigi.cfg, so tests pass in any order and in
 parallel. Services are the real ones started by `make services`; a test that
 cannot reach one fails and says how to start it.
 """
-import atexit
 import os
-import shutil
 import socket
-import tempfile
 import uuid
 
 import luigi
@@ -24,9 +21,6 @@ from ganymede.stores import mysql
 MONGO_URI = os.environ.get("GANYMEDE_TEST_MONGO_URI", "mongodb://127.0.0.1:27017/")
 S3_ENDPOINT = os.environ.get("GANYMEDE_S3_ENDPOINT", "http://127.0.0.1:9000")
 HOW_TO_START = "start the test services with: make services"
-# botocore's decoded models (ganymede.stores.botomodels), shared by this run's tests, not left in anyone's home
-MODEL_CACHE = tempfile.mkdtemp(prefix="ganymede-test-models-")
-atexit.register(shutil.rmtree, MODEL_CACHE, True)
 
 
 def require_port(host, port, what):
@@ -66,7 +60,7 @@ class GanymedeEnv:
                       "option_file": ""},
             "mongodb": {"uri": MONGO_URI, "database": self.mongo_database},
             "s3": {"endpoint_url": S3_ENDPOINT, "s3curl_path": self.s3curl_path, "profile": "ganymede",
-                   "bucket_template": self.bucket_prefix + "{yyyymmddhh}", "model_cache": MODEL_CACHE},
+                   "bucket_template": self.bucket_prefix + "{yyyymmddhh}"},
             "api": {"host": "127.0.0.1", "port": str(self.api_port)},
             "extract": {"deadline_minutes": "45"},
             "core": {"autoload_range": "true"},

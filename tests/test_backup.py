@@ -5,6 +5,7 @@ a crash half-way through the uploads) must leave every archive in upload/ and
 no marker, and the same command must then complete.
 """
 import gzip
+import hashlib
 import json
 import os
 import subprocess
@@ -18,10 +19,10 @@ import pytest
 
 from ganymede import config, hours
 from ganymede.paths import StateRoot
-from ganymede.stores import s3, txlog
-from ganymede.stores.s3 import bucket_name, sha256_file
+from ganymede.stores import mysql, s3, txlog
+from ganymede.stores.s3 import bucket_name
 from ganymede.tasks import HourlyBackup
-from ganymede.tasks.backup import backup_hour
+from ganymede.tasks.backup import DumpSchema, backup_hour
 from conftest import S3_ENDPOINT, completed_transaction, drop_buckets, free_port
 from test_s3_store import auth_server  # noqa: F401  (fixture: a second moto server with authentication on)
 
@@ -73,6 +74,22 @@ def bucket_keys(client=None, hour=HOUR):
     return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
 
+def bucket_contents(client=None, hour=HOUR):
+    """{key: (size, sha256)} of every object in the hour's bucket, each downloaded and hashed here."""
+    client = client or s3_client()
+    name = bucket_name(config.s3().bucket_template, hour)
+    contents = {}
+    for key in bucket_keys(client, hour):
+        body = client.get_object(Bucket=name, Key=key)["Body"].read()
+        contents[key] = (len(body), hashlib.sha256(body).hexdigest())
+    return contents
+
+
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def archive_places(genv, txs, hour=HOUR):
     """For each transaction: 'upload', 'archives', or 'both' / 'none' (never acceptable)."""
     root = StateRoot(genv.root)
@@ -113,17 +130,25 @@ def test_hourly_backup_uploads_verifies_and_moves(genv, mongo_up, clean_buckets)
     with gzip.open(root.backup_dump(HOUR)) as f:
         dump = f.read()
     assert b"CREATE TABLE `transactions`" in dump and b"INSERT INTO `transactions`" in dump
-    # the previous-hour values are a cache of MongoDB: their table, not their rows
-    assert b"CREATE TABLE `previous_values`" in dump and b"INSERT INTO `previous_values`" not in dump
     with genv.mysql() as conn:
-        assert "backed_up" in [e["event"] for e in txlog.events(conn, txs[0]["transaction_id"])]
+        for t in txs:
+            done = root.archived(HOUR, t["agent_id"], t["transaction_id"])
+            assert txlog.get_transaction(conn, t["transaction_id"])["archive_path"] == done
+            events = txlog.events(conn, t["transaction_id"])
+            assert [e["event"] for e in events][-2:] == ["backed_up", "archived"]
+            assert events[-1]["detail"] == {"archive_path": done}
     marker = json.load(open(root.hour_marker(HOUR, "backup")))
     assert {o["action"] for o in marker["objects"]} == {"uploaded"}
-    manifest = json.load(open(os.path.join(os.path.dirname(root.hour_marker(HOUR, "backup")), "MANIFEST.json")))
-    local = {o["key"]: o for o in marker["objects"]}
-    assert {o["key"] for o in manifest["objects"]} == set(keys) - {"MANIFEST.json"}
-    for obj in manifest["objects"]:
-        assert keys[obj["key"]] == obj["size"] == local[obj["key"]]["size"]
+    # MANIFEST.json against the bucket as an independent reader sees it: every object downloaded and hashed
+    stored = bucket_contents()
+    for t in txs:  # the archives are the bytes the agent sent (sha256 from the transaction log)
+        assert stored[f"archives/{t['agent_id']}/{t['transaction_id']}.tar.gz"] == (t["size"], t["sha256"])
+    manifest_path = os.path.join(os.path.dirname(root.hour_marker(HOUR, "backup")), "MANIFEST.json")
+    assert stored["MANIFEST.json"] == (os.path.getsize(manifest_path), file_digest(manifest_path))
+    manifest = json.load(open(manifest_path))
+    assert manifest["bucket"] == bucket_name(config.s3().bucket_template, HOUR)
+    assert sorted((o["key"], o["size"], o["sha256"]) for o in manifest["objects"]) == sorted(
+        (key, size, digest) for key, (size, digest) in stored.items() if key != "MANIFEST.json")
 
 
 def test_second_run_does_nothing(genv, mongo_up, clean_buckets):
@@ -138,9 +163,9 @@ def test_second_run_does_nothing(genv, mongo_up, clean_buckets):
     assert os.path.getmtime(marker) == mtime and bucket_keys() == objects
 
 
-def test_a_fresh_hour_costs_one_request_per_object_plus_five(genv, clean_buckets, tmp_path, monkeypatch):
-    """Bucket, one listing (what is there, MANIFEST.json included), the objects, one listing that verifies
-    them, MANIFEST.json and its verifying listing; a second run uploads nothing."""
+def test_a_fresh_hour_costs_two_requests_per_object_plus_two(genv, clean_buckets, tmp_path, monkeypatch):
+    """Bucket, one listing (what is there, MANIFEST.json included), then for each object and MANIFEST.json
+    its upload and the HEAD that verifies it; a second run verifies (a HEAD each) and uploads nothing."""
     plan = {f"archives/agent-a/{i}.tar.gz": str(tmp_path / f"a{i}") for i in range(3)}
     for i, path in enumerate(plan.values()):
         with open(path, "wb") as f:
@@ -157,26 +182,37 @@ def test_a_fresh_hour_costs_one_request_per_object_plus_five(genv, clean_buckets
     bucket = bucket_name(config.s3().bucket_template, HOUR)
     manifest = str(tmp_path / "MANIFEST.json")
     listing = backup_hour(config.s3(), bucket, plan, manifest)
-    assert calls == (["CreateBucket", "ListObjectsV2"] + ["PutObject"] * 3
-                     + ["ListObjectsV2", "PutObject", "ListObjectsV2"])
+    assert calls[:2] == ["CreateBucket", "ListObjectsV2"] and calls[-2:] == ["PutObject", "HeadObject"]
+    assert sorted(calls[2:-2]) == ["HeadObject"] * 3 + ["PutObject"] * 3
     assert [o["action"] for o in listing] == ["uploaded"] * 4
-    assert set(bucket_keys()) == set(plan) | {"MANIFEST.json"}
-    assert json.load(open(manifest))["objects"] == [{k: o[k] for k in ("key", "size", "sha256")}
-                                                    for o in listing[:-1]]
+    stored = bucket_contents()
+    assert set(stored) == set(plan) | {"MANIFEST.json"}
+    assert json.load(open(manifest))["objects"] == [
+        {"key": key, "size": os.path.getsize(path), "sha256": file_digest(path)} for key, path in sorted(plan.items())]
+    assert all(stored[key] == (os.path.getsize(path), file_digest(path)) for key, path in plan.items())
 
     calls.clear()
     again = backup_hour(config.s3(), bucket, plan, manifest)
-    assert calls == ["CreateBucket", "ListObjectsV2"]
+    assert calls == ["CreateBucket", "ListObjectsV2"] + ["HeadObject"] * 4
     assert [o["action"] for o in again] == ["skipped"] * 4
 
 
 def test_rerun_without_marker_uploads_nothing(genv, mongo_up, clean_buckets):
-    """Every object already verified in the bucket is skipped: zero uploads."""
+    """Every object already verified in the bucket is skipped: zero uploads. An archive moved by the
+    interrupted run but not recorded (the log still says upload/) gets its path recorded."""
     txs = [completed_transaction(genv, agent, HOUR) for agent in ("agent-a", "agent-b")]
     assert build(HourlyBackup(hour=HOUR)).status.name == "SUCCESS"
     marker = StateRoot(genv.root).hour_marker(HOUR, "backup")
     os.unlink(marker)
+    with genv.mysql() as conn, conn.cursor() as cur:
+        cur.execute("UPDATE transactions SET archive_path = %s WHERE transaction_id = %s",
+                    (txs[0]["archive_path"], txs[0]["transaction_id"]))
+        conn.commit()
     assert build(HourlyBackup(hour=HOUR)).status.name == "SUCCESS"
+    with genv.mysql() as conn:
+        for t in txs:
+            assert txlog.get_transaction(conn, t["transaction_id"])["archive_path"] == StateRoot(genv.root).archived(
+                HOUR, t["agent_id"], t["transaction_id"])
     listing = json.load(open(marker))
     assert {o["action"] for o in listing["objects"]} == {"skipped"}
     assert listing["archives"] == sorted(StateRoot(genv.root).archived(HOUR, t["agent_id"], t["transaction_id"])
@@ -194,6 +230,17 @@ def test_odd_bucket_template_gives_a_valid_name_and_an_existing_bucket_of_ours_i
     assert build(HourlyBackup(hour=HOUR)).status.name == "SUCCESS"
     assert json.load(open(StateRoot(genv.root).hour_marker(HOUR, "backup")))["bucket"] == name
     assert len(bucket_keys()) == 5
+
+
+def test_requires_reads_the_log_once_per_task_instance(genv, monkeypatch):
+    """Luigi calls requires() several times a run; the log is read on the first call only."""
+    completed_transaction(genv, "agent-a", HOUR)
+    opened = []
+    real_connect = mysql.connect
+    monkeypatch.setattr(mysql, "connect", lambda *args, **kwargs: opened.append(1) or real_connect(*args, **kwargs))
+    task = HourlyBackup(hour=HOUR)
+    assert task.requires() == task.requires() == task.requires() == [DumpSchema(hour=HOUR, round=0)]
+    assert len(opened) == 1
 
 
 # --- a crash half-way through the uploads --------------------------------------
@@ -244,12 +291,12 @@ def test_crash_after_half_the_uploads_resumes_without_reuploading(genv, mongo_up
     keys = bucket_keys()
     assert set(keys) == {o["key"] for o in listing}
     assert set(archive_places(genv, txs).values()) == {"archives"}
-    s3 = s3_client()
+    stored = bucket_contents()
     for obj in listing:  # what is in the bucket is what the marker says, byte for byte
-        head = s3.head_object(Bucket=bucket_name(config.s3().bucket_template, HOUR), Key=obj["key"])
-        assert head["ContentLength"] == obj["size"] and head["Metadata"]["sha256"] == obj["sha256"]
+        assert stored[obj["key"]] == (obj["size"], obj["sha256"])
     for t in txs:
-        assert sha256_file(root.archived(HOUR, t["agent_id"], t["transaction_id"])) == t["sha256"]
+        assert stored[f"archives/{t['agent_id']}/{t['transaction_id']}.tar.gz"] == (t["size"], t["sha256"])
+        assert file_digest(root.archived(HOUR, t["agent_id"], t["transaction_id"])) == t["sha256"]
 
 
 # --- S3 failures: clear message, nothing moved, the rerun completes ------------

@@ -19,12 +19,11 @@ import boto3
 import botocore.config
 import pytest
 
-from conftest import MODEL_CACHE
 from ganymede import config
 from ganymede.errors import ConfigError, S3BackupError
 from ganymede.s3curl import Credentials
 from ganymede.stores import s3
-from ganymede.stores.s3 import bucket_name, make_client, sha256_file
+from ganymede.stores.s3 import bucket_name, make_client
 
 ENDPOINT = os.environ.get("GANYMEDE_S3_ENDPOINT", "http://127.0.0.1:9000")
 HOUR = datetime(2026, 11, 30, 5)
@@ -48,7 +47,7 @@ def _free_port():
 def _cfg(endpoint, **overrides):
     values = dict(endpoint_url=endpoint, region="us-east-1", profile="ganymede", s3curl_path="~/.s3curl",
                   checksum_mode="when_required", multipart_threshold_mb=5, multipart_chunk_mb=5,
-                  max_concurrency=4, model_cache=MODEL_CACHE)
+                  max_concurrency=4)
     values.update(overrides)
     return config.s3(**values)
 
@@ -109,6 +108,11 @@ def new_bucket(endpoint):
         _drop_bucket(client, name)
 
 
+def _stored(store, bucket, key):
+    """The object's bytes as S3 serves them (an independent read of the copy)."""
+    return store.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
 def _write(path, size, seed=b"x"):
     """A file of `size` bytes whose content depends on `seed`, written in 1 MiB blocks."""
     block = (seed * (s3.MIB // len(seed) + 1))[:s3.MIB]
@@ -153,10 +157,18 @@ def test_bucket_name_that_cannot_be_valid_is_a_config_error(template, prefix, me
         bucket_name(template, HOUR, prefix=prefix)
 
 
-def test_sha256_file_streams(tmp_path):
-    path = _write(tmp_path / "f", 3 * s3.MIB + 7)
-    with open(path, "rb") as handle:
-        assert sha256_file(path) == hashlib.sha256(handle.read()).hexdigest()
+# Digests written out by hand: SHA-256("abc") is FIPS 180-2's first example, CRC-32("123456789") the
+# standard check value 0xCBF43926; S3 writes both as base64 of the raw bytes.
+ABC_SHA256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+ABC_SHA256_B64 = "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0="
+CHECK_CRC32_B64 = "y/Q5Jg=="
+
+
+def test_checksums_are_written_as_s3_writes_them(tmp_path):
+    path = tmp_path / "check"
+    path.write_bytes(b"123456789")
+    assert s3.crc32_file(str(path)) == CHECK_CRC32_B64
+    assert s3.b64(ABC_SHA256) == ABC_SHA256_B64
 
 
 def test_part_size_below_s3_minimum_is_a_config_error(endpoint):
@@ -191,49 +203,69 @@ def test_ensure_bucket_refuses_another_accounts_bucket(store, new_bucket, endpoi
 def test_put_verified_uploads_then_skips(store, new_bucket, tmp_path):
     name = new_bucket()
     store.ensure_bucket(name)
-    path = _write(tmp_path / "ganymede.sql.gz", 100_000)
-    assert store.put_verified(name, "2026/11/30/05/ganymede.sql.gz", path) == "uploaded"
-    assert store.put_verified(name, "2026/11/30/05/ganymede.sql.gz", path) == "skipped"
+    path = tmp_path / "ganymede.sql.gz"
+    path.write_bytes(b"abc")
+    assert store.put_verified(name, "2026/11/30/05/ganymede.sql.gz", str(path)) == "uploaded"
+    assert store.put_verified(name, "2026/11/30/05/ganymede.sql.gz", str(path)) == "skipped"
     described = store.describe(name, "2026/11/30/05/ganymede.sql.gz")
-    assert described["Size"] == 100_000 and described["sha256"] == sha256_file(path)
-    assert described["ChecksumSHA256"] == s3._b64(sha256_file(path))
+    assert described["Size"] == 3 and described["sha256"] == ABC_SHA256
+    assert described["ChecksumSHA256"] == ABC_SHA256_B64
+    assert _stored(store, name, "2026/11/30/05/ganymede.sql.gz") == b"abc"
     assert store.list_objects(name) == [
-        {"Key": "2026/11/30/05/ganymede.sql.gz", "Size": 100_000, "ETag": described["ETag"]}]
+        {"Key": "2026/11/30/05/ganymede.sql.gz", "Size": 3, "ETag": described["ETag"]}]
 
 
-def test_multipart_upload_verifies(store, new_bucket, tmp_path):
+def test_multipart_upload_carries_a_full_object_crc32(store, new_bucket, tmp_path):
     name = new_bucket()
     store.ensure_bucket(name)
     path = _write(tmp_path / "big", 12 * s3.MIB, seed=b"multipart")
     assert store.put_verified(name, "big", path) == "uploaded"
+    data = open(path, "rb").read()
     described = store.describe(name, "big")
-    assert described["Size"] == 12 * s3.MIB and described["sha256"] == sha256_file(path)
+    assert described["Size"] == 12 * s3.MIB and described["sha256"] == hashlib.sha256(data).hexdigest()
     assert described["ETag"].endswith("-3"), "expected a 3-part multipart upload"
-    assert f"{described['ChecksumCRC32'].split('-')[0]}-3" == s3.composite_crc32(path, 5 * s3.MIB)
+    assert described["ChecksumType"] == "FULL_OBJECT"
+    assert described["ChecksumCRC32"] == base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    assert _stored(store, name, "big") == data
     assert store.put_verified(name, "big", path) == "skipped"
 
 
-def test_composite_crc32_is_s3s_multipart_checksum(tmp_path):
-    path = _write(tmp_path / "f", 12 * s3.MIB + 5, seed=b"parts")
-    data = open(path, "rb").read()
-    parts = [zlib.crc32(data[i:i + 5 * s3.MIB]).to_bytes(4, "big") for i in range(0, len(data), 5 * s3.MIB)]
-    expected = base64.b64encode(zlib.crc32(b"".join(parts)).to_bytes(4, "big")).decode()
-    assert s3.composite_crc32(path, 5 * s3.MIB) == f"{expected}-3"
+def _crc32_b64(path):
+    return base64.b64encode(zlib.crc32(open(path, "rb").read()).to_bytes(4, "big")).decode()
 
 
-def test_multipart_object_with_other_bytes_is_not_taken_for_ours(store, new_bucket, tmp_path, endpoint):
-    """Same size, same sha256 metadata, a valid multipart checksum, other content: uploaded again, not skipped."""
+def _sha256_hex(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("checksum", ["full-object", "composite"])
+def test_multipart_object_with_other_bytes_is_not_taken_for_ours(store, new_bucket, tmp_path, endpoint, checksum):
+    """Same size, our sha256 metadata, a valid checksum of its own (full-object, or composite as an
+    older Ganymede wrote them), other content: uploaded again, not skipped."""
     name = new_bucket()
     store.ensure_bucket(name)
     ours = _write(tmp_path / "ours", 12 * s3.MIB, seed=b"ours")
     other = _write(tmp_path / "other", 12 * s3.MIB, seed=b"theirs")
-    _raw_client(endpoint).upload_file(
-        other, name, "big", ExtraArgs={"ChecksumAlgorithm": "CRC32", "Metadata": {"sha256": sha256_file(ours)}},
-        Config=store.transfer)
+    extra = {"Metadata": {"sha256": _sha256_hex(ours)}}
+    extra.update({"ChecksumCRC32": _crc32_b64(other)} if checksum == "full-object" else {"ChecksumAlgorithm": "CRC32"})
+    _raw_client(endpoint).upload_file(other, name, "big", ExtraArgs=extra, Config=store.transfer)
     assert store.put_verified(name, "big", ours) == "uploaded"
     assert store.put_verified(name, "big", ours) == "skipped"
-    body = store.client.get_object(Bucket=name, Key="big")["Body"].read()
-    assert hashlib.sha256(body).hexdigest() == sha256_file(ours)
+    assert _stored(store, name, "big") == open(ours, "rb").read()
+
+
+def test_a_copy_of_ours_with_a_composite_checksum_is_uploaded_again(store, new_bucket, tmp_path, endpoint):
+    """Our own bytes, but a composite CRC32 (what an older Ganymede uploaded) proves nothing about the whole
+    file: replaced by a copy with a full-object checksum, then skipped."""
+    name = new_bucket()
+    store.ensure_bucket(name)
+    ours = _write(tmp_path / "ours", 12 * s3.MIB, seed=b"ours")
+    _raw_client(endpoint).upload_file(ours, name, "big", Config=store.transfer, ExtraArgs={
+        "ChecksumAlgorithm": "CRC32", "Metadata": {"sha256": _sha256_hex(ours)}})
+    assert store.describe(name, "big")["ChecksumCRC32"] != _crc32_b64(ours)  # composite: of the parts' CRC32s
+    assert store.put_verified(name, "big", ours) == "uploaded"
+    assert store.describe(name, "big")["ChecksumCRC32"] == _crc32_b64(ours)
+    assert store.put_verified(name, "big", ours) == "skipped"
 
 
 def test_changed_file_is_uploaded_again(store, new_bucket, tmp_path):
@@ -243,7 +275,7 @@ def test_changed_file_is_uploaded_again(store, new_bucket, tmp_path):
     assert store.put_verified(name, "f", path) == "uploaded"
     _write(path, 50_000, seed=b"new")  # same size, other bytes
     assert store.put_verified(name, "f", path) == "uploaded"
-    assert store.describe(name, "f")["sha256"] == sha256_file(path)
+    assert _stored(store, name, "f") == open(path, "rb").read()
 
 
 @pytest.mark.parametrize("size", [1000, 12 * s3.MIB], ids=["single-part", "multipart"])
@@ -259,7 +291,7 @@ def test_a_file_changed_after_it_was_hashed_fails_verification_and_leaves_nothin
     assert store.describe(name, "f") is None
 
 
-def test_one_listing_verifies_a_batch_and_only_multipart_copies_need_a_head(store, new_bucket, tmp_path):
+def test_a_batch_costs_one_listing_then_one_upload_and_one_head_per_object(store, new_bucket, tmp_path):
     name = new_bucket()
     store.ensure_bucket(name)
     files = {f"archives/a/{i}.tar.gz": _write(tmp_path / f"a{i}", 10_000 + i, seed=bytes([i])) for i in range(5)}
@@ -268,26 +300,26 @@ def test_one_listing_verifies_a_batch_and_only_multipart_copies_need_a_head(stor
     store.client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
     results = store.put_all(name, files)
     assert {key: action for key, (action, _) in results.items()} == dict.fromkeys(files, "uploaded")
-    assert calls.count("ListObjectsV2") == 2 and calls.count("PutObject") == 5
-    assert calls.count("HeadObject") == 2  # the multipart copy: its checksum, then its part size
+    assert sorted(calls) == sorted(["ListObjectsV2"] + ["PutObject"] * 5 + ["HeadObject"] * 6 + [
+        "CreateMultipartUpload", "UploadPart", "UploadPart", "UploadPart", "CompleteMultipartUpload"])
     for key, path in files.items():
-        body = store.client.get_object(Bucket=name, Key=key)["Body"].read()
-        assert hashlib.sha256(body).hexdigest() == sha256_file(path) == results[key][1].sha256
+        assert _stored(store, name, key) == open(path, "rb").read()
 
     calls.clear()
     again = store.put_all(name, files)
     assert {key: action for key, (action, _) in again.items()} == dict.fromkeys(files, "skipped")
-    assert "PutObject" not in calls and "CreateMultipartUpload" not in calls
+    assert sorted(calls) == ["HeadObject"] * 6 + ["ListObjectsV2"]
 
 
-def test_a_copy_the_listing_does_not_prove_is_checked_with_a_head(store, new_bucket, tmp_path, monkeypatch):
-    """A listing that lags behind the upload (or a server whose ETags are not MD5s) costs a HEAD, not a failure."""
+def test_a_listing_that_lags_costs_an_upload_not_a_failure(store, new_bucket, tmp_path, monkeypatch):
+    """An object the listing does not show yet is sent again, and verified like any other."""
     name = new_bucket()
     store.ensure_bucket(name)
     path = _write(tmp_path / "f", 1000)
+    assert store.put_verified(name, "f", path) == "uploaded"
     monkeypatch.setattr(store, "list_objects", lambda bucket, prefix="": [])  # the listing never shows it
     assert store.put_verified(name, "f", path) == "uploaded"
-    assert store.describe(name, "f")["sha256"] == sha256_file(path)
+    assert _stored(store, name, "f") == open(path, "rb").read()
 
 
 def test_list_objects_pages_past_1000_keys(store, new_bucket):

@@ -1,28 +1,38 @@
 """The backup's S3 side: one bucket per UTC hour, objects uploaded and verified.
 
-A file below the multipart threshold goes up in one PutObject with its
-SHA-256 and Content-MD5, which the server checks; a larger one through boto3's
-managed transfer (`upload_file` with a TransferConfig: parts in parallel, each
-sent with its CRC32 so the server rejects a corrupted part; CRC32 rather than
-SHA-256 because hashing every part twice, here and on the server, cost the
-upload a fifth of its speed). After the uploads every object is checked
-against its local file: a single-part one by the size and ETag (the server's
-MD5 of what it stored) of one listing of the bucket, anything else by a HEAD
-(size, our whole-file sha256 in the user metadata, and the checksum the server
-computed: the SHA-256 of a single-part object, or for a multipart object the
-CRC32 over its parts' CRC32s, recomputed here from the file with the part size
-the server reports). So "uploaded" means "verified", and an object is skipped
-only when it passes the same check.
+What proves a copy. Each file is hashed here first: its SHA-256 goes into
+the object's user metadata (`sha256`). It is then sent with boto3's managed
+transfer (`upload_file` and the [s3] TransferConfig) together with a
+checksum that S3 checks when the bytes arrive:
+
+- below `multipart_threshold_mb`: one PutObject with ChecksumAlgorithm
+  SHA256. botocore hashes the bytes it sends, S3 refuses a body that does not
+  match, and keeps that SHA-256 as the object's checksum.
+- from the threshold up: a multipart upload with S3's full-object CRC32
+  (boto3 >= 1.36 sets ChecksumType FULL_OBJECT when given the file's CRC32,
+  read here). Each part carries the CRC32 of its own bytes, which S3 checks on
+  receipt; CompleteMultipartUpload carries the whole file's CRC32, which S3
+  checks against the parts it put together. (S3 has no full-object SHA-256
+  for multipart objects, and a composite one would have to be rebuilt here
+  from the part layout.)
+
+After the upload a HEAD (ChecksumMode ENABLED) reads back what S3 keeps, and
+the copy counts as verified only when its size is the file's, its `sha256`
+metadata is ours, and the checksum S3 reports (which S3 computed or checked
+over the bytes it stored) equals the one we computed from the file: the
+SHA-256, or the full-object CRC32 of a multipart copy. A file that changed
+between hashing and sending, a damaged transfer or someone else's object at
+the key all fail that test. A copy that fails is deleted (so a rerun sends it
+again instead of skipping it) and the run fails, naming it. An object
+already in the bucket is skipped only when it passes the same test.
 
 Every boto3/botocore failure leaves this module as S3BackupError with a message
 an operator can act on; none of them carries the secret key.
 """
 import base64
-import hashlib
 import logging
 import os
 import re
-import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,10 +43,8 @@ import botocore.config
 import botocore.exceptions
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
-from s3transfer.utils import ChunksizeAdjuster
 
-from .. import hours, s3curl
-from . import botomodels
+from .. import files, hours, s3curl
 from ..errors import ConfigError, S3BackupError
 
 log = logging.getLogger(__name__)
@@ -51,19 +59,16 @@ _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "E
                "AuthorizationHeaderMalformed", "InvalidClientTokenId"}
 _DENIED_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
-_COMPOSITE = re.compile(r"-\d+$")
 
 
 @dataclass(frozen=True)
 class LocalFile:
-    """A file to back up and what proves a copy of it: size, hex SHA-256, and either its hex MD5 (a
-    single-part upload: the ETag S3 gives the copy) or S3's multipart CRC32 checksum for `part_size` parts."""
+    """A file to back up and what proves a copy of it: size, hex SHA-256 and, for a file that goes up
+    multipart, its CRC32 as S3 writes it (base64 of the 4 big-endian bytes)."""
     path: str
     size: int
     sha256: str
-    md5: str = None
-    composite: str = None
-    part_size: int = None
+    crc32: str = None
 
 
 class S3Store:
@@ -131,57 +136,40 @@ class S3Store:
     # --- objects -----------------------------------------------------------
 
     def local(self, path):
-        """What will verify a copy of `path` (a LocalFile), from one read of it."""
+        """What will verify a copy of `path` (a LocalFile): its SHA-256, and its CRC32 if it goes up multipart."""
         size = os.path.getsize(path)
-        if size < self.transfer.multipart_threshold:
-            sha256, md5 = sha256_md5_file(path)
-            return LocalFile(path, size, sha256, md5=md5)
-        part_size = self.part_size(size)
-        sha256, composite = file_digests(path, part_size)
-        return LocalFile(path, size, sha256, composite=composite, part_size=part_size)
-
-    def part_size(self, size):
-        """The part size boto3 uses for a file of `size` bytes (the configured one, raised past 10,000 parts)."""
-        return ChunksizeAdjuster().adjust_chunksize(self.transfer.multipart_chunksize, size)
+        crc32 = crc32_file(path) if size >= self.transfer.multipart_threshold else None
+        return LocalFile(path, size, files.sha256_file(path), crc32)
 
     def put_verified(self, bucket, key, path, local=None, listed=None):
-        """Upload `path` to bucket/key unless an identical copy is there; "skipped" or "uploaded" (and verified)."""
+        """Upload `path` to bucket/key unless a verified copy is there; "skipped" or "uploaded" (and verified)."""
         return self.put_all(bucket, {key: path}, {key: local} if local else None, listed)[key][0]
 
-    def put_all(self, bucket, files, known=None, listed=None):
-        """Upload {key: path} unless an identical copy is there, then verify every copy sent.
+    def put_all(self, bucket, paths, known=None, listed=None):
+        """Upload {key: path} unless a verified copy is there, verifying every copy sent.
 
         Returns {key: (action, LocalFile)}, action "skipped" or "uploaded".
-        One listing decides what is already there (or `listed`, a `listed()`
-        of the bucket taken before) and one more, after the uploads, verifies
-        them (see `_verified`); objects go up `max_concurrency` at a time.
-        Copies that fail verification are deleted, so a later run uploads
-        them again instead of skipping them, and the error names them.
-        `known` {key: LocalFile} spares reading those files again.
+        `listed` ({key: size}, from `listed()`) says what is already there;
+        without it, one listing of the keys' common prefix is taken. Objects
+        go up `max_concurrency` at a time, each verified right after it is
+        sent. Copies that fail verification are deleted and the error names
+        them. `known` {key: LocalFile} spares reading those files again.
         """
         known = known or {}
-        prefix = os.path.commonprefix(list(files))
-        listed = self.listed(bucket, prefix) if listed is None else listed
+        listed = self.listed(bucket, os.path.commonprefix(list(paths))) if listed is None else listed
 
         def send(item):
             key, path = item
             local = known.get(key) or self.local(path)
-            if key in listed and self._verified(bucket, key, local, listed[key]) is None:
+            if listed.get(key) == local.size and self._verified(bucket, key, local) is None:
                 log.info("s3://%s/%s already verified, skipped", bucket, key)
-                return key, ("skipped", local)
+                return key, "skipped", local, None
             self._upload(bucket, key, local)
-            return key, ("uploaded", local)
+            return key, "uploaded", local, self._verified(bucket, key, local)
 
         with ThreadPoolExecutor(self.transfer.max_concurrency, thread_name_prefix="s3-put") as pool:
-            # (a lone object, or checks that ask the server nothing, stay on this thread: no hand-offs)
-            results = dict((pool.map if len(files) > 1 else map)(send, files.items()))
-            sent = {key: local for key, (action, local) in results.items() if action == "uploaded"}
-            # only single-part copies can be proven by a listing; multipart ones get a HEAD either way
-            listed = self.listed(bucket, prefix) if any(local.md5 for local in sent.values()) else {}
-            heads = sum(not _proves(listed.get(key), local) for key, local in sent.items())
-            problems = [(key, local, problem) for key, local, problem in (pool.map if heads > 1 else map)(
-                lambda item: (*item, self._verified(bucket, item[0], item[1], listed.get(item[0]))), sent.items())
-                if problem]
+            done = list(pool.map(send, paths.items()))
+        problems = [(key, local, problem) for key, _, local, problem in done if problem]
         for key, local, _ in problems:
             with self._errors(f"removing unverified s3://{bucket}/{key}"):
                 self.client.delete_object(Bucket=bucket, Key=key)
@@ -189,90 +177,42 @@ class S3Store:
             key, local, problem = problems[0]
             more = f" (and {len(problems) - 1} more objects)" if len(problems) > 1 else ""
             raise S3BackupError(f"verification of s3://{bucket}/{key} (from {local.path}) failed: {problem}{more}")
-        for key, local in sent.items():
-            log.info("uploaded and verified s3://%s/%s (%d bytes)", bucket, key, local.size)
-        return results
-
-    def listed(self, bucket, prefix=""):
-        """{key: {Key, Size, ETag}} of the bucket's objects under `prefix`."""
-        return {o["Key"]: o for o in self.list_objects(bucket, prefix)}
+        for key, action, local, _ in done:
+            if action == "uploaded":
+                log.info("uploaded and verified s3://%s/%s (%d bytes)", bucket, key, local.size)
+        return {key: (action, local) for key, action, local, _ in done}
 
     def _upload(self, bucket, key, local):
-        """One PutObject below the multipart threshold, else boto3's managed transfer (CRC32 per part).
-
-        botocore computes the checksums of the bytes it sends (so the checksum
-        the server keeps is of what it got, even if the file changed since
-        `local` was read); Content-MD5 is ours, so a server refuses a body
-        that is not the file we hashed.
-        """
-        metadata = {"sha256": local.sha256}
+        """boto3's managed transfer with the checksum S3 checks on receipt (see the module docstring)."""
+        extra = {"Metadata": {"sha256": local.sha256}}
+        if local.crc32:
+            extra["ChecksumCRC32"] = local.crc32  # full-object CRC32, each part with its own
+        else:
+            extra["ChecksumAlgorithm"] = "SHA256"
         with self._errors(f"uploading {local.path} to s3://{bucket}/{key}"):
-            if local.md5 is None:
-                self.client.upload_file(local.path, bucket, key, Config=self.transfer,
-                                        ExtraArgs={"ChecksumAlgorithm": "CRC32", "Metadata": metadata})
-                return
-            with open(local.path, "rb") as body:
-                self.client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256",
-                                       ContentMD5=_b64(local.md5), Metadata=metadata)
+            self.client.upload_file(local.path, bucket, key, ExtraArgs=extra, Config=self.transfer)
 
-    def _verified(self, bucket, key, local, listed):
-        """Why bucket/key does not hold the local file, or None if it does.
-
-        A single-part copy is proven by a listing entry with its size and
-        the ETag the server computed over the bytes it stored (their MD5).
-        Anything else (multipart, a listing that lags, a server whose ETags
-        are not MD5s) is asked with a HEAD: size, our sha256 in the user
-        metadata, and the server's checksum of the object (for a multipart
-        copy, the CRC32 over its parts').
-        """
-        if _proves(listed, local):
-            return None
-        described = self.describe(bucket, key)
-        if described is None:
+    def _verified(self, bucket, key, local):
+        """Why bucket/key is not a copy of the local file, or None if it is (one HEAD)."""
+        head = self.describe(bucket, key)
+        if head is None:
             return "object missing after upload"
-        return self._mismatch(bucket, described, local)
-
-    def _mismatch(self, bucket, described, local):
-        """Why the described object does not match the local file, or None if it does."""
-        if described["Size"] != local.size:
-            return f"size {described['Size']} != local {local.size}"
-        if described["sha256"] != local.sha256:
+        if head["Size"] != local.size:
+            return f"size {head['Size']} != local {local.size}"
+        if head["sha256"] != local.sha256:
             return "sha256 metadata differs from the local file"
-        if not _COMPOSITE.search(described["ETag"]):  # a single-part copy: the SHA-256 of the whole object
-            checksum = described["ChecksumSHA256"]
-            if not checksum:
-                return "the server reports no SHA-256 checksum"
-            return None if checksum == _b64(local.sha256) else "the server's SHA-256 differs from the local file's"
-        # Multipart: the server's checksum is the CRC32 over its parts' CRC32s ("...-N";
-        # some servers omit "-N"), each part checked by the server on upload.
-        checksum = described["ChecksumCRC32"]
-        if not checksum:
-            return "the server reports no CRC32 checksum for a multipart copy"
-        count, part_size = self._parts(bucket, described["Key"], local.size)
-        expected = local.composite if part_size == local.part_size else composite_crc32(local.path, part_size)
-        if expected != f"{checksum.split('-')[0]}-{count}":
-            return f"the server's CRC32 of {count} parts of {part_size} bytes differs from the local file's"
-        return None
-
-    def _parts(self, bucket, key, size):
-        """(parts, part size) of a multipart object, asked of the server (HEAD of part 1).
-
-        A server that cannot answer is assumed to hold the parts this
-        configuration uploads (boto3's part size, adjusted as boto3 adjusts it).
-        """
-        try:
-            with self._errors(f"reading part 1 of s3://{bucket}/{key}"):
-                head = self.client.head_object(Bucket=bucket, Key=key, PartNumber=1)
-            if head.get("PartsCount") and head.get("ContentLength"):
-                return head["PartsCount"], head["ContentLength"]
-        except S3BackupError as exc:
-            if _code(exc.__cause__) is None:
-                raise
-        part_size = self.part_size(size)
-        return -(-size // part_size), part_size
+        if head["ChecksumType"] == "COMPOSITE":
+            return "the server keeps only a checksum of its parts' checksums, not of the whole object"
+        if head["ChecksumSHA256"]:
+            return None if head["ChecksumSHA256"] == b64(local.sha256) else \
+                "the server's SHA-256 of it differs from the local file's"
+        if head["ChecksumCRC32"]:
+            return None if head["ChecksumCRC32"] == (local.crc32 or crc32_file(local.path)) else \
+                "the server's CRC32 of it differs from the local file's"
+        return "the server reports no SHA-256 or CRC32 checksum of it"
 
     def describe(self, bucket, key):
-        """Size, ETag, our sha256 and the server's checksums of one object; None if absent."""
+        """Size, ETag, our sha256 metadata and the server's checksums of one object; None if absent."""
         try:
             with self._errors(f"reading s3://{bucket}/{key}"):
                 head = self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
@@ -287,20 +227,20 @@ class S3Store:
             "sha256": head.get("Metadata", {}).get("sha256"),
             "ChecksumSHA256": head.get("ChecksumSHA256"),
             "ChecksumCRC32": head.get("ChecksumCRC32"),
+            "ChecksumType": head.get("ChecksumType"),
             "LastModified": head.get("LastModified"),
         }
 
     def list_objects(self, bucket, prefix=""):
-        """Every object of the bucket as {Key, Size, ETag}; one request per 1000 keys, no HEADs."""
-        objects, token = [], {}
+        """Every object of the bucket under `prefix` as {Key, Size, ETag}."""
         with self._errors(f"listing s3://{bucket}/{prefix}"):
-            while True:  # the loop a paginator would run, without loading its model (tens of ms, each run)
-                page = self.client.list_objects_v2(Bucket=bucket, Prefix=prefix, **token)
-                objects += [{"Key": obj["Key"], "Size": obj["Size"], "ETag": obj.get("ETag", "").strip('"')}
-                            for obj in page.get("Contents", [])]
-                if not page.get("IsTruncated"):
-                    return objects
-                token = {"ContinuationToken": page["NextContinuationToken"]}
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            return [{"Key": obj["Key"], "Size": obj["Size"], "ETag": obj.get("ETag", "").strip('"')}
+                    for page in pages for obj in page.get("Contents", [])]
+
+    def listed(self, bucket, prefix=""):
+        """{key: size} of the bucket's objects under `prefix`."""
+        return {o["Key"]: o["Size"] for o in self.list_objects(bucket, prefix)}
 
     # --- errors ------------------------------------------------------------
 
@@ -334,12 +274,6 @@ class S3Store:
         return f"S3 at {where} refused {action}: {code} {message}".rstrip()
 
 
-def _proves(listed, local):
-    """Whether a listing entry proves a single-part copy of `local`: its size, and its ETag (the MD5 the
-    server computed over what it stored) equal to the file's MD5."""
-    return bool(listed and local.md5 and listed["Size"] == local.size and listed["ETag"] == local.md5)
-
-
 def _root(exc):
     """The botocore error behind boto3's S3UploadFailedError, which keeps it only as context."""
     seen = exc
@@ -355,8 +289,18 @@ def _code(exc):
     return None
 
 
-def _b64(hex_digest):
+def b64(hex_digest):
+    """A hex digest the way S3 writes checksums: base64 of its bytes."""
     return base64.b64encode(bytes.fromhex(hex_digest)).decode("ascii")
+
+
+def crc32_file(path):
+    """The file's CRC32 as S3 writes it (base64 of 4 big-endian bytes), read in 1 MiB blocks."""
+    crc = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(MIB), b""):
+            crc = zlib.crc32(block, crc)
+    return b64(f"{crc:08x}")
 
 
 def make_client(cfg, creds):
@@ -379,10 +323,10 @@ def make_client(cfg, creds):
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
         retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
-        max_pool_connections=max(10, cfg.max_concurrency),
+        # objects go up max_concurrency at a time, a multipart one with as many parts at a time
+        max_pool_connections=max(10, cfg.max_concurrency ** 2),
     )
-    botocore_session = botomodels.session(getattr(cfg, "model_cache", ""), "s3")
-    client = boto3.session.Session(botocore_session=botocore_session).client(
+    client = boto3.session.Session().client(
         "s3", endpoint_url=cfg.endpoint_url, aws_access_key_id=creds.id,
         aws_secret_access_key=creds.key, config=boto_config)
     transfer = TransferConfig(
@@ -422,59 +366,3 @@ def bucket_name(template, hour, prefix=""):
     if name.startswith("sthree-") or name.endswith("-s3alias"):
         raise ConfigError(f"bucket name {name!r} uses a prefix or suffix S3 reserves")
     return name
-
-
-def file_digests(path, part_size):
-    """(hex SHA-256 of the file, S3's CRC32 checksum of it uploaded in parts of `part_size`).
-
-    S3's multipart CRC32 checksum is the base64 CRC32 of the parts' CRC32s
-    (4 bytes each, big-endian), then "-<parts>". The whole-file hash runs in
-    its own thread beside the parts' (hashlib and zlib release the GIL), each
-    reading the file in 1 MiB blocks.
-    """
-    def whole():
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(MIB), b""):
-                digest.update(block)
-        return digest.hexdigest()
-
-    def parts():
-        over_parts, size = [], os.path.getsize(path)
-        with open(path, "rb") as handle:
-            for start in range(0, size, part_size):
-                crc = 0
-                for offset in range(start, min(start + part_size, size), MIB):
-                    crc = zlib.crc32(handle.read(min(MIB, start + part_size - offset, size - offset)), crc)
-                over_parts.append(struct.pack(">I", crc))
-        combined = struct.pack(">I", zlib.crc32(b"".join(over_parts)))
-        return f"{base64.b64encode(combined).decode('ascii')}-{len(over_parts)}"
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        whole_future = pool.submit(whole)
-        composite = parts()
-        return whole_future.result(), composite
-
-
-def composite_crc32(path, part_size):
-    """S3's CRC32 checksum of the file uploaded in parts of `part_size` ("<base64>-<parts>")."""
-    return file_digests(path, part_size)[1]
-
-
-def sha256_md5_file(path, chunk_size=MIB):
-    """(hex SHA-256, hex MD5) of a file, from one read."""
-    sha256, md5 = hashlib.sha256(), hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            sha256.update(chunk)
-            md5.update(chunk)
-    return sha256.hexdigest(), md5.hexdigest()
-
-
-def sha256_file(path, chunk_size=MIB):
-    """Hex SHA-256 of a file, read in chunks so a large dump never sits in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -296,3 +296,12 @@ def transaction_lock(conn, transaction_id, wait):
                 cur.execute("SELECT RELEASE_LOCK(%s)", (name,))
         except pymysql.err.Error:
             pass  # a lost connection releases the lock by itself
+
+
+def set_archive_path(conn, transaction_id, path):
+    """The transaction's archive now lives at `path` (moved upload/ -> archives/ after its hour's backup)."""
+    with conn.cursor() as cur:
+        cur.execute("UPDATE transactions SET archive_path = %s, updated_at = UTC_TIMESTAMP(6) "
+                    "WHERE transaction_id = %s", (path, transaction_id))
+        _event(cur, transaction_id, "archived", {"archive_path": path})
+    conn.commit()

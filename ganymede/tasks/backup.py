@@ -15,12 +15,13 @@ import os
 import shutil
 import subprocess
 from contextlib import closing
+from functools import cached_property
 
 import luigi
 
 from .. import config, files, hours, markers
 from ..errors import CommandError, GanymedeError
-from ..stores import mysql, previous, txlog
+from ..stores import mysql, txlog
 from ..stores import s3
 from ..stores.s3 import bucket_name
 from .agent import state_root
@@ -36,8 +37,7 @@ def dump_command(cfg):
         raise GanymedeError("neither mariadb-dump nor mysqldump is installed (Debian: apt-get install mariadb-client)")
     argv = [binary] + ([f"--defaults-extra-file={cfg.option_file}"] if cfg.option_file else [])
     return argv + ["-h", cfg.host, "-P", str(cfg.port), "-u", cfg.user, "--single-transaction", "--skip-dump-date",
-                   "--routines", f"--ignore-table-data={cfg.database}.{previous.TABLE}",  # a cache of MongoDB
-                   "--databases", cfg.database]
+                   "--routines", "--databases", cfg.database]
 
 
 def dump_schema(cfg, path):
@@ -90,14 +90,7 @@ def backup_plan(root, hour, rounds, archives):
 
 
 def backup_hour(cfg, bucket, plan, manifest_path):
-    """The hour's objects into `bucket` (made if need be), verified, then MANIFEST.json; returns the listing.
-
-    Tried and dropped, each costing what it saved: hashing the files while
-    the client is built (the hashing threads' turns at the GIL slow the
-    client), and making the bucket and listing it at once (a listing that
-    comes first fails, and botocore's first error builds the exception
-    classes of the whole S3 model).
-    """
+    """The hour's objects into `bucket` (made if need be), verified, then MANIFEST.json; returns the listing."""
     store = s3.connect(cfg)
     store.ensure_bucket(bucket)
     return upload_plan(store, bucket, plan, manifest_path)
@@ -120,13 +113,19 @@ def upload_plan(store, bucket, plan, manifest_path):
     return listing
 
 
-def move_archives(archives):
-    """upload/ -> archives/, same layout; already moved ones are left alone."""
+def move_archives(conn, archives, logged):
+    """upload/ -> archives/, same layout, each move then recorded in the log (`transactions.archive_path`).
+
+    `logged` {transaction id: archive_path the log holds} also brings the log
+    up to date for an archive an interrupted run moved without recording it.
+    """
     moved = []
     for agent_id, transaction_id, path, done in archives:
         if path != done:
             files.move_durably(path, done)
             moved.append(transaction_id)
+        if logged.get(transaction_id) != done:
+            txlog.set_archive_path(conn, transaction_id, done)
     return moved
 
 
@@ -165,12 +164,20 @@ class HourlyBackup(luigi.Task):
                 if os.path.exists(root.hour_marker(hour, "backup")) and not pending_archives(hour)]
 
     def requires(self):
+        return [DumpSchema(hour=self.hour, round=0)] + self._waiting
+
+    @cached_property
+    def _waiting(self):
+        """Archives in upload/ that no round holds and the log does not list as completed.
+
+        Read once per task instance (one query, one directory walk): Luigi
+        calls requires() several times a run.
+        """
         with closing(mysql.connect(config.mysql())) as conn:
             done = {t["transaction_id"] for t in txlog.hour_transactions(conn, self.hour,
                                                                         ("completed", "superseded"))}
-        return [DumpSchema(hour=self.hour, round=0)] + [
-            TransactionCompletion(hour=self.hour, agent_id=agent, transaction_id=tx)
-            for tx, agent in sorted(uncovered_archives(self.hour).items()) if tx not in done]
+        return [TransactionCompletion(hour=self.hour, agent_id=agent, transaction_id=tx)
+                for tx, agent in sorted(uncovered_archives(self.hour).items()) if tx not in done]
 
     def run(self):
         with closing(mysql.connect(config.mysql())) as conn:
@@ -185,13 +192,13 @@ class HourlyBackup(luigi.Task):
         bucket = bucket_name(cfg.bucket_template, self.hour)
         listing = backup_hour(cfg, bucket, backup_plan(root, self.hour, rounds, archives),
                               os.path.join(os.path.dirname(self.output().path), "MANIFEST.json"))
-        with closing(mysql.connect(config.mysql())) as conn:  # before the move: no moved archive lacks its event
-            for _, transaction_id, path, done in archives:
+        with closing(mysql.connect(config.mysql())) as conn:
+            for _, transaction_id, path, done in archives:  # before the move: no moved archive lacks its event
                 if path != done:
                     txlog.append_event(conn, transaction_id, "backed_up", {"bucket": bucket})
-        # The marker goes first: complete() also needs upload/ empty, so a crash during the move reruns it,
-        # while a marker written after the move could be left stale by a crash in between.
-        markers.write_json(self.output().path, {
-            "hour": hours.format_hour(self.hour), "bucket": bucket, "rounds": len(rounds), "objects": listing,
-            "archives": sorted(done for _, _, _, done in archives)})
-        move_archives(archives)
+            # The marker goes first: complete() also needs upload/ empty, so a crash during the move reruns it,
+            # while a marker written after the move could be left stale by a crash in between.
+            markers.write_json(self.output().path, {
+                "hour": hours.format_hour(self.hour), "bucket": bucket, "rounds": len(rounds), "objects": listing,
+                "archives": sorted(done for _, _, _, done in archives)})
+            move_archives(conn, archives, {t["transaction_id"]: t["archive_path"] for t in logged})
