@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 import luigi
 import pytest
 from luigi.execution_summary import LuigiStatusCode
+from luigi.task_register import Register
 
 from ganymede import datasets
 from ganymede.errors import ConfigError
@@ -32,7 +33,9 @@ NEVER = 10 ** 7  # deadline_minutes that will not pass during the test
 
 
 def build(*tasks):
-    return luigi.build(list(tasks), local_scheduler=True, detailed_summary=True)
+    """One run, as cron starts it: a new process, so no task instance (and no plan it read) from a run before."""
+    Register.clear_instance_cache()
+    return luigi.build([type(t)(**t.param_kwargs) for t in tasks], local_scheduler=True, detailed_summary=True)
 
 
 def register_agent(genv, agent_id, hour=HOUR):

@@ -20,7 +20,7 @@ import luigi
 
 from .. import config, files, hours, markers
 from ..errors import CommandError, GanymedeError
-from ..stores import mysql, previous, txlog
+from ..stores import mysql, txlog
 from ..stores import s3
 from ..stores.s3 import bucket_name
 from .agent import state_root
@@ -36,8 +36,7 @@ def dump_command(cfg):
         raise GanymedeError("neither mariadb-dump nor mysqldump is installed (Debian: apt-get install mariadb-client)")
     argv = [binary] + ([f"--defaults-extra-file={cfg.option_file}"] if cfg.option_file else [])
     return argv + ["-h", cfg.host, "-P", str(cfg.port), "-u", cfg.user, "--single-transaction", "--skip-dump-date",
-                   "--routines", f"--ignore-table-data={cfg.database}.{previous.TABLE}",  # a cache of MongoDB
-                   "--databases", cfg.database]
+                   "--routines", "--databases", cfg.database]
 
 
 def dump_schema(cfg, path):
