@@ -7,12 +7,15 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import luigi
 import pytest
+from ganymede_agent.archive import ArchiveError
+from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 
 from ganymede import archives, datasets
+from ganymede.datasets import RowError
 from ganymede.errors import DataError
 from ganymede.paths import StateRoot
 from ganymede.stores import staging, txlog
@@ -567,3 +570,107 @@ def test_summarized_holds_one_group_at_a_time():
     assert seen == ["GET|/a|200", "GET|/a|500", "GET|/a|500", "PUT|/a|200"]  # the group ended at PUT
     assert first["error_rate"] == 0.5  # 500 counted once, as its last row (3): 3 / (3 + 3)
     assert [(d["_id"], d["error_rate"]) for d in out] == [("GET|/a|500", 0.5), ("PUT|/a|200", 0.0)]
+
+
+# --- one grammar: what the parser accepts is staged and loaded exactly, what it refuses is refused --------
+
+BASE = ["node-p", "2026-11-30T05:01:00", "1000", "250", "0.5", "0"]  # node_health holds all four kinds
+NODE = datasets.CATALOG["node_health"]
+ZONES = st.sampled_from([None, timezone.utc, timezone(timedelta(hours=2)), timezone(-timedelta(hours=3, minutes=30))])
+
+
+def with_value(row, index, value):
+    row = list(row)
+    row[index] = value
+    return row
+
+
+def _text(max_size):
+    return st.text(st.characters(codec="utf-8", exclude_characters="\r"), max_size=max_size)  # CR: its own test
+
+
+def _datetimes():
+    moments = st.builds(lambda d, zone: d.replace(tzinfo=zone), st.datetimes(HOUR - timedelta(hours=3),
+                                                                             HOUR + timedelta(hours=3)), ZONES)
+    return st.builds(lambda d, sep, spec: d.isoformat(sep=sep, timespec=spec), moments, st.sampled_from("T "),
+                     st.sampled_from(["auto", "seconds", "milliseconds", "microseconds", "minutes", "hours"]))
+
+
+def _value(kind, max_len):
+    near_limit = st.integers(max_len - 2, max_len + 2)
+    by_kind = {
+        "str": [st.from_regex(r"[A-Za-z0-9_./:][A-Za-z0-9_.:/@+= -]*", fullmatch=True),
+                near_limit.map(lambda n: "n" * n), st.sampled_from(["NULL", "\\N", "null", '"', "a,b", "a\nb"])],
+        "int": [st.integers(-2 ** 64, 2 ** 64).map(str), st.from_regex(r"-?0*[0-9]{1,21}", fullmatch=True),
+                near_limit.map(lambda n: "7" * n)],
+        "float": [st.floats().map(repr), st.floats(width=32).map(str),
+                  st.from_regex(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?", fullmatch=True),
+                  near_limit.map(lambda n: "1." + "0" * (n - 2))],
+        "datetime": [_datetimes(), near_limit.map(lambda n: "2026-11-30T05:01:00.123456+00:00".ljust(n, "0")[:n])],
+    }
+    return st.one_of(*by_kind[kind], _text(max_len + 2))
+
+
+@st.composite
+def one_value_row(draw):
+    column = draw(st.sampled_from(NODE.columns))
+    row = list(BASE)
+    row[NODE.column_names.index(column.name)] = draw(_value(column.kind, column.max_len))
+    return row
+
+
+def _isolated(genv, tx):
+    with genv.mysql() as conn:
+        return txlog.get_transaction(conn, tx["transaction_id"])
+
+
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(row=one_value_row())
+@example(row=with_value(BASE, 4, "1." + "0" * 51))  # the 53-character float staging could not hold
+@example(row=with_value(BASE, 1, "2026-11-30T05:01:00.123456+00:00"))  # 32 characters: the limit
+@example(row=with_value(BASE, 1, "2026-11-30T05:01:00.1234567+00:00"))  # 33 characters
+@example(row=with_value(BASE, 0, "NULL"))  # LOAD DATA would read an unquoted NULL as SQL NULL
+@example(row=with_value(BASE, 0, "\\N"))
+@example(row=with_value(BASE, 2, "9223372036854775807"))
+@example(row=with_value(BASE, 2, "-9223372036854775809"))
+def test_the_parser_decides_what_is_staged_and_loaded(genv, mongo_up, row):
+    agent_id = f"p-{uuid.uuid4().hex[:12]}"
+    rows = sample_rows(HOUR, n=0)
+    rows["node_health"] = [row]
+    tx = completed_transaction(genv, agent_id, HOUR, rows=rows)
+    with open(stage_task(tx).requires().path(), "rb") as f:
+        try:
+            archives.validate(f, agent_id, "geo-test", HOUR)
+            validated = None
+        except ArchiveError as exc:
+            validated = str(exc)
+    try:
+        parsed, refused = NODE.parse_row(row, HOUR), None
+    except RowError as exc:
+        parsed, refused = None, str(exc)
+    run(load_task(tx))
+    docs = list(genv.mongo()["node_health"].find({"agent_id": agent_id}))
+    event("accepted" if parsed is not None else "rejected" if NODE.fits_staging(row) else "isolated")
+    if parsed is not None:  # accepted: staged, loaded, and MongoDB holds exactly the parsed values
+        assert validated is None
+        assert len(docs) == 1 and {k: docs[0][k] for k in parsed} == parsed
+        assert all(isinstance(docs[0][k], type(v)) for k, v in parsed.items())  # an int64 comes back as Int64
+        assert rejects(tx) == []
+    elif NODE.fits_staging(row):  # refused by the parser, stageable: a reject with the parser's reason
+        assert validated is not None and refused in validated
+        assert docs == [] and rejects(tx) == [{"dataset": "node_health", "record": 1, "reason": refused, "row": row}]
+    else:  # refused, and staging could not hold it: the transaction is isolated with the parser's reason
+        assert validated is not None and refused in validated
+        assert docs == [] and refused in marker(tx)["isolated"]
+        assert _isolated(genv, tx)["state"] == "failed" and refused in _isolated(genv, tx)["error"]
+    assert staged_rows(genv, tx) == 0
+
+
+def test_a_carriage_return_is_refused_by_the_reader_at_validation_and_at_staging(genv, mongo_up):
+    rows = sample_rows(HOUR, n=0)
+    rows["node_health"] = [with_value(BASE, 0, "node\r")]
+    tx = completed_transaction(genv, "agent-1", HOUR, rows=rows)
+    with open(stage_task(tx).requires().path(), "rb") as f, pytest.raises(ArchiveError, match="carriage return"):
+        archives.validate(f, "agent-1", "geo-test", HOUR)
+    run(load_task(tx))
+    assert "carriage return" in marker(tx)["isolated"]
