@@ -189,6 +189,7 @@ class Dataset:
     def __post_init__(self):
         object.__setattr__(self, "column_names", tuple(c.name for c in self.columns))
         object.__setattr__(self, "_parsers", tuple(c.parse for c in self.columns))
+        object.__setattr__(self, "_widths", tuple(c.max_len for c in self.columns))
         if bool(self.group_by) != bool(self.summarize) or bool(self.previous_fields) != bool(self.from_previous):
             raise AssertionError(f"{self.name}: group_by/summarize and previous_fields/from_previous go in pairs")
 
@@ -203,8 +204,8 @@ class Dataset:
     def fits_staging(self, values):
         """Whether a row can be staged unchanged: one value per column, each within its column's length, and
         none holding the unit separator staging reads rows back with. A row that does not fit never parses."""
-        return len(values) == len(self.columns) and all(
-            len(v) <= c.max_len and "\x1f" not in v for c, v in zip(self.columns, values))
+        return (len(values) == len(self._widths) and all(map(operator.ge, self._widths, map(len, values)))
+                and "\x1f" not in "".join(values))
 
     def parse_row(self, values, hour):
         """CSV strings -> typed dict, checked; RowError says why not."""

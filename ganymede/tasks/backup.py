@@ -187,7 +187,7 @@ class HourlyBackup(luigi.Task):
         with closing(mysql.connect(config.mysql())) as conn:  # before the move: no moved archive lacks its event
             for _, transaction_id, path, done in archives:
                 if path != done:
-                    txlog.append_event(conn, transaction_id, "backed_up", {"bucket": bucket})
+                    txlog.append_event_once(conn, transaction_id, "backed_up", {"bucket": bucket})
         # The marker goes first: complete() also needs upload/ empty, so a crash during the move reruns it,
         # while a marker written after the move could be left stale by a crash in between.
         markers.write_json(self.output().path, {
