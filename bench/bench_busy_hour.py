@@ -272,7 +272,7 @@ def run_hour(args, luigid, hour, rows, watch):
     try:
         hour_text = hours.format_hour(hour)
         world.upgrade()
-        upgrade = subprocess.run([common.bin_path("ganymede"), "db", "upgrade"], env=world.env(),
+        upgrade = subprocess.run([common.bin_path("ganymede"), "db", "upgrade"], env=world.env,
                                  capture_output=True, text=True)  # the MongoDB indexes, as a deploy makes them
         if upgrade.returncode:
             raise SystemExit(f"ganymede db upgrade failed: {upgrade.stderr}")
