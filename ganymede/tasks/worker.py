@@ -93,6 +93,7 @@ def isolate(conn, archive, reason):
     round, a failed transaction's archive would stay in upload/ and hold the
     hour's backup. Returns what the task's marker records.
     """
+    reason = reason[:2000]  # a bad header is quoted in it, and a line may be long
     staging.clear(conn, datasets.CATALOG.values(), archive.transaction_id)
     held = archive.quarantine_path()
     if archive.path() != held:
