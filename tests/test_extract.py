@@ -399,6 +399,16 @@ def test_golden_extract_is_exactly_what_the_vendor_receives(genv, mongo_up):
     assert m["sha256"] == sha256_of(root.extract(HOUR)) == sha256_of(os.path.join(genv.root, "outbox", m["file"]))
 
 
+def test_requires_reads_the_log_once_per_task_instance(genv, monkeypatch):
+    """Luigi calls requires() several times per run (scheduling, before run(), summaries)."""
+    from ganymede.stores import mysql
+    completed_transaction(genv, "agent-a", HOUR)
+    opened, connect = [], mysql.connect
+    monkeypatch.setattr(mysql, "connect", lambda *a, **k: opened.append(a) or connect(*a, **k))
+    task = GlassbeamExtract(hour=HOUR)
+    assert [task.requires() for _ in range(3)][0] == task.requires() and len(opened) == 1
+
+
 def test_db_upgrade_creates_the_indexes_the_pipeline_relies_on(genv, mongo_up):
     """Idempotently, after the MySQL migrations. The test server cannot explain() and lists only the first key
     of {hour: 1, _id: 1}: the full keys and the plan a real mongod gives are in docs/operations.md."""

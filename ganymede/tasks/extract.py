@@ -215,12 +215,8 @@ def copy_to_outbox(path, outbox):
     dest = os.path.join(outbox, os.path.basename(path))
     partial = os.path.join(outbox, f".{os.path.basename(path)}.partial")
     os.makedirs(outbox, exist_ok=True)
-    with open(path, "rb") as src, open(partial, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
-        out.flush()
-        os.fsync(out.fileno())
-    files.move_durably(partial, dest)
-    return dest
+    shutil.copyfile(path, partial)
+    return files.move_durably(partial, dest)  # fsyncs the copy before the rename
 
 
 def read_token(path):
