@@ -29,14 +29,14 @@ import faultlib as F
 from conftest import require_port
 from ganymede import datasets, hours
 from ganymede.paths import StateRoot
-from ganymede.stores import mysql, previous, txlog
+from ganymede.stores import mysql, txlog
 from test_archives import HEADERS, csv_bytes, dataset_files, manifest_for, member, valid_rows, write_tar_gz
 
 pytestmark = pytest.mark.slow
 
 IDLE_TIMEOUT, BODY_TIMEOUT = 2, 4  # seconds; production's defaults are 75 and 3600 ([api] in luigi.cfg)
 MAX_ARCHIVE_MB, MAX_MEMBER_MB = 4, 1
-TABLES = {"agents", "admin_tokens", "schema_version", "transactions", "transaction_events", previous.TABLE,
+TABLES = {"agents", "admin_tokens", "schema_version", "transactions", "transaction_events",
           *(d.staging_table for d in datasets.CATALOG.values())}
 
 
