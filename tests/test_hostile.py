@@ -504,7 +504,7 @@ ARCHIVE_CASES = {
         "invalid dataset entry"),
     "sql-csv-string-value": (_bad("account_usage", "account_id", "acct'); DROP TABLE agents; --"),
                              "not a plain identifier"),
-    "sql-csv-numeric-value": (_bad("api_requests", "count", "1; DELETE FROM transactions"), "not an integer"),
+    "sql-csv-numeric-value": (_bad("api_requests", "count", "1; DELETE FROM transactions"), "longer than 20 characters"),
     "formula-equals": (_bad("account_usage", "account_id", "=cmd|' /C calc'!A0"), "not a plain identifier"),
     "formula-plus": (_bad("api_requests", "endpoint", "+cmd|' /C calc'!A0"), "not a plain identifier"),
     "formula-minus": (_bad("node_health", "node_id", "-2+3+cmd|' /C x'!A0"), "not a plain identifier"),
