@@ -507,7 +507,8 @@ def test_disk_full_during_an_upload_gives_507_accepts_nothing_then_recovers(genv
         assert body == {"error": "cannot store the upload on the server; retry later", "status": 507}
         states = {a: [t["state"] for t in agent_transactions(genv, a)] for a in txs}
         assert states == {"geo-disk-a": ["uploaded"], "geo-disk-b": ["created"]}
-        assert sorted(os.listdir(incoming)) == [f"{txs['geo-disk-a']}.part"]  # the failed temp file is gone
+        F.wait_for(lambda: sorted(os.listdir(incoming)) == [f"{txs['geo-disk-a']}.part"],
+                   what="the failed upload's temp file removed, the good one completed to its .part")
         assert F.complete(api.port, first[0], first[1], txs["geo-disk-a"]).status == 200
 
         # an upload the disk cannot hold at all is refused before a byte is written
