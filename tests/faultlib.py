@@ -527,7 +527,10 @@ def call(port, method, path, body=None, headers=None, timeout=30):
     """One request on a new connection (as the agent's urllib does); returns a Reply."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered early (a refusal) and closed before the body was all sent: read the answer
         resp = conn.getresponse()
         return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:
