@@ -70,8 +70,6 @@ def open_atomic(path, text=False):
     return DurableTarget(path, luigi.format.UTF8 if text else luigi.format.Nop).open("w")
 
 
-AtomicFile = open_atomic  # the name tasks/backup.py writes its dump with
-
 
 def write_json(path, data):
     with open_atomic(path) as f:

@@ -42,7 +42,7 @@ def dump_command(cfg):
 def dump_schema(cfg, path):
     """mariadb-dump streamed through gzip into `path`, atomically; a failed dump leaves nothing behind."""
     argv = dump_command(cfg)
-    with markers.AtomicFile(path) as raw:
+    with markers.open_atomic(path) as raw:
         with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
             with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
                 shutil.copyfileobj(proc.stdout, gz, 1 << 20)
