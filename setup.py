@@ -17,7 +17,7 @@ setup(
         "python-dateutil>=2.8,<3",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "wheel"],  # wheel: the agent-alone install test builds offline
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6", "wheel"],  # wheel: the agent-alone install test builds offline
         "services": ["moto[s3]>=5,<6", "flask", "flask-cors", "nx-27017==0.8.1"],
         # luigid's task history (SQLAlchemy) and Prometheus metrics, as deploy/luigid.cfg turns on
         "scheduler": ["sqlalchemy>=1.4,<2", "prometheus_client>=0.17"],

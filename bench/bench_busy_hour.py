@@ -13,7 +13,7 @@ Then the bare stages on the very same data, one after the other:
   upload    the same archives PUT concurrently to a bare Tornado handler that writes the body to disk
   staging   LOAD DATA LOCAL of the same CSVs (unpacked beforehand) into copies of the staging tables
   MongoDB   pymongo bulk_write of ReplaceOne upserts of the same documents (exported beforehand as BSON),
-            same batches of 2000, same indexes, into a fresh database
+            same batches of 2000, same indexes (ganymede.stores.mongo.INDEXES), into a fresh database
   extract   find({"hour": H}) + json.dumps + gzip of the hour's documents
   dump      mariadb-dump --single-transaction of the same schema | gzip
   backup    boto3 upload_file of the same objects into a fresh bucket
@@ -157,7 +157,7 @@ def bare_staging(world, unpacked):
                 cur.execute(f"LOAD DATA LOCAL INFILE %s INTO TABLE `{d.staging_table}` CHARACTER SET utf8mb4 "
                             "FIELDS TERMINATED BY ',' OPTIONALLY ENCLOSED BY '\"' ESCAPED BY '' "
                             "LINES TERMINATED BY '\\n' IGNORE 1 LINES "
-                            f"({columns}) SET transaction_id = %s", (path, tx))
+                            f"({columns}) SET transaction_id = %s, record = 0", (path, tx))
         return time.perf_counter() - started
 
 
@@ -181,12 +181,13 @@ def bare_mongodb(world, files, batch_size=2000):
     """bulk_write(ReplaceOne upsert by _id) of the same documents, same batches, same indexes, fresh database."""
     import bson
     import pymongo
+    from ganymede.stores import mongo
     client, db = world.mongo(world.mongo_database + "_bare")
     with closing(client):
         started = time.perf_counter()
         for name, path in files.items():
-            db[name].create_index([("hour", pymongo.ASCENDING), ("agent_id", pymongo.ASCENDING)])
-            db[name].create_index([("transaction_id", pymongo.ASCENDING)])
+            for keys in mongo.INDEXES:
+                db[name].create_index(keys)
             with open(path, "rb") as f:
                 batch = []
                 for doc in bson.decode_file_iter(f):
@@ -271,6 +272,10 @@ def run_hour(args, luigid, hour, rows, watch):
     try:
         hour_text = hours.format_hour(hour)
         world.upgrade()
+        upgrade = subprocess.run([common.bin_path("ganymede"), "db", "upgrade"], env=world.env,
+                                 capture_output=True, text=True)  # the MongoDB indexes, as a deploy makes them
+        if upgrade.returncode:
+            raise SystemExit(f"ganymede db upgrade failed: {upgrade.stderr}")
         t = time.perf_counter()
         prepared = common.prepare_geos(world, hour, args.agents, rows)
         print(f"[{rows:,} rows/agent] {args.agents} GEO databases generated in {time.perf_counter() - t:.1f} s",

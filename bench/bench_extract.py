@@ -130,10 +130,11 @@ def setup(args, work):
                 f"[extract]\ndeadline_minutes = {10 ** 7}\n\n[core]\nno_configure_logging = true\n")
     os.environ["LUIGI_CONFIG_PATH"] = config_path  # before luigi is imported: it reads the variable then
     import luigi
-    from ganymede import config
+    from ganymede import cli, config
     from ganymede.stores import mysql
     from ganymede.tasks import LoadTransaction
-    mysql.upgrade(config.mysql())
+    if cli.main(["db", "upgrade"]):  # the schema and the MongoDB indexes, as a deploy makes them
+        raise SystemExit("ganymede db upgrade failed")
     started = time.perf_counter()
     loads = []
     with mysql.connect(config.mysql()) as conn:

@@ -8,8 +8,11 @@
   bare pymongo `bulk_write` of the same documents with the same operations
   (ReplaceOne upserts by `_id`, same batches, same indexes, the previous hour
   loaded in both, unless --no-previous-hour) (target ratio >= 0.8); the
-  load takes the previous hour's values from MySQL with the staged rows
-  (ganymede.stores.previous), as it does whenever that hour was loaded;
+  load reads the previous hour's values from MongoDB (one `_id $in` per
+  write batch), which the bare write does not: on the test server those
+  finds cost 30-45 µs per document (a real mongod serves them from the
+  `_id` index), so run it once more with --no-previous-hour to see what
+  they cost there;
 - memory: peak RSS (VmHWM) of StageTransaction and LoadTransaction, each in
   its own process, for a transaction of --rss-rows rows and of --mongo-rows
   rows (target < 300 MB and the same for both sizes).
@@ -209,7 +212,7 @@ class Bench:
                         f"LOAD DATA LOCAL INFILE %s INTO TABLE `{dataset.staging_table}` CHARACTER SET utf8mb4 "
                         "FIELDS TERMINATED BY ',' OPTIONALLY ENCLOSED BY '\"' ESCAPED BY '' "
                         "LINES TERMINATED BY '\\n' IGNORE 1 LINES "
-                        f"({columns}) SET transaction_id = %s", (path, transaction_id))
+                        f"({columns}) SET transaction_id = %s, record = 0", (path, transaction_id))
                 conn.commit()
             return rows, time.perf_counter() - started
 
@@ -243,7 +246,7 @@ class Bench:
         db = self.mongo()
         for name in datasets.CATALOG:
             db.drop_collection(name)
-        mongo.ensure_indexes(db, datasets.CATALOG)
+        mongo.create_indexes(db, datasets.CATALOG)  # as `ganymede db upgrade` makes them
         for name, docs in previous_docs.items():
             if docs:
                 db[name].insert_many(docs, ordered=False)
@@ -252,8 +255,8 @@ class Bench:
         from ganymede.paths import StateRoot
         from ganymede.tasks.worker import stage_archive
         with self.mysql() as conn:
-            stage_archive(conn, StateRoot(self.root).upload(hour, AGENT, transaction_id), transaction_id,
-                          os.path.join(self.root, "tmp"))
+            stage_archive(conn, StateRoot(self.root).upload(hour, AGENT, transaction_id), transaction_id, hour,
+                          os.path.join(self.root, "tmp", f"stage-{transaction_id}.csv"))
 
     def documents(self, hour):
         from ganymede import datasets

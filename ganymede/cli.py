@@ -38,8 +38,15 @@ def run_luigi(task_args, local_scheduler=False):
 # --- ganymede (admin) ----------------------------------------------------------
 
 def _db_upgrade(args):
+    """The MySQL migrations, then every MongoDB index the pipeline relies on (both idempotent)."""
+    from . import datasets
+    from .stores import mongo
     applied = mysql.upgrade(config.mysql())
     print(f"schema at version {mysql.LATEST}" + (f" (applied {applied})" if applied else " (nothing to do)"))
+    client, db = mongo.connect(config.mongodb())
+    with closing(client):
+        indexes = mongo.create_indexes(db, sorted(datasets.CATALOG))
+    print("MongoDB indexes in place: " + ", ".join(f"{name}: {' '.join(names)}" for name, names in indexes.items()))
 
 
 def _agents_add(args):
@@ -105,7 +112,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="ganymede", description="Ganymede administration")
     sub = parser.add_subparsers(dest="command", required=True)
     db = sub.add_parser("db", help="the MySQL schema").add_subparsers(dest="db_command", required=True)
-    db.add_parser("upgrade", help="create or upgrade the schema (idempotent)").set_defaults(func=_db_upgrade)
+    db.add_parser("upgrade", help="create or upgrade the MySQL schema and the MongoDB indexes (idempotent)"
+                  ).set_defaults(func=_db_upgrade)
     agents = sub.add_parser("agents", help="GEO agents").add_subparsers(dest="agents_command", required=True)
     add = agents.add_parser("add", help="register an agent and print its token once")
     add.add_argument("agent_id")

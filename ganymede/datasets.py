@@ -18,9 +18,15 @@ from datetime import datetime, timedelta
 
 from . import hours
 
+# One grammar per kind, ASCII only. A column's `max_len` bounds its text: checked before anything else, and
+# the width of its staging column, so whatever parses can be staged and nothing longer reaches staging.
 _STR = re.compile(r"[A-Za-z0-9_./:][A-Za-z0-9_.:/@+= -]*\Z")  # no leading = + - @: nothing a spreadsheet runs
-_INT = re.compile(r"-?[0-9]{1,19}\Z")  # ASCII digits only: int() would also take ' 7', '+7', '1_000', '٧'
+_INT = re.compile(r"-?[0-9]{1,19}\Z")  # int() would also take ' 7', '+7', '1_000', '٧'
 _FLOAT = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?\Z")
+# date, 'T' or ' ', time to the second (fraction up to µs), optional UTC offset: what MySQL and isoformat() print
+_DATETIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?"
+                       r"(?:Z|[-+][0-9]{2}:[0-9]{2})?\Z")
+MAX_LEN = {"int": 20, "float": 40, "datetime": 32}  # the longest text each grammar needs (str: per column)
 _INT_MIN, _INT_MAX = -(2 ** 63), 2 ** 63
 
 
@@ -28,82 +34,64 @@ class RowError(ValueError):
     """A row that cannot become a document; the message is the reason kept in the rejects file."""
 
 
-def _parse_str(name, max_len):
-    match = _STR.match
-
-    def parse(text):
-        if text and len(text) <= max_len and match(text):
-            return text
-        if not text:
-            raise RowError(f"{name}: empty")
-        raise RowError(f"{name}: not a plain identifier of at most {max_len} characters")
-    return parse
+def _to_str(name, text, max_len):
+    if _STR.match(text):
+        return text
+    raise RowError(f"{name}: not a plain identifier of at most {max_len} characters")
 
 
-def _parse_int(name):
-    match = _INT.match
-
-    def parse(text):
-        if text and match(text):
-            value = int(text)
-            if _INT_MIN <= value < _INT_MAX:
-                return value
-            raise RowError(f"{name}: out of range")
-        if not text:
-            raise RowError(f"{name}: empty")
-        raise RowError(f"{name}: not an integer: {text[:40]!r}")
-    return parse
+def _to_number(what, pattern, convert, in_range, outside):
+    def to_number(name, text, max_len):
+        if not pattern.match(text):
+            raise RowError(f"{name}: not {what}: {text!r}")
+        value = convert(text)
+        if in_range(value):
+            return value
+        raise RowError(f"{name}: {outside}")
+    return to_number
 
 
-def _parse_float(name):
-    match = _FLOAT.match
-
-    def parse(text):
-        if text and match(text):
-            value = float(text)
-            if math.isfinite(value):
-                return value
-            raise RowError(f"{name}: not finite")
-        if not text:
-            raise RowError(f"{name}: empty")
-        raise RowError(f"{name}: not a number: {text[:40]!r}")
-    return parse
+_to_int = _to_number("an integer", _INT, int, lambda value: _INT_MIN <= value < _INT_MAX, "out of range")
+_to_float = _to_number("a number", _FLOAT, float, math.isfinite, "not finite")
 
 
-def _parse_datetime(name):
-    def parse(text):
-        if not text:
-            raise RowError(f"{name}: empty")
-        try:
+def _to_datetime(name, text, max_len):
+    try:
+        if _DATETIME.match(text):
             return hours.utc(datetime.fromisoformat(text)).replace(microsecond=0)
-        except (TypeError, ValueError):
-            raise RowError(f"{name}: not an ISO date-time: {text[:40]!r}") from None
-    return parse
+    except ValueError:
+        pass
+    raise RowError(f"{name}: not an ISO date-time: {text!r}")
 
 
-def _parser(column):
-    if column.kind == "str":
-        return _parse_str(column.name, column.max_len)
-    makers = {"int": _parse_int, "float": _parse_float, "datetime": _parse_datetime}
-    if column.kind not in makers:
-        raise AssertionError(f"unknown column kind {column.kind}")
-    return makers[column.kind](column.name)
+_CONVERT = {"str": _to_str, "int": _to_int, "float": _to_float, "datetime": _to_datetime}
 
 
 @dataclass(frozen=True)
 class Column:
+    """A column of a dataset: its text (at most `max_len` characters, the default of its kind) and its type."""
     name: str
     kind: str  # 'str' | 'int' | 'float' | 'datetime'
-    max_len: int = 128
-    parse: object = field(init=False, repr=False, compare=False)
+    max_len: int = None  # default: MAX_LEN[kind], or 128 for 'str'
 
     def __post_init__(self):
-        object.__setattr__(self, "parse", _parser(self))  # text -> value, or RowError saying why not
+        if self.kind not in _CONVERT:
+            raise AssertionError(f"unknown column kind {self.kind}")
+        if self.max_len is None:
+            object.__setattr__(self, "max_len", MAX_LEN.get(self.kind, 128))
+
+    def parse(self, text):
+        """Text -> value, or RowError saying why not; the length is checked first, before any other work."""
+        if len(text) > self.max_len:
+            raise RowError(f"{self.name}: longer than {self.max_len} characters")
+        if not text:
+            raise RowError(f"{self.name}: empty")
+        return _CONVERT[self.kind](self.name, text, self.max_len)
 
     @property
     def sql_type(self):
-        """Staging keeps the text as sent: typing happens in the transform, where a bad value is a reject, not a crash."""
-        return f"VARCHAR({self.max_len if self.kind == 'str' else 40})"
+        """Staging keeps the text as sent, exactly as wide as the parser allows."""
+        return f"VARCHAR({self.max_len})"
 
 
 def _key_part(value):
@@ -201,15 +189,9 @@ class Dataset:
     def __post_init__(self):
         object.__setattr__(self, "column_names", tuple(c.name for c in self.columns))
         object.__setattr__(self, "_parsers", tuple(c.parse for c in self.columns))
+        object.__setattr__(self, "_widths", tuple(c.max_len for c in self.columns))
         if bool(self.group_by) != bool(self.summarize) or bool(self.previous_fields) != bool(self.from_previous):
             raise AssertionError(f"{self.name}: group_by/summarize and previous_fields/from_previous go in pairs")
-        kinds = {c.name: c for c in self.columns}
-        if self.previous_fields and (any(kinds[k].kind != "str" for k in self.key)
-                                     or sum(kinds[k].max_len + 1 for k in self.key) > 1024
-                                     or any(kinds[f].kind == "datetime" for f in self.previous_fields)):
-            # MySQL matches the previous hour by the staged key text and keeps the fields as JSON
-            raise AssertionError(f"{self.name}: previous-hour fields need a key of text columns (at most 1024 "
-                                 "bytes) and fields JSON keeps exactly (no datetime)")
 
     @property
     def staging_table(self):
@@ -218,6 +200,12 @@ class Dataset:
     def check_header(self, header):
         if list(header) != list(self.column_names):
             raise RowError(f"header {header!r} != expected {list(self.column_names)!r}")
+
+    def fits_staging(self, values):
+        """Whether a row can be staged unchanged: one value per column, each within its column's length, and
+        none holding the unit separator staging reads rows back with. A row that does not fit never parses."""
+        return (len(values) == len(self._widths) and all(map(operator.ge, self._widths, map(len, values)))
+                and "\x1f" not in "".join(values))
 
     def parse_row(self, values, hour):
         """CSV strings -> typed dict, checked; RowError says why not."""
@@ -273,13 +261,8 @@ class Dataset:
 
         `found` maps `_id` -> document for the previous-hour documents that exist.
         """
-        return self.with_previous_values(docs, [found.get(previous_id) for previous_id in previous_ids])
-
-    def with_previous_values(self, docs, previous):
-        """Documents given the fields that compare with the previous hour; `previous` holds, in the same order,
-        each one's previous-hour fields (a dict) or None."""
-        for doc, before in zip(docs, previous):
-            self.from_previous(doc, before)
+        for doc, previous_id in zip(docs, previous_ids):
+            self.from_previous(doc, found.get(previous_id))
         return docs
 
     def with_summary(self, docs):

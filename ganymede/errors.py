@@ -62,3 +62,7 @@ class CommandError(GanymedeError):
 
 class DeliveryError(GanymedeError):
     """The extract could not be delivered to the vendor's endpoint after every attempt."""
+
+
+class DataError(GanymedeError):
+    """A transaction's data cannot be staged or loaded; rerunning cannot fix it (the transaction is isolated)."""

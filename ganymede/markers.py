@@ -1,22 +1,78 @@
-"""Small JSON files that say a step is done, written atomically.
+"""Task outputs on the state root (markers, extracts, rejects, dumps), written atomically through Luigi's targets.
 
-A marker is the output of a task: it appears at its final path complete or
-not at all (written to a temporary file in the same directory, fsync'd,
-renamed), so a crash never leaves a half-written marker that looks done.
+A file appears at its final path whole or not at all: DurableTarget writes
+`.tmp-<name>-<random>` beside it, fsyncs it and renames it into place
+durably (ganymede.files). A process killed mid-write leaves that temporary
+behind; the next write of the same file removes the ones older than its own
+process (Luigi never runs one task twice at once, so they belong to a dead run).
 """
+import glob
+import io
 import json
 import os
-import tempfile
+import random
+import time
 
+import luigi
+import luigi.format
+from luigi.local_target import atomic_file
+
+from . import files
+
+STARTED = time.time()
+
+
+class _DurableFile(atomic_file):
+    def generate_tmp_path(self, path):
+        directory, name = os.path.split(path)
+        return os.path.join(directory, f".tmp-{name}-{random.randrange(10 ** 9):09d}")
+
+    def move_to_final_destination(self):
+        files.move_durably(self.tmp_path, self.path)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            return super().__exit__(exc_type, exc, tb)
+        try:
+            io.BufferedWriter.close(self)  # closed without the move
+        except OSError:
+            pass  # a full disk may refuse the last flush too
+        os.unlink(self.tmp_path)
+
+
+class DurableTarget(luigi.LocalTarget):
+    """A LocalTarget whose writes are fsync'd before and after the rename; binary unless given a format."""
+
+    def __init__(self, path, format=luigi.format.Nop):
+        super().__init__(path, format=format)
+
+    def open(self, mode="r"):
+        if "w" not in mode:
+            return super().open(mode)
+        self.makedirs()
+        remove_temporaries(self.path)
+        return self.format.pipe_writer(_DurableFile(self.path))
+
+
+def remove_temporaries(path, before=STARTED):
+    """Remove the temporaries of `path` last written before `before` (default: this process's start)."""
+    directory, name = os.path.split(path)
+    for tmp in glob.glob(os.path.join(glob.escape(directory), glob.escape(f".tmp-{name}-") + "*")):
+        try:
+            if os.stat(tmp).st_mtime < before:
+                os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def open_atomic(path, text=False):
+    """A file object for writing `path` atomically (UTF-8 text with text=True); use it in a with block."""
+    return DurableTarget(path, luigi.format.UTF8 if text else luigi.format.Nop).open("w")
 
 
 def write_json(path, data):
-    write_bytes(path, json.dumps(data, sort_keys=True, indent=1, default=str).encode() + b"\n")
-
-
-def write_bytes(path, data):
-    with AtomicFile(path) as f:
-        f.write(data)
+    with open_atomic(path) as f:
+        f.write(json.dumps(data, sort_keys=True, indent=1, default=str).encode() + b"\n")
 
 
 def read_json(path):
@@ -24,43 +80,8 @@ def read_json(path):
         return json.load(f)
 
 
-class AtomicFile:
-    """A file written to a temporary name and renamed into place only if the block succeeds."""
-
-    mode = "wb"
-
-    def __init__(self, path):
-        self.path = path
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".tmp-")
-        self.file = os.fdopen(fd, self.mode, **({"encoding": "utf-8"} if "b" not in self.mode else {}))
-        return self.file
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                self.file.flush()
-                os.fsync(self.file.fileno())
-                self.file.close()
-                os.replace(self.tmp, self.path)
-                return False
-        except BaseException:
-            self._discard()
-            raise
-        self._discard()
-        return False
-
-    def _discard(self):
-        """Close and remove the temporary file; closing may fail again (a full disk), removing does not."""
-        try:
-            self.file.close()
-        except OSError:
-            pass
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-
-
-class AtomicText(AtomicFile):
-    mode = "w"
+def remove(path):
+    """Remove a marker (and any temporary a killed writer left of it); a missing one is fine."""
+    remove_temporaries(path, before=time.time())
+    if os.path.exists(path):
+        os.unlink(path)

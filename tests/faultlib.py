@@ -230,14 +230,6 @@ def fixed_transaction(env, agent_id, hour, transaction_id, rows=None, geo="geo-t
 
 # --- the end state of an hour --------------------------------------------------------
 
-TEMP_NAMES = (".tmp-", ".build-", "stage-")  # AtomicFile / build_archive / staging temporaries
-
-
-def is_temporary(relpath):
-    name = os.path.basename(relpath)
-    return name.startswith(TEMP_NAMES) or name.endswith(".tmp") or relpath.startswith("tmp" + os.sep)
-
-
 def tree(root):
     """Every file under `root`, relative, sorted."""
     found = []
@@ -291,7 +283,7 @@ def fingerprint(env, hour):
     for name in sorted(datasets.CATALOG):
         docs = list(db[name].find({}, sort=[("_id", 1)]))
         mongo[name] = (len(docs), hashlib.sha256(_canonical(docs).encode()).hexdigest())
-    files = [p for p in tree(env.root) if not is_temporary(p)]
+    files = tree(env.root)  # temporaries included: a rerun must not leave what a killed run was writing
     markers = {}
     for p in files:
         if p.endswith((".staged.json", ".loaded.json")):
@@ -313,16 +305,13 @@ def fingerprint(env, hour):
     with sql(env) as conn, conn.cursor() as cur:
         cur.execute("SELECT transaction_id, state FROM transactions ORDER BY transaction_id")
         states = dict(cur.fetchall())
-        cur.execute("SELECT transaction_id, GROUP_CONCAT(DISTINCT event ORDER BY event) FROM transaction_events "
-                    "GROUP BY transaction_id")
+        cur.execute("SELECT transaction_id, GROUP_CONCAT(event ORDER BY event) FROM transaction_events "
+                    "GROUP BY transaction_id")  # every event: a step rerun after a crash logs it once
         events = dict(cur.fetchall())
         staged = 0
         for name in datasets.CATALOG.values():
             cur.execute(f"SELECT COUNT(*) FROM `{name.staging_table}`")
             staged += cur.fetchone()[0]
-        cur.execute("SELECT agent_id, hour, dataset, doc_key, transaction_id, fields FROM previous_values "
-                    "ORDER BY agent_id, hour, dataset, doc_key")
-        kept = hashlib.sha256(_canonical(cur.fetchall()).encode()).hexdigest()
     return {
         "mongo": mongo,
         "extracts": extracts,  # every round's extract and its manifest (wall-clock fields left out), the outbox
@@ -336,7 +325,6 @@ def fingerprint(env, hour):
         "transaction_states": states,
         "transaction_events": events,
         "staging_rows": staged,
-        "kept_previous_values": kept,
     }
 
 
@@ -539,7 +527,10 @@ def call(port, method, path, body=None, headers=None, timeout=30):
     """One request on a new connection (as the agent's urllib does); returns a Reply."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered early (a refusal) and closed before the body was all sent: read the answer
         resp = conn.getresponse()
         return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:

@@ -11,11 +11,14 @@ import ssl
 import subprocess
 import sys
 import threading
+import uuid
+from unittest import mock
 from datetime import datetime, timedelta
 
 import luigi
 import pytest
 from luigi.execution_summary import LuigiStatusCode
+from luigi.task_register import Register
 
 from ganymede import datasets
 from ganymede.errors import ConfigError
@@ -32,7 +35,9 @@ NEVER = 10 ** 7  # deadline_minutes that will not pass during the test
 
 
 def build(*tasks):
-    return luigi.build(list(tasks), local_scheduler=True, detailed_summary=True)
+    """One run, as cron starts it: a new process, so no task instance (and no plan it read) from a run before."""
+    Register.clear_instance_cache()
+    return luigi.build([type(t)(**t.param_kwargs) for t in tasks], local_scheduler=True, detailed_summary=True)
 
 
 def register_agent(genv, agent_id, hour=HOUR):
@@ -212,6 +217,39 @@ def test_late_arrival_is_a_supplementary_round_backed_up_with_no_row_twice(genv,
     assert "Did not run any tasks" in build(HourlyBackup(hour=HOUR)).summary_text
 
 
+def test_a_poisoned_transaction_is_isolated_the_hour_closes_and_its_resend_is_a_late_arrival(
+        genv, mongo_up, clean_buckets):
+    a = completed_transaction(genv, "agent-a", HOUR)
+    b = completed_transaction(genv, "agent-b", HOUR)
+    poisoned = sample_rows(HOUR, n=3, agent_tag="agent-c")
+    poisoned["node_health"].append(["node-x", "2026-11-30T05:00:00", "10", "5", "1." + "0" * 51, "0"])  # 53 chars
+    c = completed_transaction(genv, "agent-c", HOUR, rows=poisoned)  # as an API before this check let it in
+    result = build(HourlyBackup(hour=HOUR))
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text  # on time, without agent-c
+    m = manifest(genv)
+    assert m["transactions"] == sorted([a["transaction_id"], b["transaction_id"]])
+    assert m["missing_agents"] == ["agent-c"] and set(m["agents"]) == {"agent-a", "agent-b"}
+    assert {r["agent_id"] for r in lines(genv)} == {"agent-a", "agent-b"}
+    with genv.mysql() as conn:
+        failed = txlog.get_transaction(conn, c["transaction_id"])
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM stage_account_usage WHERE transaction_id = %s", (c["transaction_id"],))
+            assert cur.fetchone()[0] == 0
+    reason = "node_health.csv: record 4: load_1m: longer than 40 characters"
+    assert failed["state"] == "failed" and reason in failed["error"]
+    root = StateRoot(genv.root)
+    held = root.quarantine(HOUR, "agent-c", c["transaction_id"])
+    assert os.path.exists(held) and reason in json.load(open(held[: -len(".tar.gz")] + ".reason.json"))["reason"]
+    assert f"archives/agent-c/{c['transaction_id']}.tar.gz" not in bucket_keys()
+    assert HourlyBackup.bulk_complete([HOUR]) == [HOUR]
+
+    resent = completed_transaction(genv, "agent-c", HOUR)  # the agent's corrected archive: a new transaction
+    assert build(HourlyBackup(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+    assert manifest(genv, 1)["transactions"] == [resent["transaction_id"]]
+    assert {r["agent_id"] for r in lines(genv, 1)} == {"agent-c"} and len(lines(genv, 1)) == 15
+    assert f"archives/agent-c/{resent['transaction_id']}.tar.gz" in bucket_keys()
+
+
 def test_replacement_after_the_extract_lists_what_it_supersedes(genv, mongo_up, clean_buckets):
     first = completed_transaction(genv, "agent-a", HOUR, rows=sample_rows(HOUR, n=5))
     assert build(HourlyBackup(hour=HOUR)).status == LuigiStatusCode.SUCCESS
@@ -311,6 +349,81 @@ def test_late_arrival_during_the_backup_run_gets_its_round_in_the_same_run(genv,
 
 
 # --- same data, same bytes --------------------------------------------------------
+
+GOLDEN_TXS = {"agent-a": "00000000-0000-4000-8000-00000000000a", "agent-b": "00000000-0000-4000-8000-00000000000b"}
+GOLDEN_ROWS = {
+    "agent-a": {"account_usage": [["acct-1", "1000", "4", "10", "20", "3"]],
+                "api_requests": [["GET", "/v1/o", "200", "10", "4096", "1.5", "9.25"],
+                                 ["GET", "/v1/o", "503", "2", "0", "3", "4"]],
+                "node_health": [["node-1", "2026-11-30 05:01:00", "1000", "250", "0.5", "0"]]},
+    "agent-b": {"account_usage": [["acct-2", "0", "0", "0", "0", "0"]]},
+}
+# What the vendor receives for that hour, written out by hand: datasets by name, documents by _id, keys sorted.
+GOLDEN_LINES = [
+    '{"_id":"agent-a|2026113005|acct-1","account_id":"acct-1","agent_id":"agent-a","avg_object_bytes":250.0,'
+    '"bytes_in":10,"bytes_out":20,"bytes_stored":1000,"bytes_stored_growth":null,"dataset":"account_usage",'
+    '"geo":"geo-test","hour":"2026-11-30T05:00:00Z","objects":4,"requests":3,'
+    '"transaction_id":"00000000-0000-4000-8000-00000000000a"}',
+    '{"_id":"agent-b|2026113005|acct-2","account_id":"acct-2","agent_id":"agent-b","avg_object_bytes":0.0,'
+    '"bytes_in":0,"bytes_out":0,"bytes_stored":0,"bytes_stored_growth":null,"dataset":"account_usage",'
+    '"geo":"geo-test","hour":"2026-11-30T05:00:00Z","objects":0,"requests":0,'
+    '"transaction_id":"00000000-0000-4000-8000-00000000000b"}',
+    '{"_id":"agent-a|2026113005|GET|/v1/o|200","agent_id":"agent-a","bytes":4096,"count":10,"dataset":"api_requests",'
+    '"endpoint":"/v1/o","error_rate":0.166667,"geo":"geo-test","hour":"2026-11-30T05:00:00Z","is_error":false,'
+    '"latency_p50_ms":1.5,"latency_p95_ms":9.25,"mean_bytes":409.6,"method":"GET","status":200,'
+    '"transaction_id":"00000000-0000-4000-8000-00000000000a"}',
+    '{"_id":"agent-a|2026113005|GET|/v1/o|503","agent_id":"agent-a","bytes":0,"count":2,"dataset":"api_requests",'
+    '"endpoint":"/v1/o","error_rate":0.166667,"geo":"geo-test","hour":"2026-11-30T05:00:00Z","is_error":true,'
+    '"latency_p50_ms":3.0,"latency_p95_ms":4.0,"mean_bytes":0.0,"method":"GET","status":503,'
+    '"transaction_id":"00000000-0000-4000-8000-00000000000a"}',
+    '{"_id":"agent-a|2026113005|node-1|20261130T050100","agent_id":"agent-a","dataset":"node_health",'
+    '"disk_total_bytes":1000,"disk_used_bytes":250,"disk_used_pct":25.0,"errors":0,"geo":"geo-test",'
+    '"hour":"2026-11-30T05:00:00Z","load_1m":0.5,"node_id":"node-1","sampled_at":"2026-11-30T05:01:00Z",'
+    '"transaction_id":"00000000-0000-4000-8000-00000000000a"}',
+]
+
+
+def test_golden_extract_is_exactly_what_the_vendor_receives(genv, mongo_up):
+    for agent_id, tx in GOLDEN_TXS.items():
+        with mock.patch("uuid.uuid4", return_value=uuid.UUID(tx)):
+            completed_transaction(genv, agent_id, HOUR, rows=GOLDEN_ROWS[agent_id])
+    assert build(GlassbeamExtract(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+    root = StateRoot(genv.root)
+    with open(root.extract(HOUR), "rb") as f:
+        raw = f.read()
+    assert raw[4:8] == b"\0\0\0\0"  # gzip header without a time, so the same hour gives the same bytes
+    assert gzip.decompress(raw).decode() == "".join(line + "\n" for line in GOLDEN_LINES)
+    m = manifest(genv)
+    assert (m["counts"], m["agents"]) == ({"account_usage": 2, "api_requests": 2, "node_health": 1},
+                                          {"agent-a": 4, "agent-b": 1})
+    assert m["sha256"] == sha256_of(root.extract(HOUR)) == sha256_of(os.path.join(genv.root, "outbox", m["file"]))
+
+
+def test_requires_reads_the_log_once_per_task_instance(genv, monkeypatch):
+    """Luigi calls requires() several times per run (scheduling, before run(), summaries)."""
+    from ganymede.stores import mysql
+    completed_transaction(genv, "agent-a", HOUR)
+    opened, connect = [], mysql.connect
+    monkeypatch.setattr(mysql, "connect", lambda *a, **k: opened.append(a) or connect(*a, **k))
+    task = GlassbeamExtract(hour=HOUR)
+    assert [task.requires() for _ in range(3)][0] == task.requires() and len(opened) == 1
+
+
+def test_db_upgrade_creates_the_indexes_the_pipeline_relies_on(genv, mongo_up):
+    """Idempotently, after the MySQL migrations. The test server cannot explain() and lists only the first key
+    of {hour: 1, _id: 1}: the full keys and the plan a real mongod gives are in docs/operations.md."""
+    runs = [subprocess.run([os.path.join(BIN, "ganymede"), "db", "upgrade"], env=genv.subprocess_env,
+                           capture_output=True, text=True, timeout=60) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
+    assert "account_usage: hour_1__id_1 hour_1_agent_id_1_transaction_id_1" in runs[1].stdout
+    db = genv.mongo()
+    for name in datasets.CATALOG:
+        keys = [spec["key"] for spec in db[name].index_information().values()]
+        extract_index = [("hour", 1), ("_id", 1)]
+        if extract_index not in keys:  # the test server lists it by its first key only
+            keys[keys.index([("hour", 1)])] = extract_index
+        assert sorted(keys) == [[("_id", 1)], extract_index, [("hour", 1), ("agent_id", 1), ("transaction_id", 1)]]
+
 
 def test_rebuild_from_scratch_is_byte_identical(genv, mongo_up):
     txs = [completed_transaction(genv, agent, HOUR) for agent in ("agent-b", "agent-a")]

@@ -17,7 +17,6 @@ import os
 import secrets
 import subprocess
 import threading
-import time
 from contextlib import closing
 from datetime import datetime, timedelta
 
@@ -43,7 +42,7 @@ PREVIOUS_TX = ("agent-a", "00000000-0000-4000-8000-0000000000a0")
 
 
 def seed(env):
-    """The hour's two transactions, after agent-a's previous hour is loaded (its growth comes from kept values)."""
+    """The hour's two transactions, after agent-a's previous hour is loaded (its growth comes from MongoDB)."""
     before = HOUR - timedelta(hours=1)
     rows = sample_rows(before, agent_tag="agent-a")
     for row in rows["account_usage"]:
@@ -97,13 +96,13 @@ KILL_POINTS = [
     ("stage-mid", "staging, one dataset committed, the next not",
      "ganymede.stores.staging:load_csv", 2, None, False),
     ("staged-before-event", "staging done, before its `staged` event",
-     "ganymede.stores.txlog:append_event", 1, "'staged'", False),
+     "ganymede.stores.txlog:append_event_once", 1, "'staged'", False),
     ("staged-before-marker", "staged and logged, before the staged marker",
      "ganymede.markers:write_json", 1, ".staged.json", False),
     ("mongo-mid-load", "MongoDB load, mid-transaction (4th bulk write of 9)",
      "ganymede.stores.mongo:replace_many", 4, None, False),
-    ("load-written-not-kept", "load: a MongoDB batch written, its previous-hour values not yet kept in MySQL",
-     "ganymede.stores.previous:store", 2, None, False),
+    ("load-previous-read-not-written", "load: a batch's previous-hour values read from MongoDB, the batch not "
+     "written", "ganymede.stores.mongo:find_by_ids", 2, None, True),
     ("load-staging-cleared", "load: staging cleared while the last MongoDB writes are in flight",
      "ganymede.tasks.worker:clear_staging", 1, None, True),
     ("loaded-before-event", "MongoDB loaded, before the `loaded` event",
@@ -112,6 +111,8 @@ KILL_POINTS = [
      "ganymede.markers:write_json", 1, ".loaded.json", False),
     ("extract-mid-write", "during the extract write (gzip half written)",
      "ganymede.tasks.extract:_HashingFile.write", 3, None, False),
+    ("extract-written-not-renamed", "extract written and fsync'd, not renamed into place",
+     "ganymede.markers:_DurableFile.move_to_final_destination", 1, ".jsonl.gz", False),
     ("extract-before-delivery", "extract written, before delivery to the outbox",
      "ganymede.tasks.extract:deliver", 1, None, False),
     ("extract-mid-outbox-copy", "during the outbox copy (copied, not renamed into place)",
@@ -119,7 +120,7 @@ KILL_POINTS = [
     ("extract-before-marker", "extract delivered, before its manifest (the task's marker)",
      "ganymede.markers:write_json", 1, ".manifest.json", False),
     ("dump-mid-write", "during the schema dump (written, not renamed)",
-     "ganymede.markers:AtomicFile.__exit__", 1, "ganymede.sql.gz", False),
+     "ganymede.markers:_DurableFile.move_to_final_destination", 1, "ganymede.sql.gz", False),
     ("upload-unverified", "during the backup upload: 3rd object sent, not yet verified",
      "ganymede.stores.s3:S3Store._upload", 3, None, True),
     ("upload-between-objects", "during the backup upload: 4 objects sent (none verified yet), the 5th not",
@@ -131,7 +132,7 @@ KILL_POINTS = [
     ("after-upload-before-move", "after upload and before the move (events logged)",
      "ganymede.tasks.backup:move_archives", 1, None, False),
     ("mid-backed-up-events", "after upload: one `backed_up` event logged of two",
-     "ganymede.stores.txlog:append_event", 2, "'backed_up'", False),
+     "ganymede.stores.txlog:append_event_once", 2, "'backed_up'", False),
     ("mid-move", "during the move: one archive moved to archives/, one still in upload/",
      "ganymede.files:move_durably", 2, None, False),
     ("moved-before-marker", "everything verified, before the backup marker (written before the move)",
@@ -193,8 +194,6 @@ def late_baseline(tmp_path_factory):
 LATE_KILL_POINTS = [
     ("late-stage-mid", "staging a late transaction, one dataset committed",
      "ganymede.stores.staging:load_csv", 2, None, False),
-    ("replacement-kept-values-not-retired", "replacement loaded and the replaced documents deleted, the "
-     "replaced transaction's kept values not", "ganymede.stores.previous:retire", 1, None, False),
     ("replacement-retired-before-marker", "replacement loaded and the replaced documents deleted, no marker",
      "ganymede.tasks.worker:retire_replaced", 1, None, True),
     ("supplementary-mid-write", "during the supplementary extract's write",
@@ -202,7 +201,7 @@ LATE_KILL_POINTS = [
     ("supplementary-before-marker", "supplementary extract delivered, before its manifest",
      "ganymede.markers:write_json", 1, "-s1.manifest.json", False),
     ("supplementary-dump", "during the supplementary round's schema dump",
-     "ganymede.markers:AtomicFile.__exit__", 1, "ganymede-s1.sql.gz", False),
+     "ganymede.markers:_DurableFile.move_to_final_destination", 1, "ganymede-s1.sql.gz", False),
     ("late-upload-mid", "during the upload of the late objects",
      "ganymede.stores.s3:S3Store._upload", 2, None, False),
     ("late-mid-move", "during the move of the late archives",
@@ -423,8 +422,9 @@ def test_mysql_restarted_while_20_agents_upload(genv, tmp_path):
             t.start()
         for step in ("PUT", "complete"):
             gates[step].wait()
+            seen = len(statuses)
             proxy.down()  # MySQL stops: pooled connections break, new ones are refused
-            time.sleep(2.5)
+            F.wait_for(lambda: 503 in statuses[seen:], 60, what="an agent answered 503 while MySQL is down")
             proxy.up()
         for t in threads:
             t.join(90)
@@ -489,7 +489,10 @@ def test_disk_full_during_an_upload_gives_507_accepts_nothing_then_recovers(genv
             d = data[agent_id]
             exchanges[agent_id].send(F.upload_head(txs[agent_id], agent_id, token, len(d),
                                                    hashlib.sha256(d).hexdigest()))
-        time.sleep(0.5)
+        incoming = os.path.join(genv.root, "incoming")
+        F.wait_for(lambda: os.path.isdir(incoming) and all(any(n.startswith(tx) for n in os.listdir(incoming))
+                                                          for tx in txs.values()),
+                   what="both uploads past the free-space check (their temporary files opened)")
         answers = {}
         for agent_id, _ in (first, second):
             exchange, d = exchanges[agent_id], data[agent_id]
@@ -504,8 +507,8 @@ def test_disk_full_during_an_upload_gives_507_accepts_nothing_then_recovers(genv
         assert body == {"error": "cannot store the upload on the server; retry later", "status": 507}
         states = {a: [t["state"] for t in agent_transactions(genv, a)] for a in txs}
         assert states == {"geo-disk-a": ["uploaded"], "geo-disk-b": ["created"]}
-        incoming = os.path.join(genv.root, "incoming")
-        assert sorted(os.listdir(incoming)) == [f"{txs['geo-disk-a']}.part"]  # the failed temp file is gone
+        F.wait_for(lambda: sorted(os.listdir(incoming)) == [f"{txs['geo-disk-a']}.part"],
+                   what="the failed upload's temp file removed, the good one completed to its .part")
         assert F.complete(api.port, first[0], first[1], txs["geo-disk-a"]).status == 200
 
         # an upload the disk cannot hold at all is refused before a byte is written

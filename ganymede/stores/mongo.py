@@ -1,12 +1,22 @@
 """MongoDB: one collection per dataset, documents keyed by a deterministic `_id`.
 
 Writes are whole-document upserts by `_id` (ReplaceOne), so loading a
-transaction again overwrites instead of duplicating.
+transaction again overwrites instead of duplicating. Every query the pipeline
+makes is here, each served by an index that `ganymede db upgrade` creates
+(INDEXES; docs/operations.md shows the plans a real mongod gives).
 """
+from contextlib import contextmanager
+
 import pymongo
 from pymongo.errors import PyMongoError
 
 from ..errors import StoreUnavailable
+
+# Per dataset collection, besides the `_id` index every collection has (the previous-hour lookup):
+INDEXES = [
+    [("hour", pymongo.ASCENDING), ("_id", pymongo.ASCENDING)],  # the extract: find({hour}).sort(_id), no SORT stage
+    [("hour", pymongo.ASCENDING), ("agent_id", pymongo.ASCENDING), ("transaction_id", pymongo.ASCENDING)],  # retire
+]
 
 
 def connect(cfg):
@@ -15,31 +25,47 @@ def connect(cfg):
     return client, client[cfg.database]
 
 
-def ensure_indexes(db, dataset_names):
-    """Idempotent: creating an index that exists is a no-op."""
-    for name in dataset_names:
-        db[name].create_index([("hour", pymongo.ASCENDING), ("agent_id", pymongo.ASCENDING)])
-        db[name].create_index([("transaction_id", pymongo.ASCENDING)])
+@contextmanager
+def _reaching(what):
+    try:
+        yield
+    except PyMongoError as exc:
+        raise StoreUnavailable(f"MongoDB {what} failed: {exc}") from None
+
+
+def create_indexes(db, names):
+    """Create INDEXES on each named collection; idempotent (an index that exists is left as it is).
+
+    Returns {collection: [index names]}.
+    """
+    with _reaching("index creation"):
+        return {name: [db[name].create_index(keys) for keys in INDEXES] for name in names}
 
 
 def replace_many(collection, docs):
     """Upsert whole documents by `_id`; returns how many were written."""
     if not docs:
         return 0
-    try:
+    with _reaching(f"write to {collection.name}"):
         result = collection.bulk_write([pymongo.ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs],
                                        ordered=False)
-    except PyMongoError as exc:
-        raise StoreUnavailable(f"MongoDB write to {collection.name} failed: {exc}") from None
     return result.upserted_count + result.matched_count
 
 
-def delete_stale(collection, transaction_ids, keep_transaction_id):
-    """Remove documents of superseded transactions that the replacement did not overwrite."""
-    if not transaction_ids:
-        return 0
-    return collection.delete_many({"transaction_id": {"$in": list(transaction_ids),
-                                                      "$ne": keep_transaction_id}}).deleted_count
+def find_by_ids(collection, ids, fields):
+    """{_id: document reduced to `fields`} of those of `ids` that exist: one `_id $in` query (the _id index)."""
+    with _reaching(f"read of {collection.name}"):
+        return {d["_id"]: d for d in collection.find({"_id": {"$in": ids}}, dict.fromkeys(fields, 1),
+                                                     batch_size=len(ids) or 1)}
+
+
+def delete_agent_hour(db, names, hour, agent_id, transaction_id, keep=False):
+    """Remove documents of one agent and hour from each named collection: those of `transaction_id`, or with
+    keep=True those of every other transaction (what a replacement supersedes). Returns {collection: deleted}."""
+    match = {"$ne": transaction_id} if keep else transaction_id
+    with _reaching("delete"):
+        return {name: db[name].delete_many({"hour": hour, "agent_id": agent_id,
+                                            "transaction_id": match}).deleted_count for name in names}
 
 
 def hour_documents(collection, hour, transaction_ids=None):

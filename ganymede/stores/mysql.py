@@ -7,7 +7,6 @@ import pymysql
 
 from .. import datasets
 from ..errors import SchemaError, StoreUnavailable
-from . import previous
 
 
 def connect(cfg, database=None, autocommit=False):
@@ -29,10 +28,11 @@ def connect(cfg, database=None, autocommit=False):
 
 
 def _staging_table(dataset):
+    """A staging table as the catalog draws it now: each column exactly as wide as its parser allows."""
     cols = ",\n  ".join(f"`{c.name}` {c.sql_type} NOT NULL" for c in dataset.columns)
     return (f"CREATE TABLE IF NOT EXISTS `{dataset.staging_table}` (\n"
             f"  `row_id` BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,\n"
-            f"  `transaction_id` CHAR(36) NOT NULL,\n  {cols},\n"
+            f"  `transaction_id` CHAR(36) NOT NULL,\n  `record` BIGINT NOT NULL,\n  {cols},\n"
             f"  KEY `by_transaction` (`transaction_id`, `row_id`)\n) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4")
 
 
@@ -71,7 +71,7 @@ MIGRATIONS = [
           detail TEXT NULL,
           KEY by_transaction (transaction_id, event_id)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
-    ] + [_staging_table(d) for d in datasets.CATALOG.values()]),
+    ]),  # and the staging tables, made by 5 as the catalog draws them now
     (2, "admin tokens", [
         """CREATE TABLE IF NOT EXISTS admin_tokens (
           name VARCHAR(64) NOT NULL PRIMARY KEY,
@@ -83,7 +83,13 @@ MIGRATIONS = [
     (3, "agents.expected_from: the first hour an agent is expected for", [
         "ALTER TABLE agents ADD COLUMN IF NOT EXISTS expected_from DATETIME NULL AFTER created_at",
     ]),
-    (4, "previous_values: a loaded hour's values for the next hour's derived fields", [previous.CREATE]),
+    # 4 kept a copy of MongoDB's previous-hour values in MySQL; 5 drops it (MongoDB's _id index serves them)
+    (4, "previous_values (dropped by 5)", []),
+    # Staging holds no state of its own (a load restages what it misses), so its tables are rebuilt from the catalog.
+    (5, "drop previous_values; staging columns as wide as the catalog's parsers, with the CSV record number",
+     ["DROP TABLE IF EXISTS previous_values"]
+     + [f"DROP TABLE IF EXISTS `{d.staging_table}`" for d in datasets.CATALOG.values()]
+     + [_staging_table(d) for d in datasets.CATALOG.values()]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

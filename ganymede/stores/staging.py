@@ -1,15 +1,17 @@
 """Staging tables: one per dataset, every row tagged with its transaction.
 
-Rows go in with LOAD DATA LOCAL INFILE straight from the archive's CSV (the
-fastest path MySQL has) and come out through a server-side cursor in batches.
-Staging holds text exactly as sent; a load that would change a value (a
-field too long for its column, a row with extra fields, bad UTF-8) is refused
-rather than staged silently altered.
+Rows go in with LOAD DATA LOCAL INFILE (the fastest path MySQL has) from a
+CSV the server wrote itself (write_csv: every field quoted, so MySQL reads no
+value differently from Python's csv module, not even the word NULL), and
+come out through a server-side cursor in batches. Staging holds text exactly
+as sent; a load that would change a value is refused (DataError) rather than
+staged silently altered.
 """
-import pymysql.cursors
-from ganymede_agent.archive import ArchiveError
+import csv
 
-from . import previous
+import pymysql.cursors
+
+from ..errors import DataError, StoreUnavailable
 
 
 def clear(conn, datasets, transaction_id, chunk=50_000):
@@ -27,74 +29,66 @@ def clear(conn, datasets, transaction_id, chunk=50_000):
     conn.commit()
 
 
-def load_csv(conn, dataset, path, transaction_id):
-    """LOAD DATA one CSV (header line skipped) for a transaction in one commit; returns the rows loaded.
+def write_csv(out, rows):
+    """Rows `[record, value, …]` (str) as the CSV load_csv reads: every field quoted, quotes doubled, '\\n' after
+    each. `record` is the row's record number in the agent's CSV, kept so a reject can name it."""
+    csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
 
-    The CSV was written by Python's csv module: fields optionally enclosed in
-    double quotes, quotes doubled inside, no backslash escapes. LOAD DATA
-    LOCAL turns errors into warnings (truncated values, missing or extra
-    fields), so any warning rolls the load back.
+
+def load_csv(conn, dataset, path, transaction_id):
+    """LOAD DATA one CSV of write_csv (no header) for a transaction in one commit; returns the rows loaded.
+
+    LOAD DATA LOCAL turns errors into warnings (truncated values, missing or
+    extra fields), so any warning rolls the load back: DataError. A lost
+    connection is StoreUnavailable (a rerun may pass).
     """
     columns = ", ".join(f"`{c}`" for c in dataset.column_names)
     sql = (f"LOAD DATA LOCAL INFILE %s INTO TABLE `{dataset.staging_table}` CHARACTER SET utf8mb4 "
-           "FIELDS TERMINATED BY ',' OPTIONALLY ENCLOSED BY '\"' ESCAPED BY '' "
-           "LINES TERMINATED BY '\\n' IGNORE 1 LINES "
-           f"({columns}) SET transaction_id = %s")
-    with conn.cursor() as cur:
-        loaded = cur.execute(sql, (path, transaction_id))
-        cur.execute("SHOW WARNINGS LIMIT 3")
-        warnings = "; ".join(message for level, _code, message in cur.fetchall() if level != "Note")
-        if warnings:
-            conn.rollback()
-            raise ArchiveError(f"transaction {transaction_id}: MySQL would not stage it unchanged ({warnings})",
-                               f"{dataset.name}.csv")
-    conn.commit()
+           "FIELDS TERMINATED BY ',' ENCLOSED BY '\"' ESCAPED BY '' LINES TERMINATED BY '\\n' "
+           f"(record, {columns}) SET transaction_id = %s")
+    try:
+        with conn.cursor() as cur:
+            loaded = cur.execute(sql, (path, transaction_id))
+            cur.execute("SHOW WARNINGS LIMIT 3")
+            warnings = "; ".join(message for level, _code, message in cur.fetchall() if level != "Note")
+            if warnings:
+                conn.rollback()
+                raise DataError(f"transaction {transaction_id}: {dataset.name}.csv: MySQL would not stage it "
+                                f"unchanged ({warnings})")
+        conn.commit()
+    except (pymysql.err.DataError, pymysql.err.IntegrityError) as exc:
+        raise DataError(f"transaction {transaction_id}: {dataset.name}.csv: MySQL refused it ({exc.args[-1]})") from None
+    except pymysql.err.OperationalError as exc:
+        raise StoreUnavailable(f"MySQL lost while staging transaction {transaction_id}: {exc.args[-1]}") from None
     return loaded
 
 
-def extents(conn, datasets, transaction_id):
-    """{dataset name: (first row_id, last row_id, rows)} of a transaction's staged rows, one query for all."""
-    selects = " UNION ALL ".join(f"SELECT %s, MIN(row_id), MAX(row_id), COUNT(*) FROM `{d.staging_table}` "
-                                 "WHERE transaction_id = %s" for d in datasets)
+def counts(conn, datasets, transaction_id):
+    """{dataset name: rows staged} of a transaction, one query for all."""
+    selects = " UNION ALL ".join(f"SELECT %s, COUNT(*) FROM `{d.staging_table}` WHERE transaction_id = %s"
+                                 for d in datasets)
     with conn.cursor() as cur:
         cur.execute(selects, [v for d in datasets for v in (d.name, transaction_id)])
-        return {name: (low, high, n) for name, low, high, n in cur.fetchall()}
+        return dict(cur.fetchall())
 
 
-def first_row_id(extent):
-    """The row_id of a dataset's first staged row if its rows are numbered without gaps, else None.
-
-    One LOAD DATA gets consecutive ids (InnoDB's default auto-increment lock
-    mode), so then row_id - first + 1 is the row's record number in its CSV.
-    """
-    low, high, n = extent
-    return low if n and high - low + 1 == n else None
+SEPARATOR = "\x1f"  # ASCII unit separator: a row holding it is never staged (Dataset.fits_staging)
 
 
-SEPARATOR = "\x1f"  # ASCII unit separator: no valid value of any column contains a control character
-
-
-def iter_batches(conn, dataset, transaction_id, batch_size, previous_of=None):
-    """Lists of staged rows `[row_id, value, …]` (strings, in catalog column order), read with a server-side cursor.
+def iter_batches(conn, dataset, transaction_id, batch_size):
+    """Lists of staged rows `[record, value, …]` (strings, in catalog column order), read with a server-side cursor.
 
     Each row travels as one text field joined with SEPARATOR: pymysql decodes
-    fields in Python, so one field instead of n halves the cost per row. A
-    row holding the separator itself comes out with too many fields.
+    fields in Python, so one field instead of n halves the cost per row.
     Rows come in staging order, except for a dataset with a `group_by`: then
     grouped (by exact bytes, so 'GET' and 'get', 'a' and 'a ' stay apart) and
     in staging order within each group, so a group's rows arrive together.
-    With `previous_of` (agent_id, hour), each row ends with one more field:
-    its key's previous-hour values kept for that hour (JSON, '' if none; see
-    ganymede.stores.previous).
     """
-    columns = ", ".join(f"s.`{c}`" for c in dataset.column_names)
-    order = "".join(f"CAST(s.`{c}` AS BINARY), " for c in dataset.group_by) + "s.row_id"
-    extra, join, params = "", "", (transaction_id,)
-    if previous_of:
-        extra, join, params = ", IFNULL(p.fields, '')", previous.join_sql(dataset, "s", "p"), (*previous_of, transaction_id)
+    columns = ", ".join(f"`{c}`" for c in dataset.column_names)
+    order = "".join(f"CAST(`{c}` AS BINARY), " for c in dataset.group_by) + "row_id"
     with conn.cursor(pymysql.cursors.SSCursor) as cur:
-        cur.execute(f"SELECT CONCAT_WS(CHAR(31), s.row_id, {columns}{extra}) FROM `{dataset.staging_table}` s {join} "
-                    f"WHERE s.transaction_id = %s ORDER BY {order}", params)
+        cur.execute(f"SELECT CONCAT_WS(CHAR(31), record, {columns}) FROM `{dataset.staging_table}` "
+                    f"WHERE transaction_id = %s ORDER BY {order}", (transaction_id,))
         split = str.split
         while True:
             batch = cur.fetchmany(batch_size)

@@ -305,3 +305,30 @@ def set_archive_path(conn, transaction_id, path):
                     "WHERE transaction_id = %s", (path, transaction_id))
         _event(cur, transaction_id, "archived", {"archive_path": path})
     conn.commit()
+
+
+def mark_isolated(conn, transaction_id, reason, detail=None):
+    """A completed transaction whose data cannot be staged or loaded becomes failed, with its reason and event.
+
+    Idempotent: a transaction already failed is left as it is (no second
+    event). Returns the row, or None when the log does not hold it.
+    """
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE transaction_id = %s FOR UPDATE", (transaction_id,))
+        rows = _rows(cur)
+        if rows and rows[0]["state"] == "completed":
+            cur.execute("UPDATE transactions SET state = 'failed', error = %s, updated_at = UTC_TIMESTAMP(6) "
+                        "WHERE transaction_id = %s", (reason[:2000], transaction_id))
+            _event(cur, transaction_id, "failed", dict(detail or {}, reason=reason[:2000]))
+    conn.commit()
+    return get_transaction(conn, transaction_id) if rows else None
+
+
+def append_event_once(conn, transaction_id, event, detail=None):
+    """append_event unless the transaction already has this event: a step rerun after a crash logs it once."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM transaction_events WHERE transaction_id = %s AND event = %s LIMIT 1",
+                    (transaction_id, event))
+        if cur.fetchone() is None:
+            _event(cur, transaction_id, event, detail)
+    conn.commit()

@@ -5,6 +5,7 @@ from functools import cached_property
 import luigi
 
 from .. import config
+from ..markers import DurableTarget
 from ..paths import StateRoot
 
 
@@ -32,25 +33,33 @@ class TransactionTask(luigi.Task):
         return state_root()
 
     def marker(self, stage):
-        return luigi.LocalTarget(self.root.transaction_marker(self.hour, self.agent_id, self.transaction_id, stage))
+        return DurableTarget(self.root.transaction_marker(self.hour, self.agent_id, self.transaction_id, stage))
+
+    def work_path(self):
+        """The one scratch file of the transaction's staging (a rerun overwrites what a crash left)."""
+        return os.path.join(self.root.tmp(), f"stage-{self.transaction_id}.csv")
 
 
 class AgentArchive(TransactionTask, luigi.ExternalTask):
     """Exists once the API has validated the archive and moved it into upload/.
 
-    After the hour's backup it lives in archives/ instead, and still counts.
+    After the hour's backup it lives in archives/ instead, and still counts;
+    so does quarantine/, where a worker that could not stage it put it.
     """
 
     def output(self):
         return luigi.LocalTarget(self.root.upload(self.hour, self.agent_id, self.transaction_id))
 
     def complete(self):
-        return self.output().exists() or os.path.exists(self.archived_path())
+        return any(map(os.path.exists, self.places()))
 
-    def archived_path(self):
-        return self.root.archived(self.hour, self.agent_id, self.transaction_id)
+    def places(self):
+        return (self.output().path, self.root.archived(self.hour, self.agent_id, self.transaction_id),
+                self.quarantine_path())
+
+    def quarantine_path(self):
+        return self.root.quarantine(self.hour, self.agent_id, self.transaction_id)
 
     def path(self):
-        """Where the archive is now."""
-        upload = self.output().path
-        return upload if os.path.exists(upload) else self.archived_path()
+        """Where the archive is now (upload/ if nowhere)."""
+        return next(filter(os.path.exists, self.places()), self.output().path)

@@ -43,7 +43,7 @@ def dump_command(cfg):
 def dump_schema(cfg, path):
     """mariadb-dump streamed through gzip into `path`, atomically; a failed dump leaves nothing behind."""
     argv = dump_command(cfg)
-    with markers.AtomicFile(path) as raw:
+    with markers.open_atomic(path) as raw:
         with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
             with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
                 shutil.copyfileobj(proc.stdout, gz, 1 << 20)
@@ -195,7 +195,7 @@ class HourlyBackup(luigi.Task):
         with closing(mysql.connect(config.mysql())) as conn:
             for _, transaction_id, path, done in archives:  # before the move: no moved archive lacks its event
                 if path != done:
-                    txlog.append_event(conn, transaction_id, "backed_up", {"bucket": bucket})
+                    txlog.append_event_once(conn, transaction_id, "backed_up", {"bucket": bucket})
             # The marker goes first: complete() also needs upload/ empty, so a crash during the move reruns it,
             # while a marker written after the move could be left stale by a crash in between.
             markers.write_json(self.output().path, {

@@ -1,7 +1,5 @@
 """Failures leave a marker under the hour's state directory, so `ganymede status` sees a
 failed hour without asking luigid; a later success of the same task removes it."""
-import os
-
 import luigi
 
 from .. import hours, markers
@@ -26,5 +24,5 @@ def record_failure(task, exception):
 @luigi.Task.event_handler(luigi.Event.SUCCESS)
 def clear_failure(task):
     path = failure_marker(task)
-    if path and os.path.exists(path):
-        os.unlink(path)
+    if path:
+        markers.remove(path)

@@ -25,6 +25,7 @@ import ssl
 import time
 from contextlib import closing
 from datetime import datetime
+from functools import cached_property
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -89,7 +90,7 @@ def write_extract(path, lines):
     Returns (sha256, bytes, counts by dataset, counts by agent).
     """
     by_dataset, by_agent = {name: 0 for name in sorted(datasets.CATALOG)}, {}
-    with markers.AtomicFile(path) as raw:
+    with markers.open_atomic(path) as raw:
         sink = _HashingFile(raw)
         with gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=6) as gz:
             block, size = [], 0
@@ -214,12 +215,8 @@ def copy_to_outbox(path, outbox):
     dest = os.path.join(outbox, os.path.basename(path))
     partial = os.path.join(outbox, f".{os.path.basename(path)}.partial")
     os.makedirs(outbox, exist_ok=True)
-    with open(path, "rb") as src, open(partial, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
-        out.flush()
-        os.fsync(out.fileno())
-    files.move_durably(partial, dest)
-    return dest
+    shutil.copyfile(path, partial)
+    return files.move_durably(partial, dest)  # fsyncs the copy before the rename
 
 
 def read_token(path):
@@ -375,12 +372,17 @@ class GlassbeamExtract(luigi.Task):
         return luigi.LocalTarget(state_root().extract_manifest(self.hour, self.round))
 
     def requires(self):
-        plan = self.plan()
+        plan = self.scheduled_plan
         if self.round == 0:
             timeout = [ExtractTimeout(hour=self.hour)] if plan.needs_deadline else []
             return [self.load(t) for t in plan.early] + timeout
         return [GlassbeamExtract(hour=self.hour, round=self.round - 1)] + [
             TransactionCompletion(hour=self.hour, agent_id=agent, transaction_id=tx) for agent, tx in plan.waiting]
+
+    @cached_property
+    def scheduled_plan(self):
+        """The plan requires() names: read once per task instance, however often Luigi asks."""
+        return self.plan()
 
     def plan(self):
         """plan_round for this round: one read of the log, the other rounds' manifests, one directory walk."""
@@ -397,17 +399,18 @@ class GlassbeamExtract(luigi.Task):
 
     def run(self):
         plan = self.plan()
-        transactions = plan.transactions
+        # dynamic: the ones not loaded yet are loaded (only those go back to the scheduler), then run() again
+        yield [load for load in map(self.load, plan.transactions) if not load.complete()]
+        with closing(mysql.connect(config.mysql())) as conn:  # a load may have isolated its transaction meanwhile
+            states = txlog.states(conn, [t["transaction_id"] for t in plan.transactions])
+        transactions = [t for t in plan.transactions if states.get(t["transaction_id"]) != "failed"]
         if self.round and not transactions:
             raise GanymedeError(f"extract round {self.round} of {hours.format_hour(self.hour)}: no completed "
                                 "transaction that another round does not hold; an empty supplementary is not written")
-        # dynamic: the ones not loaded yet are loaded (only those go back to the scheduler), then run() again
-        yield [load for load in map(self.load, transactions) if not load.complete()]
         tx_ids = sorted(t["transaction_id"] for t in transactions)
         path = state_root().extract(self.hour, self.round)
         client, db = mongo.connect(config.mongodb())
         with closing(client):
-            mongo.ensure_indexes(db, datasets.CATALOG)  # once an hour (idempotent): the (hour, agent) reads use it
             lines = extract_lines(db, self.hour, tx_ids, select_in_query=self.round > 0)
             sha256, size, by_dataset, by_agent = write_extract(path, lines)
         cfg = config.extract()

@@ -5,94 +5,124 @@ replaces `ganymede_worker_etl.py --transactionid=TXID`. Both can be rerun at
 any point: staging clears the transaction's rows first, loading upserts
 documents by deterministic `_id`, so a run killed anywhere and run again ends
 exactly where an undisturbed run would.
+
+A transaction whose data cannot be staged (DataError: an archive that no
+longer reads back, a row staging cannot hold, MySQL refusing a value) is
+isolated: its archive goes to quarantine/, the log marks it failed with the
+reason, and the task completes with a marker saying so, so the hour goes on
+without it. Anything else (a database unreachable) fails the task and Luigi
+retries it.
 """
 import json
 import os
-import shutil
-import tempfile
-from collections import deque
+import tarfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from datetime import timedelta
-from functools import partial
 
 from ganymede_agent.archive import ArchiveError
 
-from .. import config, datasets, hours, markers
-from ..archives import read_archive
+from .. import archives, config, datasets, hours, markers
 from ..datasets import RowError
-from ..errors import TransactionError
-from ..stores import mongo, mysql, previous, staging, txlog
+from ..errors import DataError, GanymedeError
+from ..stores import mongo, mysql, staging, txlog
 from .agent import AgentArchive, TransactionTask
 
 
 # --- staging ---------------------------------------------------------------------
 
-def stage_archive(conn, archive_path, transaction_id, workdir):
+def staging_rows(dataset, rows, hour, name):
+    """A CSV member's rows (header first, as archives.csv_rows reads them) -> `[record, value, …]` to stage.
+
+    A header that is not the catalog's, or a row staging cannot hold
+    unchanged, is a DataError carrying the parser's reason.
+    """
+    record = 0
+    try:
+        header = next(rows, None)
+        if header is None:
+            raise RowError("empty file: no header row")
+        dataset.check_header(header)
+        for record, values in enumerate(rows, 1):
+            if not dataset.fits_staging(values):
+                dataset.parse_row(values, hour)  # raises: what does not fit never parses
+            yield [record, *values]
+    except RowError as exc:
+        raise DataError(f"{name}: {f'record {record}: ' if record else ''}{exc}") from None
+
+
+def stage_archive(conn, archive_path, transaction_id, hour, work_path):
     """Load every dataset of an archive into staging; returns (manifest, {dataset: rows staged}).
 
-    Each CSV member streams to a temporary file (LOAD DATA LOCAL needs a
-    file), is checked against the manifest's sha256, then loaded in one
-    commit per dataset.
+    Each CSV member is read by the server's own reader (the one the API
+    validated it with) and written again as staging.write_csv's canonical CSV
+    at `work_path`, then loaded in one commit per dataset: MySQL never reads
+    the agent's bytes itself.
     """
-    os.makedirs(workdir, exist_ok=True)
     staging.clear(conn, datasets.CATALOG.values(), transaction_id)
+    os.makedirs(os.path.dirname(work_path), exist_ok=True)
     counts, manifest = {}, None
-    with open(archive_path, "rb") as raw, tempfile.TemporaryDirectory(dir=workdir, prefix="stage-") as tmp:
-        for name, entry, member in read_archive(raw):
-            if member is None:
-                manifest = entry
-                continue
-            path = os.path.join(tmp, entry["file"])
-            with open(path, "wb") as out:
-                shutil.copyfileobj(member, out, 1 << 20)
-            member.verify()
-            counts[name] = staging.load_csv(conn, datasets.get(name), path, transaction_id)
-            os.unlink(path)
-            if counts[name] != entry["rows"]:
-                raise ArchiveError(f"transaction {transaction_id}: staged {counts[name]} rows, "
-                                   f"manifest says {entry['rows']}", entry["file"])
+    try:
+        with open(archive_path, "rb") as raw:
+            for name, entry, member in archives.read_archive(raw):
+                if member is None:
+                    manifest = entry
+                    continue
+                dataset = datasets.get(name)
+                with open(work_path, "w", encoding="utf-8", newline="") as out:
+                    rows = archives.csv_rows(member, name=entry["file"])
+                    staging.write_csv(out, staging_rows(dataset, rows, hour, entry["file"]))
+                member.verify()
+                counts[name] = staging.load_csv(conn, dataset, work_path, transaction_id)
+                if counts[name] != entry["rows"]:
+                    raise DataError(f"{entry['file']}: {counts[name]} rows, the manifest says {entry['rows']}")
+    except (ArchiveError, RowError, tarfile.TarError, EOFError, zlib.error) as exc:  # the last: a damaged member
+        raise DataError(f"the archive does not read back: {exc}") from None
+    finally:
+        if os.path.exists(work_path):
+            os.unlink(work_path)
     return manifest, counts
 
 
-def restage_if_incomplete(conn, staged, archive_path, workdir):
-    """A load that crashed after clearing staging finds fewer rows than were staged: stage them again.
+def isolate(conn, archive, reason):
+    """Set a transaction with bad data aside: staging emptied, archive quarantined, the log's state failed.
 
-    Returns the staged extents (staging.extents) the load reads.
+    `archive` is the transaction's AgentArchive. The archive moves before the
+    log changes: a crash in between leaves a completed transaction whose
+    archive is in quarantine/, which the rerun isolates again; the other way
+    round, a failed transaction's archive would stay in upload/ and hold the
+    hour's backup. Returns what the task's marker records.
     """
+    reason = reason[:2000]  # a bad header is quoted in it, and a line may be long
+    staging.clear(conn, datasets.CATALOG.values(), archive.transaction_id)
+    held = archive.quarantine_path()
+    if archive.path() != held:
+        archives.quarantine(archive.path(), held, reason, {"transaction_id": archive.transaction_id,
+                                                           "agent_id": archive.agent_id, "by": "worker"})
+    txlog.mark_isolated(conn, archive.transaction_id, reason, {"quarantine": held})
+    return {"isolated": reason, "quarantine": held}
+
+
+def restage_if_incomplete(conn, staged, archive_path, hour, work_path):
+    """A load that crashed after clearing staging finds fewer rows than were staged: stage them again."""
     transaction_id = staged["transaction_id"]
-    found = staging.extents(conn, datasets.CATALOG.values(), transaction_id)
-    if sum(n for _, _, n in found.values()) != sum(staged["staged"].values()):
-        stage_archive(conn, archive_path, transaction_id, workdir)
-        found = staging.extents(conn, datasets.CATALOG.values(), transaction_id)
-    return found
+    found = staging.counts(conn, datasets.CATALOG.values(), transaction_id)
+    if sum(found.values()) != sum(staged["staged"].values()):
+        stage_archive(conn, archive_path, transaction_id, hour, work_path)
 
 
 # --- transform -------------------------------------------------------------------
 
-def parse_batch(dataset, batch, hour, first_row_id=None, with_previous=False):
-    """Staged rows `[row_id, value, …]` -> (typed rows, rejects, previous); a bad row is a reject with its reason.
-
-    With `with_previous` each staged row ends with its key's previous-hour
-    values (see staging.iter_batches) and `previous` lists them, decoded, in
-    the order of `rows`; otherwise it is None.
-    """
-    rows, rejects, known = [], [], [] if with_previous else None
-    parse, n = dataset.parse_row, len(dataset.columns)
-    width = n + 1 + with_previous
+def parse_batch(dataset, batch, hour):
+    """Staged rows `[record, value, …]` -> (typed rows, rejects); a bad row is a reject with its reason."""
+    rows, rejects = [], []
+    parse = dataset.parse_row
     for staged in batch:
         try:
-            if len(staged) != width:
-                raise RowError(f"a value holds the control character U+001F ({len(staged) - width + n} fields, "
-                               f"expected {n})")
-            rows.append(parse(staged[1:n + 1], hour))
+            rows.append(parse(staged[1:], hour))
         except RowError as exc:
-            rejects.append({"dataset": dataset.name, "reason": str(exc), "row": staged[1:n + 1],
-                            "record": int(staged[0]) - first_row_id + 1 if first_row_id is not None else None})
-            continue
-        if with_previous:
-            known.append(previous.decode(staged[-1]))
-    return rows, rejects, known
+            rejects.append({"dataset": dataset.name, "reason": str(exc), "row": staged[1:], "record": int(staged[0])})
+    return rows, rejects
 
 
 def summarized(dataset, docs):
@@ -131,86 +161,53 @@ def unique_batches(docs, size):
 
 # --- loading ---------------------------------------------------------------------
 
-def staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally, rejects_out,
-                     first=None, previous_of=None):
-    """The documents of a transaction's staged rows of one dataset, streamed.
+def staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally, rejects_out):
+    """The documents of a transaction's staged rows of one dataset, streamed, without previous-hour fields.
 
-    With `previous_of` (agent_id, previous hour) the previous-hour fields come
-    from MySQL with the rows; without, the dataset's previous-hour fields are
-    still to add. Rejects go to `rejects_out` as JSON lines; `tally` counts
-    loaded and rejected rows; `first` is the first row's row_id when
-    rows are numbered without gaps (rejects then say their CSV record).
+    Rejects go to `rejects_out` as JSON lines; `tally` counts loaded and rejected rows.
     """
-    for batch in staging.iter_batches(conn, dataset, transaction_id, batch_size, previous_of):
-        rows, rejects, known = parse_batch(dataset, batch, hour, first, with_previous=previous_of is not None)
+    for batch in staging.iter_batches(conn, dataset, transaction_id, batch_size):
+        rows, rejects = parse_batch(dataset, batch, hour)
         for reject in rejects:
             rejects_out.write(json.dumps(reject, sort_keys=True) + "\n")
         tally["loaded"] += len(rows)
         tally["rejected"] += len(rejects)
-        docs = dataset.documents(rows, agent_id, geo, hour, transaction_id)
-        yield from (docs if known is None else dataset.with_previous_values(docs, known))
+        yield from dataset.documents(rows, agent_id, geo, hour, transaction_id)
 
 
-def write_batch(db, agent_id, hour, keep, dataset, docs, lookup):
-    """Upsert a batch; for a dataset with previous-hour fields, then hand it to `keep` (returns what keep does).
-
-    With `lookup` the previous-hour fields are first added from MongoDB
-    (one `_id $in` query): the previous hour was not in MySQL's cache.
-    """
+def write_batch(db, dataset, agent_id, hour, docs):
+    """Add the previous-hour fields (one `_id $in` read of the hour before), then upsert the batch."""
     collection = db[dataset.name]
-    if dataset.previous_fields and lookup:
+    if dataset.previous_fields:
         ids = [dataset.previous_id(agent_id, hour, doc) for doc in docs]
-        found = {d["_id"]: d for d in collection.find({"_id": {"$in": ids}}, dict.fromkeys(dataset.previous_fields, 1),
-                                                      batch_size=len(ids))}
-        dataset.with_previous(docs, ids, found)
-    mongo.replace_many(collection, docs)
-    return keep(dataset, docs) if dataset.previous_fields else None
+        dataset.with_previous(docs, ids, mongo.find_by_ids(collection, ids, dataset.previous_fields))
+    return mongo.replace_many(collection, docs)
 
 
-def settle(written, kept, limit):
-    """Wait for the oldest MongoDB writes until at most `limit` are pending, then the same for the MySQL keeps
-    they handed over: batches in flight stay bounded, and all done with limit 0."""
-    while len(written) > limit:
-        keeping = written.popleft().result()
-        if keeping is not None:
-            kept.append(keeping)
-    while len(kept) > limit:
-        kept.popleft().result()
-
-
-def load_staged(conn, cache_conn, db, transaction_id, agent_id, geo, hour, batch_size, rejects_out, extents):
+def load_staged(conn, db, transaction_id, agent_id, geo, hour, batch_size, rejects_out):
     """Transform a transaction's staged rows into MongoDB; rejects go to `rejects_out` as JSON lines.
 
     One thread writes the batches to MongoDB, strictly one after the other,
-    while this one reads and transforms the next; a third keeps each written
-    batch's previous-hour values in MySQL (on `cache_conn`) for the next
-    hour, after MongoDB has the batch. Previous-hour fields come from MySQL
-    with the staged rows when it holds the previous hour, else from MongoDB.
-    Staging is cleared once every row is read, while the last writes finish
-    (a crash from then on restages: see `restage_if_incomplete`, which gives
-    the `extents`). Returns {dataset: {"loaded": n, "rejected": m}}.
+    while this one reads and transforms the next. Staging is cleared once
+    every row is read, while the last write finishes (a crash from then on
+    restages: see `restage_if_incomplete`). Returns {dataset: {"loaded": n, "rejected": m}}.
     """
-    counts, written, kept = {}, deque(), deque()
+    counts, pending = {}, None
     hour = hours.floor_hour(hour)
-    previous_hour = hour - timedelta(hours=1)
-    with ThreadPoolExecutor(1, thread_name_prefix="mongo-write") as writer, \
-            ThreadPoolExecutor(1, thread_name_prefix="mysql-keep") as keeper:
-        def keep(dataset, docs):
-            return keeper.submit(previous.store, cache_conn, dataset, agent_id, hour, transaction_id, docs)
-        write = partial(write_batch, db, agent_id, hour, keep)
+    with ThreadPoolExecutor(1, thread_name_prefix="mongo-write") as writer:
         for dataset in datasets.CATALOG.values():
             tally = counts[dataset.name] = {"loaded": 0, "rejected": 0}
-            cached = bool(dataset.previous_fields) and previous.has_hour(conn, dataset, agent_id, previous_hour)
             docs = staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally,
-                                    rejects_out, staging.first_row_id(extents[dataset.name]),
-                                    (agent_id, previous_hour) if cached else None)
+                                    rejects_out)
             if dataset.group_by:
                 docs = summarized(dataset, docs)
             for batch in unique_batches(docs, batch_size):
-                settle(written, kept, 1)
-                written.append(writer.submit(write, dataset, batch, lookup=not cached))
+                if pending:
+                    pending.result()
+                pending = writer.submit(write_batch, db, dataset, agent_id, hour, batch)
         clear_staging(conn, transaction_id)
-        settle(written, kept, 0)
+        if pending:
+            pending.result()
     return counts
 
 
@@ -218,30 +215,23 @@ def clear_staging(conn, transaction_id):
     staging.clear(conn, datasets.CATALOG.values(), transaction_id)
 
 
-def retire_replaced(db, agent_id, hour, transaction_id):
+def retire_replaced(db, tx):
     """After a replacement loads, nothing of an older transaction for the same agent and hour remains."""
-    return {name: db[name].delete_many({"hour": hour, "agent_id": agent_id,
-                                        "transaction_id": {"$ne": transaction_id}}).deleted_count
-            for name in datasets.CATALOG}
+    return mongo.delete_agent_hour(db, datasets.CATALOG, tx["hour"], tx["agent_id"], tx["transaction_id"], keep=True)
 
 
 def finish_load(conn, db, tx, counts):
-    """A replacement retires what it supersedes (documents and kept values); old kept values go; then `loaded`.
+    """A replacement retires what it supersedes; then the `loaded` event. Returns what the marker records.
 
     Only a replacement can find documents of another transaction for its
-    agent and hour (a first transaction has nothing to retire), so only a
-    replacement pays for the query.
+    agent and hour, so only a replacement pays for the delete.
     """
-    retired = {}
-    if tx["supersedes"]:
-        retired = retire_replaced(db, tx["agent_id"], tx["hour"], tx["transaction_id"])
-        previous.retire(conn, tx["agent_id"], tx["hour"], tx["transaction_id"])
-    previous.prune(conn, tx["agent_id"], tx["hour"])
-    txlog.append_event(conn, tx["transaction_id"], "loaded", {"counts": counts, "retired": retired})
+    retired = retire_replaced(db, tx) if tx["supersedes"] else {}
+    txlog.append_event_once(conn, tx["transaction_id"], "loaded", {"counts": counts, "retired": retired})
     return {"transaction_id": tx["transaction_id"], "agent_id": tx["agent_id"], "counts": counts, "retired": retired}
 
 
-def load_transaction(conn, cache_conn, db, staged, archive_path, workdir, batch_size, rejects_out):
+def load_transaction(conn, db, staged, archive_path, work_path, batch_size, rejects_out):
     """The whole load of one staged transaction; returns what its marker records.
 
     Only a completed transaction loads: a superseded one's documents would
@@ -251,23 +241,22 @@ def load_transaction(conn, cache_conn, db, staged, archive_path, workdir, batch_
     transaction_id, agent_id = staged["transaction_id"], staged["agent_id"]
     tx = txlog.get_transaction(conn, transaction_id)
     if tx is None:
-        raise TransactionError(f"no transaction {transaction_id} in the transaction log", 404, transaction_id)
+        raise GanymedeError(f"no transaction {transaction_id} in the transaction log")
     if tx["state"] != "completed":
         counts = {name: {"loaded": 0, "rejected": 0} for name in datasets.CATALOG}
         clear_staging(conn, transaction_id)
-        txlog.append_event(conn, transaction_id, "loaded", {"counts": counts, "skipped": tx["state"]})
+        txlog.append_event_once(conn, transaction_id, "loaded", {"counts": counts, "skipped": tx["state"]})
         return {"transaction_id": transaction_id, "agent_id": agent_id, "counts": counts, "retired": {},
                 "skipped": tx["state"]}
-    extents = restage_if_incomplete(conn, staged, archive_path, workdir)
-    counts = load_staged(conn, cache_conn, db, transaction_id, agent_id, staged["geo"], tx["hour"], batch_size,
-                         rejects_out, extents)
+    restage_if_incomplete(conn, staged, archive_path, tx["hour"], work_path)
+    counts = load_staged(conn, db, transaction_id, agent_id, staged["geo"], tx["hour"], batch_size, rejects_out)
     return finish_load(conn, db, tx, counts)
 
 
 # --- tasks ---------------------------------------------------------------------
 
 class StageTransaction(TransactionTask):
-    """The archive's rows in MySQL staging, tagged with the transaction."""
+    """The archive's rows in MySQL staging, tagged with the transaction; or the transaction isolated."""
 
     def output(self):
         return self.marker("staged")
@@ -276,11 +265,18 @@ class StageTransaction(TransactionTask):
         return AgentArchive(**self.tx_params())
 
     def run(self):
+        archive = self.requires()
         with closing(mysql.connect(config.mysql())) as conn:
-            manifest, counts = stage_archive(conn, self.requires().path(), self.transaction_id, self.root.tmp())
-            txlog.append_event(conn, self.transaction_id, "staged", {"rows": counts})
-        markers.write_json(self.output().path, {"transaction_id": self.transaction_id, "agent_id": self.agent_id,
-                                                "geo": manifest["geo"], "hour": manifest["hour"], "staged": counts})
+            try:
+                manifest, counts = stage_archive(conn, archive.path(), self.transaction_id, self.hour,
+                                                 self.work_path())
+            except DataError as exc:
+                result = isolate(conn, archive, str(exc))
+            else:
+                txlog.append_event_once(conn, self.transaction_id, "staged", {"rows": counts})
+                result = {"geo": manifest["geo"], "staged": counts}
+        markers.write_json(self.output().path, dict(result, transaction_id=self.transaction_id,
+                                                    agent_id=self.agent_id, hour=hours.format_hour(self.hour)))
 
 
 class LoadTransaction(TransactionTask):
@@ -303,13 +299,25 @@ class LoadTransaction(TransactionTask):
 
     def run(self):
         stage = self.requires()  # built once: a task instance costs about a millisecond, a tiny load ~20
-        staged, mongo_cfg, mysql_cfg = markers.read_json(stage.output().path), config.mongodb(), config.mysql()
+        archive, staged = stage.requires(), markers.read_json(stage.output().path)
+        if "isolated" in staged:
+            result = {k: staged[k] for k in ("transaction_id", "agent_id", "isolated", "quarantine")}
+        else:
+            result = self.load(staged, archive)
+        markers.write_json(self.output().path, result)
+
+    def load(self, staged, archive):
+        mongo_cfg = config.mongodb()
         client, db = mongo.connect(mongo_cfg)
-        with closing(client), closing(mysql.connect(mysql_cfg)) as conn, \
-                closing(mysql.connect(mysql_cfg)) as cache_conn, markers.AtomicText(self.rejects_path()) as rejects:
-            result = load_transaction(conn, cache_conn, db, staged, stage.requires().path(), self.root.tmp(),
-                                      mongo_cfg.batch_size, rejects)
-        markers.write_json(self.output().path, dict(result, rejects_file=os.path.basename(self.rejects_path())))
+        with closing(client), closing(mysql.connect(config.mysql())) as conn:
+            try:
+                with markers.open_atomic(self.rejects_path(), text=True) as rejects:
+                    result = load_transaction(conn, db, staged, archive.path(), self.work_path(),
+                                              mongo_cfg.batch_size, rejects)
+            except DataError as exc:  # restaging what a crash cleared can meet it too
+                return dict(isolate(conn, archive, str(exc)), transaction_id=self.transaction_id,
+                            agent_id=self.agent_id)
+        return dict(result, rejects_file=os.path.basename(self.rejects_path()))
 
     def rejects_path(self):
         return self.marker("rejects").path[: -len(".json")] + ".jsonl"
