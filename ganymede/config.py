@@ -73,10 +73,20 @@ class api(luigi.Config):
     sweep_minutes = luigi.IntParameter(default=60,
                                        description="Minutes between sweeps of incoming/ (archives of finished transactions, dead temp files)")
     retry_after = luigi.IntParameter(default=15,
-                                     description="Seconds sent in Retry-After with 503 answers (MySQL down, busy transaction)")
+                                     description="Seconds sent in Retry-After with 503 and 429 answers (MySQL down, busy)")
+    validation_threads = luigi.IntParameter(default=4,
+                                            description="Threads validating completed archives, apart from the request threads")
+    completes_per_agent = luigi.IntParameter(default=2,
+                                             description="Completes one agent may have validating at once (HTTP 429 beyond)")
+    agent_quota_mb = luigi.IntParameter(default=2048,
+                                        description="Disk one agent may hold in incoming/ and quarantine/ (HTTP 507 beyond)")
+    auth_failures_per_minute = luigi.IntParameter(default=20,
+                                                  description="Wrong tokens accepted per client address per minute "
+                                                              "(HTTP 429 beyond, for every request of that address)")
 
     listen_backlog = luigi.IntParameter(default=1024,
                                         description="Pending connections the kernel queues (a burst of agents)")
+
 
 class extract(luigi.Config):
     deadline_minutes = luigi.IntParameter(default=45,

@@ -730,7 +730,9 @@ def test_concurrent_retries_of_one_agent_agree(world):
         assert {r.status for r in pool.map(lambda _: agent.upload(tx, data), range(4))} == {200}
     with ThreadPoolExecutor(4) as pool:
         done = list(pool.map(lambda _: agent.complete(tx), range(4)))
-    assert {r.status for r in done} == {200} and len({json.dumps(r.json) for r in done}) == 1
+    done += [agent.complete(tx) for r in done if r.status == 429]  # beyond completes_per_agent: retry later
+    assert {r.status for r in done} >= {200} and {r.status for r in done} <= {200, 429}
+    assert len({json.dumps(r.json) for r in done if r.status == 200}) == 1
     assert world.events(tx).count("completed") == 1
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from ganymede import config
 from ganymede.api import sweep
-from ganymede.api.handlers import MySQLPool
+from ganymede.stores.pool import MySQLPool
 from ganymede.paths import StateRoot
 from ganymede.stores import txlog
 
