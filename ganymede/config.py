@@ -74,8 +74,8 @@ class api(luigi.Config):
                                        description="Minutes between sweeps of incoming/ (archives of finished transactions, dead temp files)")
     retry_after = luigi.IntParameter(default=15,
                                      description="Seconds sent in Retry-After with 503 and 429 answers (MySQL down, busy)")
-    validation_threads = luigi.IntParameter(default=4,
-                                            description="Threads validating completed archives, apart from the request threads")
+    validation_workers = luigi.IntParameter(default=4, description="Processes validating completed archives (each with "
+                                                                   "a thread waiting on it), apart from the request threads")
     completes_per_agent = luigi.IntParameter(default=2,
                                              description="Completes one agent may have validating at once (HTTP 429 beyond)")
     agent_quota_mb = luigi.IntParameter(default=2048,

@@ -39,7 +39,7 @@ class ApiSettings:
     mysql: object                 # host, port, user, database, option_file, connect_timeout (a config.mysql)
     state: paths.StateRoot
     executor: Executor            # disk and MySQL work of requests runs here, never on the loop
-    validation_executor: Executor = None  # completes (archive validation) run here; None: `executor`
+    validator: object = None      # an uploads.Validator: completes' threads and processes; None: `executor`, inline
     max_archive_bytes: int = 512 << 20
     retention_hours: int = 24 * 14
     min_free_bytes: int = 1 << 30

@@ -109,7 +109,6 @@ def make_app(api):
     from .status_page import StatusPageHandler  # it builds on BaseHandler
     if isinstance(api, dict):
         api = ApiSettings(**api)
-    api.validation_executor = api.validation_executor or api.executor
     pool = MySQLPool(api.mysql, api.mysql_connections)
     args = {"api": api, "pool": pool, "traffic": Traffic(api.auth_failures_per_minute)}
     app = tornado.web.Application([

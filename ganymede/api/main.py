@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..paths import StateRoot
 from . import sweep
 from .handlers import ApiSettings, make_app
+from .uploads import Validator
 
 log = logging.getLogger("ganymede.api")
 
@@ -46,7 +47,7 @@ def settings_from_config():
         mysql=config.mysql(),
         state=StateRoot(config.state().root),
         executor=ThreadPoolExecutor(api.executor_threads, thread_name_prefix="ganymede-api"),
-        validation_executor=ThreadPoolExecutor(api.validation_threads, thread_name_prefix="ganymede-validate"),
+        validator=Validator(api.validation_workers),
         max_archive_bytes=api.max_archive_mb << 20,
         retention_hours=api.retention_hours,
         min_free_bytes=api.min_free_mb << 20,
@@ -138,7 +139,7 @@ def main(argv=None):
         luigi.configuration.add_config_path(args.config)
     try:
         api = config.api()
-        for name in ("sweep_minutes", "validation_threads", "completes_per_agent", "auth_failures_per_minute"):
+        for name in ("sweep_minutes", "validation_workers", "completes_per_agent", "auth_failures_per_minute"):
             if getattr(api, name) < 1:
                 raise ConfigError(f"[api] {name} must be at least 1")
         ssl_options = ssl_context(api.tls_cert, api.tls_key)
@@ -154,8 +155,8 @@ def main(argv=None):
         print(f"ganymede-api: cannot listen on {api.host}:{api.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     finally:
-        for executor in (settings.executor, settings.validation_executor):
-            executor.shutdown(wait=True, cancel_futures=True)
+        settings.executor.shutdown(wait=True, cancel_futures=True)
+        settings.validator.shutdown()
     return 0
 
 

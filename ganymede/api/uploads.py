@@ -1,19 +1,25 @@
 """An archive's way in: PUT streams it to incoming/, POST …/complete validates it and installs it
 in upload/ (or quarantines it with the reason).
 
-Uploads are bounded per agent by a disk quota on incoming/ and quarantine/;
-completes (archive validation, CPU and disk heavy) run on their own pool,
-at most `completes_per_agent` at once per agent, so one agent's flood of
-large archives never holds the threads other agents' requests and /healthz need.
+Uploads are bounded per agent by a disk quota on incoming/ and quarantine/.
+Completes run on their own threads, at most `completes_per_agent` at once per
+agent, and validate in worker processes (a `Validator`): archive validation
+is CPU and disk heavy, and in threads of the API's own process it would hold
+the GIL the event loop needs, so one agent's flood of large archives would
+slow every other agent's requests and /healthz.
 """
 import asyncio
 import errno
 import fcntl
 import glob
 import hashlib
+import multiprocessing
 import os
 import re
+import threading
 import uuid
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import timedelta
 
 from tornado.ioloop import IOLoop
@@ -28,6 +34,32 @@ from .health import free_bytes
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_BATCH_CHUNKS = 512  # under IOV_MAX (1024), even when a slow client sends tiny pieces
+
+
+class Validator:
+    """`workers` threads run completes; each validates its archive in one of `workers` processes."""
+
+    def __init__(self, workers):
+        self.workers, self.lock = workers, threading.Lock()
+        self.threads = ThreadPoolExecutor(workers, thread_name_prefix="ganymede-complete")
+        self.processes = self._processes()
+
+    def _processes(self):
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def check_file(self, *args):
+        processes = self.processes
+        try:
+            return processes.submit(archives.check_file, *args).result()
+        except BrokenProcessPool:  # a worker died (killed for its memory, say): the next complete gets new ones
+            with self.lock:
+                if self.processes is processes:
+                    self.processes = self._processes()
+            raise Busy("the archive's validation was interrupted; retry later") from None
+
+    def shutdown(self):
+        self.threads.shutdown(wait=True, cancel_futures=True)
+        self.processes.shutdown(wait=True, cancel_futures=True)
 
 
 def _disk_full(exc):
@@ -258,7 +290,7 @@ def complete(conn, api, agent_id, geo, transaction_id):
                 return _failed(tx, reason)
             raise Conflict("the uploaded archive is missing on the server; upload it again", transaction_id)
         try:
-            counts, digest = archives.check_file(src, agent_id, geo, hour, api.limits)
+            counts, digest = (api.validator or archives).check_file(src, agent_id, geo, hour, api.limits)
             error = None
         except ArchiveError as exc:
             counts, digest, error = None, exc.file_sha256, str(exc)
@@ -318,7 +350,7 @@ class CompleteHandler(BaseHandler):
         try:
             await self.own_transaction(agent, transaction_id)
             body = await self.db(complete, self.api, agent_id, agent["geo"], transaction_id,
-                                 executor=self.api.validation_executor)
+                                 executor=self.api.validator and self.api.validator.threads)
         finally:
             _release(busy, agent_id)
         if body["state"] == "failed":
