@@ -48,7 +48,7 @@ class ApiSettings:
     lock_wait: int = 30           # seconds a request waits for another one on the same transaction
     max_json_bytes: int = 64 << 10
     mysql_connections: int = 16   # kept open for reuse (see stores.pool)
-    chunk_bytes: int = 512 << 10  # socket read size, and bytes gathered before one hand-off to a writer thread
+    chunk_bytes: int = 512 << 10  # socket read size: the largest piece of an upload handed to a writer thread
     completes_per_agent: int = 2
     agent_quota_bytes: int = 2 << 30
     auth_failures_per_minute: int = 20

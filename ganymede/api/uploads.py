@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import re
 import threading
+import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -33,7 +34,6 @@ from .base import ApiError, BaseHandler, log, transaction_id_arg
 from .health import free_bytes
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_MAX_BATCH_CHUNKS = 512  # under IOV_MAX (1024), even when a slow client sends tiny pieces
 
 
 class Validator:
@@ -45,7 +45,8 @@ class Validator:
         self.processes = self._processes()
 
     def _processes(self):
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_exit_with, initargs=(os.getpid(),))
 
     def check_file(self, *args):
         processes = self.processes
@@ -62,6 +63,15 @@ class Validator:
         self.processes.shutdown(wait=True, cancel_futures=True)
 
 
+def _exit_with(parent):
+    """In a validation process: exit once the API is gone (killed with -9, its workers would stay)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _disk_full(exc):
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -69,47 +79,31 @@ def _disk_full(exc):
 def agent_usage(conn, api, agent_id, transaction_id):
     """Bytes the agent holds in incoming/ (archives of its unfinished transactions, but this one's,
     which an upload replaces) and in quarantine/."""
-    ids = txlog.unfinished(conn, agent_id, hours.now() - timedelta(hours=api.retention_hours + 1))
-    ids.discard(transaction_id)
-    incoming = os.path.dirname(api.state.incoming(transaction_id))
-    held = glob.glob(os.path.join(glob.escape(api.state.root), "quarantine", "*", "*", "*", "*", agent_id, "*"))
-    held += [os.path.join(incoming, name) for name in _listdir(incoming) if name[: -len(".part")] in ids]
-    return sum(_size(path) for path in held)
-
-
-def _listdir(path):
-    try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []
+    ids = txlog.unfinished(conn, agent_id, hours.now() - timedelta(hours=api.retention_hours + 1)) - {transaction_id}
+    root = glob.escape(api.state.root)
+    held = glob.glob(os.path.join(root, "quarantine", "*", "*", "*", "*", agent_id, "*"))
+    held += [p for p in glob.glob(os.path.join(root, "incoming", "*.part")) if os.path.basename(p)[:-5] in ids]
+    return sum(map(_size, held))
 
 
 def _size(path):
     try:
         return os.path.getsize(path)
-    except FileNotFoundError:
+    except FileNotFoundError:  # swept or completed meanwhile
         return 0
 
 
 def _open_upload(path):
     """The temp file, locked while it is written: the sweep never removes a locked one."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    f = open(path, "wb", buffering=0)
+    f = open(path, "wb")
     fcntl.flock(f.fileno(), fcntl.LOCK_EX)
     return f
 
 
-def _write_batch(f, digest, chunks):
-    """Hash the chunks and write them with one writev (no joining copy)."""
-    for chunk in chunks:
-        digest.update(chunk)
-    while chunks:
-        written = os.writev(f.fileno(), chunks[:_MAX_BATCH_CHUNKS])
-        while chunks and written >= len(chunks[0]):
-            written -= len(chunks[0])
-            chunks = chunks[1:]
-        if chunks and written:
-            chunks = [memoryview(chunks[0])[written:]] + chunks[1:]
+def _write(f, digest, chunk):
+    digest.update(chunk)
+    f.write(chunk)
 
 
 def _close_and_remove(f, path):
@@ -169,7 +163,7 @@ class ArchiveHandler(BaseHandler):
         self.traffic.uploading[self.agent_id] += length
         self.expected_length, self.announced = length, announced
         self.received, self.digest = 0, hashlib.sha256()
-        self.batch, self.batched, self.writing = [], 0, None
+        self.writing = None
         self.temp = f"{self.api.state.incoming(self.transaction_id)}.{uuid.uuid4().hex[:12]}.tmp"
         try:
             self.file = await self.run(_open_upload, self.temp)
@@ -187,27 +181,18 @@ class ArchiveHandler(BaseHandler):
             self.received += len(chunk)
             if self.received > self.api.max_archive_bytes:
                 await self._abort(ApiError(413, f"archive is over the limit of {self.api.max_archive_bytes} bytes"))
-                return
-            self.batch.append(chunk)
-            self.batched += len(chunk)
-            if self.batched >= self.api.chunk_bytes or len(self.batch) >= _MAX_BATCH_CHUNKS:
-                await self._flush()
+            elif await self._written():
+                self.writing = self.run(_write, self.file, self.digest, chunk)
 
-    async def _flush(self):
-        """Hand the gathered chunks to the executor, waiting only for the batch before them.
-
-        One batch in flight per upload: the loop keeps reading the socket
-        while a thread hashes and writes, and memory per upload stays under
-        two batches.
-        """
+    async def _written(self):
+        """Wait for the chunk being written: one per upload, so the loop reads the next one from the socket
+        while a thread hashes and writes this one, and memory per upload stays under two chunks."""
+        writing, self.writing = self.writing, None
         try:
-            if self.writing is not None:
-                await self.writing
-            batch, self.batch, self.batched = self.batch, [], 0
-            self.writing = self.run(_write_batch, self.file, self.digest, batch) if batch else None
+            if writing is not None:
+                await writing
             return True
         except OSError as exc:
-            self.writing = None
             try:
                 self.cannot_store(exc)
             except ApiError as error:
@@ -216,7 +201,7 @@ class ArchiveHandler(BaseHandler):
 
     async def _drop(self):
         f, self.file = self.file, None
-        writing, self.writing, self.batch = self.writing, None, []
+        writing, self.writing = self.writing, None
         if writing is not None:
             try:
                 await writing
@@ -248,8 +233,8 @@ class ArchiveHandler(BaseHandler):
         if self._finished:
             return
         async with self.io_lock:
-            if self.file is None or not await self._flush() or not await self._flush():
-                return  # the second flush waits for the last batch
+            if self.file is None or not await self._written():
+                return
             f, self.file = self.file, None
         digest = self.digest.hexdigest()
         if self.received != self.expected_length or digest != self.announced:
