@@ -105,10 +105,8 @@ class NotFoundHandler(BaseHandler):
 
 
 def make_app(api):
-    """The Application; `api` is an ApiSettings or a dict of its fields. `app.pool.clear()` closes its connections."""
+    """The Application for an ApiSettings; `app.pool.clear()` closes its connections."""
     from .status_page import StatusPageHandler  # it builds on BaseHandler
-    if isinstance(api, dict):
-        api = ApiSettings(**api)
     pool = MySQLPool(api.mysql, api.mysql_connections)
     args = {"api": api, "pool": pool, "traffic": Traffic(api.auth_failures_per_minute)}
     app = tornado.web.Application([
