@@ -83,14 +83,9 @@ def ssl_context(cert, key):
 
 
 def make_server(app, settings, idle_timeout=75, body_timeout=3600, ssl_options=None):
-    """The HTTPServer as production runs it (also what the tests start).
-
-    max_body_size is the archive limit; each handler lowers it for its own
-    request before the body is read, so nothing larger is ever buffered.
-    chunk_size sets both the socket reads and the body pieces handed to
-    handlers: at 512 KB a 1 GB upload costs ~2000 loop iterations instead of
-    ~16000 at Tornado's 64 KB default, for ~1 MB of buffers per connection.
-    """
+    """The HTTPServer as production runs it (and the tests). max_body_size is the archive limit, which each
+    handler lowers for its own request before the body is read; chunk_size is both the socket read size and
+    the largest piece of body a handler gets (512 KB: ~2000 loop iterations per GB instead of ~16000)."""
     return HTTPServer(app, xheaders=False, ssl_options=ssl_options, max_body_size=settings.max_archive_bytes,
                       idle_connection_timeout=idle_timeout, body_timeout=body_timeout, decompress_request=False,
                       chunk_size=settings.chunk_bytes)

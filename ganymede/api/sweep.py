@@ -4,7 +4,8 @@ Two kinds of file live in incoming/:
 - `<transaction>.part.<random>.tmp`, an upload being received. The process
   receiving it holds an exclusive flock on it until it is renamed or removed,
   so one nobody holds was left by a process that died mid-upload (a lock dies
-  with its process) and goes, whatever its age.
+  with its process) and goes: at start-up at once, later after a minute's
+  grace (another process may not have locked the file it just opened yet).
 - `<transaction>.part`, an uploaded archive waiting for /complete. Once its
   transaction is failed (refused, or abandoned when the agent started a newer
   one for the hour), completed or superseded, nothing reads it again: a

@@ -168,11 +168,11 @@ class ArchiveHandler(BaseHandler):
         try:
             self.file = await self.run(_open_upload, self.temp)
         except OSError as exc:
-            self.cannot_store(exc)
+            raise self.cannot_store(exc) from None
 
     def cannot_store(self, exc):
         log.error("transaction %s: cannot store the upload: %s", self.transaction_id, exc)
-        raise ApiError(507 if _disk_full(exc) else 500, "cannot store the upload on the server; retry later")
+        return ApiError(507 if _disk_full(exc) else 500, "cannot store the upload on the server; retry later")
 
     async def data_received(self, chunk):
         async with self.io_lock:
@@ -193,10 +193,7 @@ class ArchiveHandler(BaseHandler):
                 await writing
             return True
         except OSError as exc:
-            try:
-                self.cannot_store(exc)
-            except ApiError as error:
-                await self._abort(error)
+            await self._abort(self.cannot_store(exc))
             return False
 
     async def _drop(self):
