@@ -213,7 +213,7 @@ class BaseHandler(tornado.web.RequestHandler):
             paths.check_id(agent_id, "agent id")
         except ValueError:
             raise ApiError(400, "malformed X-Agent-Id") from None
-        agent = await self.db(txlog.authenticate, agent_id, token, Forbidden)
+        agent = await self.db(txlog.authenticate, agent_id, token, True)
         if agent is None:
             raise self.refuse_token("unknown agent or wrong token")
         return agent

@@ -74,11 +74,11 @@ def revoke_agent(conn, agent_id):
         raise AgentError(f"no agent {agent_id!r}")
 
 
-def authenticate(conn, agent_id, token, revoked=None):
+def authenticate(conn, agent_id, token, tell_revoked=False):
     """The agent row if `token` is this agent's and it is active; None otherwise (never says which).
 
-    With `revoked` (an exception class), a revoked agent presenting its own
-    right token gets that error instead: only the token's holder learns it is revoked.
+    With `tell_revoked`, a revoked agent presenting its own right token gets
+    Forbidden instead: only the token's holder learns it is revoked.
     """
     with conn.cursor(pymysql.cursors.DictCursor) as cur:
         cur.execute("SELECT agent_id, geo, token_hash, active FROM agents WHERE agent_id = %s", (agent_id,))
@@ -86,8 +86,8 @@ def authenticate(conn, agent_id, token, revoked=None):
     expected = row["token_hash"] if row else hash_token("no-such-agent")
     if not (hmac.compare_digest(expected, hash_token(token or "")) and row):
         return None
-    if not row["active"] and revoked:
-        raise revoked("agent is revoked")
+    if not row["active"] and tell_revoked:
+        raise Forbidden("agent is revoked")
     return row if row["active"] else None
 
 
