@@ -47,7 +47,7 @@ def settings_from_config():
         mysql=config.mysql(),
         state=StateRoot(config.state().root),
         executor=ThreadPoolExecutor(api.executor_threads, thread_name_prefix="ganymede-api"),
-        validator=Validator(api.validation_workers),
+        validator=Validator(api.validation_workers, api.executor_threads),
         max_archive_bytes=api.max_archive_mb << 20,
         retention_hours=api.retention_hours,
         min_free_bytes=api.min_free_mb << 20,

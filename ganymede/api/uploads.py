@@ -37,16 +37,20 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Validator:
-    """`workers` threads run completes; each validates its archive in one of `workers` processes."""
+    """`threads` run completes (MySQL, locks, file moves), apart from the request threads; each validates
+    its archive in one of `workers` processes."""
 
-    def __init__(self, workers):
+    def __init__(self, workers, threads):
         self.workers, self.lock = workers, threading.Lock()
-        self.threads = ThreadPoolExecutor(workers, thread_name_prefix="ganymede-complete")
+        self.threads = ThreadPoolExecutor(threads, thread_name_prefix="ganymede-complete")
         self.processes = self._processes()
 
     def _processes(self):
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_exit_with, initargs=(os.getpid(),))
+        processes = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_exit_with, initargs=(os.getpid(),))
+        for _ in range(self.workers):  # started (and this module imported) now, not by the first completes
+            processes.submit(int)
+        return processes
 
     def check_file(self, *args):
         processes = self.processes
