@@ -138,8 +138,8 @@ def main(argv=None):
             if getattr(api, name) < 1:
                 raise ConfigError(f"[api] {name} must be at least 1")
         ssl_options = ssl_context(api.tls_cert, api.tls_key)
-        settings = settings_from_config()
-        os.makedirs(sweep.incoming_dir(settings.state), exist_ok=True)
+        os.makedirs(sweep.incoming_dir(StateRoot(config.state().root)), exist_ok=True)
+        settings = settings_from_config()  # last: it starts the validation processes
     except (ConfigError, OSError) as exc:
         print(f"ganymede-api: {exc}", file=sys.stderr)
         return 2
