@@ -672,6 +672,34 @@ def test_mysql_dying_under_pooled_connections_gives_503_then_recovers(genv, tmp_
         settings.executor.shutdown()
 
 
+def test_mysql_lost_after_the_body_leaves_no_temp_file(genv, tmp_path):
+    proxy = F.TcpProxy(("127.0.0.1", 3306))
+    settings = api_settings(genv)
+    settings.mysql.port = proxy.port
+    server = ApiServer(settings, genv.api_port)
+    try:
+        world = World(genv, settings, server, tmp_path)
+        agent = world.agent()
+        tx, data = agent.create().json["transaction_id"], agent.archive()
+        head = (f"PUT /v1/transactions/{tx}/archive HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {agent.token}\r\n"
+                f"X-Agent-Id: {agent.agent_id}\r\nX-Archive-SHA256: {hashlib.sha256(data).hexdigest()}\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n")
+        exchange = F.RawExchange(world.port)
+        exchange.send(head.encode())
+        F.wait_for(lambda: world.files("incoming"), what="the upload's temp file")  # authenticated, checked
+        proxy.down()
+        exchange.send(data)
+        assert exchange.reply()[0] == 503
+        exchange.close()
+        assert world.files("incoming") == []
+        proxy.up()
+        assert world.events(tx) == ["created"]
+    finally:
+        server.stop()
+        proxy.close()
+        settings.executor.shutdown()
+
+
 def test_complete_while_another_request_holds_the_transaction(world, open_tx):
     agent, tx = open_tx
     agent.upload(tx, agent.archive())

@@ -119,15 +119,11 @@ def _close_and_remove(f, path):
     f.close()
 
 
-def _finish_upload(conn, api, transaction_id, f, temp, size, sha256):
-    """The temp file becomes the transaction's .part (still locked, so no sweep races the rename)."""
-    try:
-        with txlog.transaction_lock(conn, transaction_id, api.lock_wait):
-            tx = txlog.mark_uploaded(conn, transaction_id, size, sha256)
-            os.replace(temp, api.state.incoming(transaction_id))
-        return tx
-    finally:
-        _close_and_remove(f, temp)
+def _finish_upload(conn, api, transaction_id, temp, size, sha256):
+    with txlog.transaction_lock(conn, transaction_id, api.lock_wait):
+        tx = txlog.mark_uploaded(conn, transaction_id, size, sha256)
+        os.replace(temp, api.state.incoming(transaction_id))
+    return tx
 
 
 class ArchiveHandler(BaseHandler):
@@ -238,11 +234,13 @@ class ArchiveHandler(BaseHandler):
                 return
             f, self.file = self.file, None
         digest = self.digest.hexdigest()
-        if self.received != self.expected_length or digest != self.announced:
+        try:  # the temp file stays open, so locked, until it is renamed: no sweep races the rename
+            if self.received != self.expected_length or digest != self.announced:
+                raise ApiError(422, "sha256 of the received bytes does not match X-Archive-SHA256",
+                               received_sha256=digest, size=self.received)
+            tx = await self.db(_finish_upload, self.api, self.transaction_id, self.temp, self.received, digest)
+        finally:
             await self.run(_close_and_remove, f, self.temp)
-            raise ApiError(422, "sha256 of the received bytes does not match X-Archive-SHA256",
-                           received_sha256=digest, size=self.received)
-        tx = await self.db(_finish_upload, self.api, self.transaction_id, f, self.temp, self.received, digest)
         self.send_json(200, {"transaction_id": tx["transaction_id"], "state": tx["state"],
                              "size": tx["size"], "sha256": tx["sha256"]})
 
