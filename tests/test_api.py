@@ -647,57 +647,52 @@ def test_mysql_down_gives_503_and_recovers_by_itself(world, open_tx):
     assert agent.complete(tx).status == 200
 
 
-def test_mysql_dying_under_pooled_connections_gives_503_then_recovers(genv, tmp_path):
+@pytest.fixture
+def proxied(genv, tmp_path):
+    """A world whose API reaches MySQL through a proxy the test can cut: (world, proxy)."""
     proxy = F.TcpProxy(("127.0.0.1", 3306))
     settings = api_settings(genv)
     settings.mysql.port = proxy.port
     server = ApiServer(settings, genv.api_port)
-    try:
-        world = World(genv, settings, server, tmp_path)
-        agent = world.agent()
-        tx = agent.create().json["transaction_id"]  # leaves warm connections in the pool
-        assert agent.get(tx).status == 200
-        proxy.down()
-        for resp in (agent.get(tx), agent.create(), agent.upload(tx, agent.archive()), world.call("GET", "/healthz")):
-            assert resp.status == 503 and resp.headers.getheader("Retry-After") == "7"
-        proxy.up()
-        data = agent.archive()
-        assert agent.get(tx).status == 200
-        assert agent.upload(tx, data).status == 200
-        assert agent.complete(tx).status == 200
-        assert world.call("GET", "/healthz").status == 200
-    finally:
-        server.stop()
-        proxy.close()
-        settings.executor.shutdown()
+    yield World(genv, settings, server, tmp_path), proxy
+    server.stop()
+    proxy.close()
+    settings.executor.shutdown()
 
 
-def test_mysql_lost_after_the_body_leaves_no_temp_file(genv, tmp_path):
-    proxy = F.TcpProxy(("127.0.0.1", 3306))
-    settings = api_settings(genv)
-    settings.mysql.port = proxy.port
-    server = ApiServer(settings, genv.api_port)
-    try:
-        world = World(genv, settings, server, tmp_path)
-        agent = world.agent()
-        tx, data = agent.create().json["transaction_id"], agent.archive()
-        head = (f"PUT /v1/transactions/{tx}/archive HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {agent.token}\r\n"
-                f"X-Agent-Id: {agent.agent_id}\r\nX-Archive-SHA256: {hashlib.sha256(data).hexdigest()}\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n")
-        exchange = F.RawExchange(world.port)
-        exchange.send(head.encode())
-        F.wait_for(lambda: world.files("incoming"), what="the upload's temp file")  # authenticated, checked
-        proxy.down()
-        exchange.send(data)
-        assert exchange.reply()[0] == 503
-        exchange.close()
-        assert world.files("incoming") == []
-        proxy.up()
-        assert world.events(tx) == ["created"]
-    finally:
-        server.stop()
-        proxy.close()
-        settings.executor.shutdown()
+def test_mysql_dying_under_pooled_connections_gives_503_then_recovers(proxied):
+    world, proxy = proxied
+    agent = world.agent()
+    tx = agent.create().json["transaction_id"]  # leaves warm connections in the pool
+    assert agent.get(tx).status == 200
+    proxy.down()
+    for resp in (agent.get(tx), agent.create(), agent.upload(tx, agent.archive()), world.call("GET", "/healthz")):
+        assert resp.status == 503 and resp.headers.getheader("Retry-After") == "7"
+    proxy.up()
+    data = agent.archive()
+    assert agent.get(tx).status == 200
+    assert agent.upload(tx, data).status == 200
+    assert agent.complete(tx).status == 200
+    assert world.call("GET", "/healthz").status == 200
+
+
+def test_mysql_lost_after_the_body_leaves_no_temp_file(proxied):
+    world, proxy = proxied
+    agent = world.agent()
+    tx, data = agent.create().json["transaction_id"], agent.archive()
+    head = (f"PUT /v1/transactions/{tx}/archive HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {agent.token}\r\n"
+            f"X-Agent-Id: {agent.agent_id}\r\nX-Archive-SHA256: {hashlib.sha256(data).hexdigest()}\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n")
+    exchange = F.RawExchange(world.port)
+    exchange.send(head.encode())
+    F.wait_for(lambda: world.files("incoming"), what="the upload's temp file")  # authenticated and checked
+    proxy.down()
+    exchange.send(data)
+    assert exchange.reply()[0] == 503
+    exchange.close()
+    assert world.files("incoming") == []
+    proxy.up()
+    assert world.events(tx) == ["created"]
 
 
 def test_complete_while_another_request_holds_the_transaction(world, open_tx):
