@@ -795,7 +795,8 @@ def _held_lock(conn, transaction_id):
 
 def _waiting_for_locks(h):
     with F.sql(h.env) as conn, conn.cursor() as cur:
-        cur.execute("SELECT COUNT(*) FROM information_schema.processlist WHERE info LIKE 'SELECT GET_LOCK(%%ganymede-tx-%%'")
+        cur.execute("SELECT COUNT(*) FROM information_schema.processlist WHERE db = %s "
+                    "AND info LIKE 'SELECT GET_LOCK(%%ganymede-tx-%%'", (h.env.mysql_database,))
         return cur.fetchone()[0]
 
 

@@ -58,32 +58,25 @@ class ApiSettings:
 
 
 class Traffic:
-    """What this process has in flight, per agent, and failed authentications per client address.
-
-    Touched only on the event loop, so no lock. Failures are counted in a
-    fixed one-minute window per address; past the limit every request from
-    the address gets 429 until the window ends, so tokens cannot be guessed
-    at speed (and a right guess could not be told from a wrong one).
-    """
-    WINDOW = 60
+    """What this process has in flight per agent, and wrong tokens per client address (the event loop's
+    alone, so no lock). Wrong tokens count in a one-minute window per address; past the limit every request
+    from the address gets 429 until the window ends, so a right guess could not even be told from a wrong one."""
 
     def __init__(self, auth_failures_per_minute):
-        self.limit, self.failures = auth_failures_per_minute, {}
+        self.limit, self.failures = auth_failures_per_minute, {}  # address: (window start, wrong tokens)
         self.completes, self.uploading = Counter(), Counter()
 
     def auth_wait(self, address):
         start, count = self.failures.get(address, (0, 0))
-        left = start + self.WINDOW - time.monotonic()
-        return math.ceil(left) if count >= self.limit and left > 0 else 0
+        left = math.ceil(start + 60 - time.monotonic())
+        return left if count >= self.limit and left > 0 else 0
 
     def auth_failed(self, address):
         now = time.monotonic()
-        start, count = self.failures.get(address, (now, 0))
-        if now - start >= self.WINDOW:
-            start, count = now, 0
-        self.failures[address] = (start, count + 1)
         if len(self.failures) > 100_000:  # a scan from many addresses: forget the windows that ended
-            self.failures = {a: v for a, v in self.failures.items() if now - v[0] < self.WINDOW}
+            self.failures = {a: v for a, v in self.failures.items() if now - v[0] < 60}
+        start, count = self.failures.get(address, (now, 0))
+        self.failures[address] = (start, count + 1) if now - start < 60 else (now, 1)
 
 
 class ApiError(tornado.web.HTTPError):
