@@ -64,7 +64,8 @@ class api(luigi.Config):
     idle_timeout = luigi.IntParameter(default=75, description="Seconds an idle keep-alive connection stays open")
     body_timeout = luigi.IntParameter(default=3600, description="Seconds allowed to receive one request body (an upload)")
     executor_threads = luigi.IntParameter(default=16,
-                                          description="Threads for disk, validation and MySQL work kept off the event loop")
+                                          description="Threads for disk and MySQL work kept off the event loop "
+                                                      "(as many again run completes)")
     mysql_connections = luigi.IntParameter(default=16,
                                            description="MySQL connections ganymede-api keeps open for reuse between requests")
     upload_chunk_kb = luigi.IntParameter(default=512,
@@ -72,10 +73,20 @@ class api(luigi.Config):
     sweep_minutes = luigi.IntParameter(default=60,
                                        description="Minutes between sweeps of incoming/ (archives of finished transactions, dead temp files)")
     retry_after = luigi.IntParameter(default=15,
-                                     description="Seconds sent in Retry-After with 503 answers (MySQL down, busy transaction)")
+                                     description="Seconds sent in Retry-After with 503 and 429 answers (MySQL down, busy)")
+    validation_workers = luigi.IntParameter(default=4,
+                                            description="Processes validating completed archives, apart from the API's own")
+    completes_per_agent = luigi.IntParameter(default=2,
+                                             description="Completes one agent may have validating at once (HTTP 429 beyond)")
+    agent_quota_mb = luigi.IntParameter(default=2048,
+                                        description="Disk one agent may hold in incoming/ and quarantine/ (HTTP 507 beyond)")
+    auth_failures_per_minute = luigi.IntParameter(default=20,
+                                                  description="Wrong tokens accepted per client address per minute "
+                                                              "(HTTP 429 beyond, for every request of that address)")
 
     listen_backlog = luigi.IntParameter(default=1024,
                                         description="Pending connections the kernel queues (a burst of agents)")
+
 
 class extract(luigi.Config):
     deadline_minutes = luigi.IntParameter(default=45,

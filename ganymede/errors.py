@@ -41,12 +41,31 @@ class AgentError(GanymedeError):
 
 
 class TransactionError(GanymedeError):
-    """A transaction cannot make the requested move; `status` is the HTTP answer."""
+    """A transaction (or its agent) cannot make the requested move; the subclasses say why."""
 
-    def __init__(self, message, status=409, transaction_id=None):
+    def __init__(self, message, transaction_id=None):
         super().__init__(message)
-        self.status = status
         self.transaction_id = transaction_id
+
+
+class NotFound(TransactionError):
+    """No such transaction (or none the caller may see)."""
+
+
+class Forbidden(TransactionError):
+    """The agent may not do this at all (unknown or revoked)."""
+
+
+class Conflict(TransactionError):
+    """The transaction's state does not allow the move (already completed, nothing uploaded yet, …)."""
+
+
+class Busy(TransactionError):
+    """Another request holds the transaction, or the agent has too much in flight: retry later."""
+
+
+class QuotaExceeded(TransactionError):
+    """The agent's disk quota, or the server's free disk, does not allow storing more."""
 
 
 class CommandError(GanymedeError):

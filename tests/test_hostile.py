@@ -7,11 +7,15 @@ moves, no file appears (except an invalid archive, which goes to quarantine/
 with its reason, as the rule says), nothing reaches MySQL's schema or MongoDB,
 and the API stays healthy.
 
-One world and one API process serve the whole module (limits made small so
-the oversize cases stay cheap); every case registers its own agents.
+One world and one API process serve the whole module, at the production
+default limits of luigi.cfg's [api] section (only the idle and body timeouts
+are short, so the slow-client cases take seconds, not an hour); every case
+registers its own agents. "Nothing stored" compares content: a hash of every
+file of the world, of every MySQL table's rows and of every MongoDB collection.
 """
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -20,6 +24,7 @@ import stat
 import tarfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -27,15 +32,14 @@ import pytest
 
 import faultlib as F
 from conftest import require_port
-from ganymede import datasets, hours
+from ganymede import config, datasets, hours
 from ganymede.paths import StateRoot
 from ganymede.stores import mysql, txlog
 from test_archives import HEADERS, csv_bytes, dataset_files, manifest_for, member, valid_rows, write_tar_gz
 
-pytestmark = pytest.mark.slow
-
 IDLE_TIMEOUT, BODY_TIMEOUT = 2, 4  # seconds; production's defaults are 75 and 3600 ([api] in luigi.cfg)
-MAX_ARCHIVE_MB, MAX_MEMBER_MB = 4, 1
+DEFAULTS = config.api()  # every size limit below is production's
+MAX_ARCHIVE_MB, MAX_MEMBER_MB = DEFAULTS.max_archive_mb, DEFAULTS.max_member_mb
 TABLES = {"agents", "admin_tokens", "schema_version", "transactions", "transaction_events",
           *(d.staging_table for d in datasets.CATALOG.values())}
 
@@ -48,8 +52,7 @@ def h(tmp_path_factory):
         require_port("127.0.0.1", port, what)
     base = tmp_path_factory.mktemp("hostile")
     env = F.new_world(base, retcode=F.RETCODES, extract={"deadline_minutes": 0},
-                      api={"max_archive_mb": MAX_ARCHIVE_MB, "max_member_mb": MAX_MEMBER_MB, "max_total_mb": 2,
-                           "idle_timeout": IDLE_TIMEOUT, "body_timeout": BODY_TIMEOUT, "retry_after": 5})
+                      api={"idle_timeout": IDLE_TIMEOUT, "body_timeout": BODY_TIMEOUT})
     api = F.ApiProcess(env, base / "api.log").start()
     with F.sql(env, autocommit=False) as conn:
         admin = txlog.add_admin_token(conn, "security-tests")
@@ -81,15 +84,28 @@ def hour_text(h):
 
 
 def snapshot(h):
-    """Everything a request could have stored: files anywhere in the world, rows, documents."""
-    with F.sql(h.env) as conn, conn.cursor() as cur:
-        counts = {}
-        for table in sorted(TABLES):
-            cur.execute(f"SELECT COUNT(*) FROM `{table}`")
-            counts[table] = cur.fetchone()[0]
-    db = F.mongo_db(h.env)
-    docs = {name: db[name].estimated_document_count() for name in datasets.CATALOG}
-    return {"files": set(F.tree(h.base)), "rows": counts, "docs": docs}
+    return world_snapshot(h.env, h.base, skip=(os.path.relpath(h.api.log_path, h.base),))
+
+
+def world_snapshot(env, base, skip=()):
+    """Everything a request could have stored, by content: {relative path: sha256} of every file under
+    `base` (the state root is inside) but `skip`, {table: sha256 of its rows in key order}, {collection:
+    sha256 of its documents in _id order}."""
+    files = {p: F.sha256_file(os.path.join(base, p)) for p in F.tree(base) if p not in skip}
+    rows = {}
+    with F.sql(env) as conn, conn.cursor() as cur:
+        cur.execute("SHOW TABLES")
+        for (table,) in sorted(cur.fetchall()):
+            cur.execute(f"SELECT * FROM `{table}`")
+            rows[table] = _digest(sorted(repr(r) for r in cur.fetchall()))
+    db = F.mongo_db(env)
+    docs = {name: _digest([repr(sorted(d.items())) for d in db[name].find().sort("_id", 1)])
+            for name in sorted(db.list_collection_names())}
+    return {"files": files, "rows": rows, "docs": docs}
+
+
+def _digest(lines):
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def assert_schema_intact(h):
@@ -419,16 +435,17 @@ def _pax_path_override(h, agent_id):
 
 
 def _gzip_bomb(h, agent_id):
-    """A member that inflates to 50 MB of zeros from ~50 KB (the member limit is 1 MB)."""
+    """A member declaring one byte over [api] max_member_mb of zeros, its first MB following (a real one
+    would inflate from a few MB): refused from the header, before anything is inflated."""
     files = dataset_files(h.hour)
+    manifest = json.dumps(manifest_for(agent_id, h.hour, files)).encode()
+    bomb = tarfile.TarInfo("account_usage.csv")
+    bomb.size = (MAX_MEMBER_MB << 20) + 1
     buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        manifest = json.dumps(manifest_for(agent_id, h.hour, files)).encode()
-        tar.addfile(*_as_file(member("manifest.json", manifest)))
-        bomb = tarfile.TarInfo("account_usage.csv")
-        bomb.size = 50 << 20
-        tar.addfile(bomb, io.BytesIO(bytes(50 << 20)))
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            tar.addfile(*_as_file(member("manifest.json", manifest)))
+            gz.write(bomb.tobuf(tarfile.GNU_FORMAT) + bytes(1 << 20))
     return buf.getvalue()
 
 
@@ -486,7 +503,7 @@ ARCHIVE_CASES = {
     "bomb-gzip": (_gzip_bomb, "larger than the configured limit"),
     "bomb-manifest-nesting": (_nested_manifest, "manifest is not JSON"),
     "manifest-too-large": (lambda h, a: build_archive(h, a, {}, members=[
-        member("manifest.json", json.dumps({"pad": " " * (1 << 20)}).encode())]), "larger than the configured limit"),
+        member("manifest.json", json.dumps({"pad": " " * (1 << 20)}).encode())]), "manifest too large"),
     "manifest-row-count": (lambda h, a: _manifest_with(h, a, lambda m: m["datasets"]["api_requests"].update(rows=2)),
                            "3 rows, manifest says 2"),
     "manifest-sha256": (lambda h, a: _manifest_with(h, a, lambda m: m["datasets"]["node_health"].update(
@@ -543,10 +560,12 @@ def test_hostile_archive_is_refused_quarantined_and_loads_nothing(h, case):
     assert reply.json["state"] == "failed"
     held = h.root.quarantine(h.hour, agent.id, tx)
     after = snapshot(h)
-    assert after["files"] - before["files"] == {os.path.relpath(p, h.base) for p in (
-        held, held[: -len(".tar.gz")] + ".reason.json")}, "only the archive and its reason, in quarantine/"
-    assert before["files"] - after["files"] == set()
+    added = {os.path.relpath(p, h.base) for p in (held, held[: -len(".tar.gz")] + ".reason.json")}
+    assert set(after["files"]) - set(before["files"]) == added, "only the archive and its reason, in quarantine/"
+    assert {p: d for p, d in after["files"].items() if p not in added} == before["files"]
     assert after["docs"] == before["docs"]
+    assert {t: d for t, d in after["rows"].items() if not t.startswith("transaction")} == \
+        {t: d for t, d in before["rows"].items() if not t.startswith("transaction")}, "nothing staged"
     with open(held, "rb") as f:
         assert f.read() == data
     assert json.load(open(held[: -len(".tar.gz")] + ".reason.json"))["reason"] == reply.json["error"]
@@ -671,14 +690,181 @@ def test_s3curl_others_can_read_is_refused_and_nothing_is_uploaded(h, case):
     assert_no_traceback(h)
 
 
+# --- 6. request heads: lengths and framing (smuggling) -------------------------------------------------
+
+def _head(h, method, path, *lines, body=b"{}"):
+    """A raw request by a fresh agent with these extra head lines."""
+    agent = new_agent(h)
+    head = [f"{method} {path} HTTP/1.1", "Host: x", f"Authorization: Bearer {agent.token}", f"X-Agent-Id: {agent.id}",
+            *lines]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+HEAD_CASES = {
+    # id: (extra head lines, path), all answered 400 before any body is read
+    "length-unicode-digit": (["Content-Length: \u00b2"], "/v1/transactions"),
+    "length-plus-sign": (["Content-Length: +2"], "/v1/transactions"),
+    "length-minus-sign": (["Content-Length: -2"], "/v1/transactions"),
+    "length-inner-space": (["Content-Length: 1 2"], "/v1/transactions"),
+    "length-hex": (["Content-Length: 0x2"], "/v1/transactions"),
+    "length-unauthenticated": (["Content-Length: \u00b2"], "/nowhere"),
+    "smuggling-duplicate-length": (["Content-Length: 2", "Content-Length: 40"], "/v1/transactions"),
+    "smuggling-length-and-chunked": (["Content-Length: 2", "Transfer-Encoding: chunked"], "/v1/transactions"),
+    "smuggling-length-and-chunked-upload": (["Content-Length: 2", "Transfer-Encoding: chunked",
+                                             f"X-Archive-SHA256: {'0' * 64}"],
+                                            "PUT /v1/transactions/4f1c2d6e-0000-4000-8000-000000000000/archive"),
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", sorted(HEAD_CASES))
+def test_malformed_or_ambiguous_length_is_400(h, case):
+    lines, path = HEAD_CASES[case]
+    method, _, path = path.rpartition(" ")
+    raw = _head(h, method or "POST", path, *lines)
+    before = snapshot(h)
+    exchange = F.RawExchange(h.port)
+    exchange.send(raw)
+    status, body = exchange.reply(timeout=10)
+    exchange.close()
+    assert status == 400 and body["status"] == 400 and "Content-Length" in body["error"], (status, body)
+    assert snapshot(h) == before
+    assert_no_traceback(h)
+
+
+# --- 7. token guessing, log forging, fairness, disk quota ------------------------------------------------
+
+def call_from(address, port, method, path, body=None, headers=None):
+    """F.call from another loopback source address (the throttle counts per client address)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(address, 0))
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return F.Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_token_guessing_is_throttled_per_address(h):
+    """token-guessing: past [api] auth_failures_per_minute wrong tokens, the address gets 429 for every
+    request, the right token included; other addresses are served."""
+    agent = new_agent(h)
+    body = json.dumps({"agent_id": agent.id, "hour": hour_text(h)})
+    before = snapshot(h)
+    for _ in range(DEFAULTS.auth_failures_per_minute):
+        guess = F.agent_headers(agent.id, uuid.uuid4().hex)
+        assert call_from("127.0.0.3", h.port, "POST", "/v1/transactions", body, guess).status == 401
+    for headers in (F.agent_headers(agent.id, "one-more-guess"), agent.headers):
+        reply = call_from("127.0.0.3", h.port, "POST", "/v1/transactions", body, headers)
+        assert_refused(h, reply, 429, "too many failed authentications")
+        assert 0 < int(reply.headers["retry-after"]) <= 60
+    assert snapshot(h) == before
+    assert F.call(h.port, "POST", "/v1/transactions", body, agent.headers).status == 201
+
+
+FORGED = "2026-12-04 09:00:00,000 ERROR ganymede.api: FORGED"
+
+
+@pytest.mark.timeout(60)
+def test_agent_strings_reach_the_log_escaped(h):
+    """log-forging-member-name, log-forging-header: a newline and ANSI escapes in a tar member name and
+    a C1 control in a header are logged as \\xNN, never as a line of their own or a command."""
+    agent = new_agent(h)
+    tx = create(h, agent)
+    data = _extra(f"x\n{FORGED}\x1b[2J\x1b[31m.csv", data=b"x")(h, agent.id)
+    assert F.upload(h.port, agent.id, agent.token, tx, data).status == 200
+    assert F.complete(h.port, agent.id, agent.token, tx).status == 422
+    exchange = F.RawExchange(h.port)
+    # Tornado refuses C0 controls in headers itself, but not C1 ones such as \x9b (CSI, the 8-bit ESC [).
+    exchange.send(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\x9b2J-FORGED\r\n\r\n{}")
+    assert exchange.reply(timeout=10)[0] == 400
+    exchange.close()
+    logged = F.wait_for(lambda: (lambda text: "\\x9b2J-FORGED" in text and text)(h.api.log()[h.log_mark:]),
+                        timeout=10, what="the header value in the API's log (Tornado logs it)")
+    assert tx in logged and "\\x0a2026-12-04" in logged
+    assert not set(logged) & {chr(c) for c in [*range(0x20), *range(0x7f, 0xa0)]} - {"\n"}
+    assert not any(line.startswith(FORGED) for line in logged.splitlines()), logged[-2000:]
+
+
+def _held_lock(conn, transaction_id):
+    with conn.cursor() as cur:
+        cur.execute("SELECT GET_LOCK(%s, 0)", (f"ganymede-tx-{transaction_id}",))
+        assert cur.fetchone()[0] == 1
+
+
+def _waiting_for_locks(h):
+    with F.sql(h.env) as conn, conn.cursor() as cur:
+        cur.execute("SELECT COUNT(*) FROM information_schema.processlist WHERE db = %s "
+                    "AND info LIKE 'SELECT GET_LOCK(%%ganymede-tx-%%'", (h.env.mysql_database,))
+        return cur.fetchone()[0]
+
+
+@pytest.mark.timeout(120)
+def test_one_agents_completes_beyond_its_limit_get_429_and_others_are_served(h):
+    """fairness-completes: while [api] completes_per_agent completes of one agent are in flight (held
+    here on their transactions' locks), its next gets 429 + Retry-After, and another agent's whole
+    exchange and /healthz are answered."""
+    flooder, other = new_agent(h), new_agent(h)
+    limit = DEFAULTS.completes_per_agent
+    txs = []
+    for back in range(limit + 1):
+        hour = h.hour - timedelta(hours=back + 1)
+        tx = F.create_transaction(h.port, flooder.id, flooder.token, hours.format_hour(hour)).json["transaction_id"]
+        data = build_archive(h, flooder.id, dataset_files(hour), hour=hour)
+        assert F.upload(h.port, flooder.id, flooder.token, tx, data).status == 200
+        txs.append(tx)
+    with F.sql(h.env) as holder, ThreadPoolExecutor(limit) as pool:
+        for tx in txs[:limit]:
+            _held_lock(holder, tx)
+        held = [pool.submit(F.complete, h.port, flooder.id, flooder.token, tx) for tx in txs[:limit]]
+        F.wait_for(lambda: _waiting_for_locks(h) >= limit, what="the flooder's completes in flight")
+        refused = F.complete(h.port, flooder.id, flooder.token, txs[limit])
+        assert_refused(h, refused, 429, "completes being validated")
+        assert refused.headers["retry-after"] == str(DEFAULTS.retry_after)
+        tx = create(h, other)
+        assert F.upload(h.port, other.id, other.token, tx, build_archive(h, other.id, dataset_files(h.hour))).status == 200
+        assert F.complete(h.port, other.id, other.token, tx).status == 200
+        assert F.healthz(h.port).status == 200
+        assert not any(f.done() for f in held)
+        with holder.cursor() as cur:
+            cur.execute("SELECT RELEASE_ALL_LOCKS()")
+        assert [f.result().status for f in held] == [200] * limit
+    assert F.complete(h.port, flooder.id, flooder.token, txs[limit]).status == 200
+
+
+@pytest.mark.timeout(60)
+def test_upload_over_the_agents_disk_quota_is_507(h):
+    """quota-agent-disk: an agent holding [api] agent_quota_mb in quarantine/ (a sparse file here) gets
+    507 with the reason for its next upload; nothing is stored and other agents upload as before."""
+    agent, other = new_agent(h), new_agent(h)
+    tx = create(h, agent)
+    planted = h.root.quarantine(h.hour - timedelta(hours=3), agent.id, str(uuid.uuid4()))
+    os.makedirs(os.path.dirname(planted))
+    with open(planted, "wb") as f:
+        f.truncate(DEFAULTS.agent_quota_mb << 20)
+    try:
+        data = build_archive(h, agent.id, dataset_files(h.hour))
+        before = snapshot(h)
+        reply = F.upload(h.port, agent.id, agent.token, tx, data)
+        assert_refused(h, reply, 507, f"over its quota of {DEFAULTS.agent_quota_mb} MB")
+        assert snapshot(h) == before and tx_state(h, tx) == "created"
+        other_tx = create(h, other)
+        assert F.upload(h.port, other.id, other.token, other_tx,
+                        build_archive(h, other.id, dataset_files(h.hour))).status == 200
+    finally:
+        os.remove(planted)
+
+
 # --- the table in docs/security.md -------------------------------------------------------------------
 
 def all_case_ids():
     docstring_ids = ["auth-revoked-token", "sql-json-extra-field", "upload-sha256-mismatch", "upload-chunked-no-length",
                      "upload-over-limit", "huge-header", "slow-headers", "slow-idle-keepalive", "slow-body",
-                     "crlf-line-endings"]
+                     "crlf-line-endings", "token-guessing", "log-forging-member-name", "log-forging-header",
+                     "fairness-completes", "quota-agent-disk"]
     return sorted(set(REQUEST_CASES) | set(REPLAY_CASES) | set(ARCHIVE_CASES) | set(GEO_CASES)
-                  | set(S3CURL_CASES) | set(docstring_ids))
+                  | set(S3CURL_CASES) | set(HEAD_CASES) | set(docstring_ids))
 
 
 @pytest.mark.timeout(10)

@@ -34,8 +34,6 @@ from ganymede.stores import txlog
 from ganymede.tasks import HourlyBackup
 from test_s3_store import auth_server  # noqa: F401  (fixture: a moto server that checks signatures)
 
-pytestmark = pytest.mark.slow
-
 
 def write_s3curl(path, key_id, secret):
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:

@@ -1,21 +1,24 @@
 """incoming/ housekeeping (ganymede.api.sweep) against the real MariaDB, and in the running ganymede-api."""
+import fcntl
+import glob
 import logging
 import os
 import signal
 import subprocess
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
 
-from ganymede import config
+import faultlib as F
+from ganymede import config, hours
 from ganymede.api import sweep
-from ganymede.api.handlers import MySQLPool
+from ganymede.stores.pool import MySQLPool
 from ganymede.paths import StateRoot
 from ganymede.stores import txlog
 
-from conftest import completed_transaction
+from conftest import build_test_archive, completed_transaction, sample_rows
 from test_api import _command, _wait_for
 
 HOUR = datetime(2026, 11, 30, 4)
@@ -136,3 +139,54 @@ def test_sweep_minutes_below_one_is_refused(genv):
     proc = subprocess.run([_command(), "--config", genv.config_path], env=genv.subprocess_env,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "sweep_minutes" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _children(pid):
+    return {int(c) for task in os.listdir(f"/proc/{pid}/task")
+            for c in open(f"/proc/{pid}/task/{task}/children").read().split()}
+
+
+def _running(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_apis_upload_temp_is_swept_when_it_restarts(genv, tmp_path):
+    """kill -9 of ganymede-api mid-upload leaves the temp file; the restarted API removes it before it listens,
+    while a temp file another live process holds (flock) stays. Its validation processes exit with it."""
+    api = F.ApiProcess(genv, tmp_path / "api.log").start()
+    state = StateRoot(genv.root)
+    held = _incoming(state, "4f1c2d6e-0000-4000-8000-000000000000.part.live.tmp")
+    hour = hours.last_complete_hour()
+    try:
+        token = F.register_agent(genv, "agent-k")
+        earlier = hour - timedelta(hours=1)
+        done = F.create_transaction(api.port, "agent-k", token, hours.format_hour(earlier))
+        archive = tmp_path / "a.tar.gz"
+        build_test_archive(str(archive), "agent-k", "geo-test", earlier, sample_rows(earlier))
+        data = archive.read_bytes()
+        assert F.upload(api.port, "agent-k", token, done.json["transaction_id"], data).status == 200
+        assert F.complete(api.port, "agent-k", token, done.json["transaction_id"]).status == 200
+        validators = _children(api.proc.pid)
+        assert validators  # the spawn workers (and multiprocessing's resource tracker)
+        tx = F.create_transaction(api.port, "agent-k", token, hours.format_hour(hour))
+        tx = tx.json["transaction_id"]
+        exchange = F.RawExchange(api.port)
+        exchange.send(F.upload_head(tx, "agent-k", token, 4 << 20, "0" * 64))
+        exchange.send(os.urandom(1 << 20))  # more than one write batch: the temp file is on disk
+        pattern = os.path.join(sweep.incoming_dir(state), f"{tx}.part.*.tmp")
+        temps = F.wait_for(lambda: glob.glob(pattern), what="the upload's temp file")
+        with open(held, "rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            api.kill()
+            exchange.close()
+            assert all(os.path.exists(t) for t in temps)  # what a killed API leaves behind
+            F.wait_for(lambda: not any(map(_running, validators)), what="the validation processes to exit")
+            api.start()
+            assert not any(os.path.exists(t) for t in temps), api.log()
+            assert os.path.exists(held)
+        assert "removed 1 stale upload temp files" in api.log()
+    finally:
+        api.stop()

@@ -3,6 +3,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
@@ -17,17 +18,36 @@ from ..errors import ConfigError
 from ..paths import StateRoot
 from . import sweep
 from .handlers import ApiSettings, make_app
+from .uploads import Validator
 
 log = logging.getLogger("ganymede.api")
 
 
-def settings_from_config(executor=None):
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text):
+    """Control characters as \\xNN (\\uNNNN above 0xff): an agent's string cannot forge log lines or
+    drive a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+class EscapingFormatter(logging.Formatter):
+    """Every record's message goes through escape_controls (tracebacks keep their lines)."""
+
+    def formatMessage(self, record):
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
+def settings_from_config():
     """ApiSettings from the [api], [mysql], [state], [extract] and [alerts] sections."""
     api = config.api()
     return ApiSettings(
         mysql=config.mysql(),
         state=StateRoot(config.state().root),
-        executor=executor or ThreadPoolExecutor(api.executor_threads, thread_name_prefix="ganymede-api"),
+        executor=ThreadPoolExecutor(api.executor_threads, thread_name_prefix="ganymede-api"),
+        validator=Validator(api.validation_workers, api.executor_threads),
         max_archive_bytes=api.max_archive_mb << 20,
         retention_hours=api.retention_hours,
         min_free_bytes=api.min_free_mb << 20,
@@ -35,6 +55,9 @@ def settings_from_config(executor=None):
         retry_after=api.retry_after,
         mysql_connections=api.mysql_connections,
         chunk_bytes=api.upload_chunk_kb << 10,
+        completes_per_agent=api.completes_per_agent,
+        agent_quota_bytes=api.agent_quota_mb << 20,
+        auth_failures_per_minute=api.auth_failures_per_minute,
         deadline_minutes=config.extract().deadline_minutes,
         overdue_minutes=config.alerts().overdue_minutes,
         status_hours=config.alerts().status_hours,
@@ -60,14 +83,9 @@ def ssl_context(cert, key):
 
 
 def make_server(app, settings, idle_timeout=75, body_timeout=3600, ssl_options=None):
-    """The HTTPServer as production runs it (also what the tests start).
-
-    max_body_size is the archive limit; each handler lowers it for its own
-    request before the body is read, so nothing larger is ever buffered.
-    chunk_size sets both the socket reads and the body pieces handed to
-    handlers: at 512 KB a 1 GB upload costs ~2000 loop iterations instead of
-    ~16000 at Tornado's 64 KB default, for ~1 MB of buffers per connection.
-    """
+    """The HTTPServer as production runs it (and the tests). max_body_size is the archive limit, which each
+    handler lowers for its own request before the body is read; chunk_size is both the socket read size and
+    the largest piece of body a handler gets (512 KB: ~2000 loop iterations per GB instead of ~16000)."""
     return HTTPServer(app, xheaders=False, ssl_options=ssl_options, max_body_size=settings.max_archive_bytes,
                       idle_connection_timeout=idle_timeout, body_timeout=body_timeout, decompress_request=False,
                       chunk_size=settings.chunk_bytes)
@@ -75,16 +93,18 @@ def make_server(app, settings, idle_timeout=75, body_timeout=3600, ssl_options=N
 
 async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options=None, backlog=1024, sweep_minutes=60):
     app = make_app(settings)
+    loop = asyncio.get_running_loop()
+    # Before listening: no upload of ours is running, so every unlocked temp file is a dead process's.
+    await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, 0)
     server = make_server(app, settings, idle_timeout, body_timeout, ssl_options)
     server.listen(port, host, backlog=backlog)
     log.info("ganymede-api listening on %s://%s:%d (state root %s, MySQL %s:%s/%s)",
              "https" if ssl_options else "http", host, port, settings.state.root,
              settings.mysql.host, settings.mysql.port, settings.mysql.database)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sweeper = asyncio.create_task(sweep_every(app, settings, sweep_minutes * 60, body_timeout + 60))
+    sweeper = asyncio.create_task(sweep_every(app, settings, sweep_minutes * 60))
     await stop.wait()
     sweeper.cancel()
     log.info("stopping: no new connections, closing open ones")
@@ -93,30 +113,33 @@ async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options=No
     app.pool.clear()
 
 
-async def sweep_every(app, settings, interval, temp_older_than):
-    """incoming/ swept now and then every `interval` seconds, off the event loop (see ganymede.api.sweep)."""
+async def sweep_every(app, settings, interval):
+    """incoming/ swept every `interval` seconds, off the event loop (see ganymede.api.sweep)."""
     loop = asyncio.get_running_loop()
     while True:
-        await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, temp_older_than)
         await asyncio.sleep(interval)
+        await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, sweep.TEMP_GRACE)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="ganymede-api", description="The Ganymede agent API daemon.")
     parser.add_argument("--config", help="luigi.cfg to read (default: LUIGI_CONFIG_PATH or luigi's usual paths)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     if args.config:
         if not os.path.isfile(args.config):
             parser.error(f"no such config file: {args.config}")
         luigi.configuration.add_config_path(args.config)
     try:
         api = config.api()
+        for name in ("sweep_minutes", "validation_workers", "completes_per_agent", "auth_failures_per_minute"):
+            if getattr(api, name) < 1:
+                raise ConfigError(f"[api] {name} must be at least 1")
         ssl_options = ssl_context(api.tls_cert, api.tls_key)
-        settings = settings_from_config()
-        os.makedirs(sweep.incoming_dir(settings.state), exist_ok=True)
-        if api.sweep_minutes < 1:
-            raise ConfigError("[api] sweep_minutes must be at least 1")
+        os.makedirs(sweep.incoming_dir(StateRoot(config.state().root)), exist_ok=True)
+        settings = settings_from_config()  # last: it starts the validation processes
     except (ConfigError, OSError) as exc:
         print(f"ganymede-api: {exc}", file=sys.stderr)
         return 2
@@ -128,6 +151,7 @@ def main(argv=None):
         return 2
     finally:
         settings.executor.shutdown(wait=True, cancel_futures=True)
+        settings.validator.shutdown()
     return 0
 
 

@@ -1,8 +1,11 @@
 """incoming/ housekeeping: files no upload can use any more are removed.
 
 Two kinds of file live in incoming/:
-- `<transaction>.part.<random>.tmp`, an upload being received. One older than
-  the longest an upload may take was left by a process that died mid-upload.
+- `<transaction>.part.<random>.tmp`, an upload being received. The process
+  receiving it holds an exclusive flock on it until it is renamed or removed,
+  so one nobody holds was left by a process that died mid-upload (a lock dies
+  with its process) and goes: at start-up at once, later after a minute's
+  grace (another process may not have locked the file it just opened yet).
 - `<transaction>.part`, an uploaded archive waiting for /complete. Once its
   transaction is failed (refused, or abandoned when the agent started a newer
   one for the hour), completed or superseded, nothing reads it again: a
@@ -11,19 +14,21 @@ Two kinds of file live in incoming/:
   still complete it), and so is one the log does not know (a state root shared
   with another database is not ours to clean); the sweep logs those.
 
-ganymede-api sweeps at start and then every `[api] sweep_minutes`.
+ganymede-api sweeps at start, before it listens, and then every `[api] sweep_minutes`.
 """
+import fcntl
 import logging
 import os
 import time
 
-from ..errors import TransactionError
+from ..errors import Busy
 from ..paths import check_id
 from ..stores import txlog
 
 log = logging.getLogger("ganymede.api")
 
 _PART = ".part"
+TEMP_GRACE = 60  # seconds: a temp file just opened by another process may not be locked yet
 
 
 def incoming_dir(state):
@@ -31,13 +36,27 @@ def incoming_dir(state):
 
 
 def sweep_temp_files(state, older_than):
-    """Remove upload temp files not written to for `older_than` seconds; returns how many."""
+    """Remove the upload temp files no process holds, not written to for `older_than` seconds; returns how many."""
     cutoff = time.time() - older_than
     removed = 0
     for entry in os.scandir(incoming_dir(state)):
-        if entry.name.endswith(".tmp") and entry.is_file() and entry.stat().st_mtime < cutoff:
-            removed += _remove(entry.path)
+        if entry.name.endswith(".tmp") and entry.is_file() and entry.stat().st_mtime <= cutoff:
+            removed += _remove_unlocked(entry.path)
     return removed
+
+
+def _remove_unlocked(path):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return _remove(path)
+    except BlockingIOError:
+        return False  # an upload in progress
+    finally:
+        os.close(fd)
 
 
 def waiting_parts(state):
@@ -78,12 +97,12 @@ def sweep_parts(conn, state):
                 if _remove(path):
                     removed += 1
                     log.info("removed %s: transaction %s is %s", os.path.basename(path), transaction_id, tx["state"])
-        except TransactionError:
+        except Busy:
             continue  # another request holds it: next sweep
     return removed, sorted(set(parts) - set(known))
 
 
-def sweep(pool, state, temp_older_than):
+def sweep(pool, state, temp_older_than=TEMP_GRACE):
     """One round of both sweeps (MySQL through `pool`); logs what it did and never raises.
 
     Returns (temp files removed, .part files removed), None for a sweep that

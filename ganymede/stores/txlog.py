@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import pymysql
 
 from .. import hours, paths
-from ..errors import AgentError, TransactionError
+from ..errors import AgentError, Busy, Conflict, Forbidden, NotFound
 
 OPEN_STATES = ("created", "uploaded")
 _TX_COLUMNS = ("transaction_id, agent_id, hour, state, supersedes, archive_path, size, sha256, error, "
@@ -74,15 +74,21 @@ def revoke_agent(conn, agent_id):
         raise AgentError(f"no agent {agent_id!r}")
 
 
-def authenticate(conn, agent_id, token):
-    """The agent row if `token` is this agent's and it is active; None otherwise (never says which)."""
+def authenticate(conn, agent_id, token, tell_revoked=False):
+    """The agent row if `token` is this agent's and it is active; None otherwise (never says which).
+
+    With `tell_revoked`, a revoked agent presenting its own right token gets
+    Forbidden instead: only the token's holder learns it is revoked.
+    """
     with conn.cursor(pymysql.cursors.DictCursor) as cur:
         cur.execute("SELECT agent_id, geo, token_hash, active FROM agents WHERE agent_id = %s", (agent_id,))
         row = cur.fetchone()
     expected = row["token_hash"] if row else hash_token("no-such-agent")
-    if hmac.compare_digest(expected, hash_token(token or "")) and row and row["active"]:
-        return row
-    return None
+    if not (hmac.compare_digest(expected, hash_token(token or "")) and row):
+        return None
+    if not row["active"] and tell_revoked:
+        raise Forbidden("agent is revoked")
+    return row if row["active"] else None
 
 
 def add_admin_token(conn, name):
@@ -145,7 +151,7 @@ def create_transaction(conn, agent_id, hour, replace=False):
         cur.execute("SELECT agent_id FROM agents WHERE agent_id = %s FOR UPDATE", (agent_id,))
         if not cur.fetchone():
             conn.rollback()
-            raise TransactionError(f"unknown agent {agent_id!r}", status=403)
+            raise Forbidden(f"unknown agent {agent_id!r}")
         cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE agent_id = %s AND hour = %s "
                     "AND state IN ('created', 'uploaded', 'completed') ORDER BY created_at", (agent_id, hour))
         existing = _rows(cur)
@@ -156,9 +162,9 @@ def create_transaction(conn, agent_id, hour, replace=False):
             return open_[0], False
         if completed and not replace:
             conn.rollback()
-            raise TransactionError(f"agent {agent_id!r} already completed hour {hours.format_hour(hour)} "
-                                   f"(transaction {completed[0]['transaction_id']}); send replace=true to replace it",
-                                   status=409, transaction_id=completed[0]["transaction_id"])
+            raise Conflict(f"agent {agent_id!r} already completed hour {hours.format_hour(hour)} "
+                           f"(transaction {completed[0]['transaction_id']}); send replace=true to replace it",
+                           completed[0]["transaction_id"])
         for stale in open_:
             cur.execute("UPDATE transactions SET state = 'failed', error = %s, updated_at = UTC_TIMESTAMP(6) "
                         "WHERE transaction_id = %s", ("abandoned for a newer request", stale["transaction_id"]))
@@ -218,11 +224,11 @@ def _locked(conn, cur, transaction_id, states):
     rows = _rows(cur)
     if not rows:
         conn.rollback()
-        raise TransactionError(f"no transaction {transaction_id}", status=404, transaction_id=transaction_id)
+        raise NotFound(f"no transaction {transaction_id}", transaction_id)
     if rows[0]["state"] not in states:
         conn.rollback()
-        raise TransactionError(f"transaction {transaction_id} is {rows[0]['state']}, not {' or '.join(states)}",
-                               status=409, transaction_id=transaction_id)
+        raise Conflict(f"transaction {transaction_id} is {rows[0]['state']}, not {' or '.join(states)}",
+                       transaction_id)
     return rows[0]
 
 
@@ -265,6 +271,15 @@ def transactions_between(conn, first, last):
         return _rows(cur)
 
 
+def unfinished(conn, agent_id, since):
+    """Ids of the agent's transactions of hours from `since` on that never completed (their archive may
+    still be in incoming/): one indexed query."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT transaction_id FROM transactions WHERE agent_id = %s AND hour >= %s "
+                    "AND state IN ('created', 'uploaded', 'failed')", (agent_id, hours.floor_hour(since)))
+        return {r[0] for r in cur.fetchall()}
+
+
 def states(conn, transaction_ids):
     """{transaction id: state} of those of `transaction_ids` the log holds."""
     found, ids = {}, list(transaction_ids)
@@ -281,13 +296,12 @@ def states(conn, transaction_ids):
 @contextmanager
 def transaction_lock(conn, transaction_id, wait):
     """Serialize upload-finish, complete and the sweep of one transaction's files, across API processes
-    (a MySQL named lock); TransactionError (503) if another holds it past `wait` seconds."""
+    (a MySQL named lock); Busy if another holds it past `wait` seconds."""
     name = f"ganymede-tx-{transaction_id}"
     with conn.cursor() as cur:
         cur.execute("SELECT GET_LOCK(%s, %s)", (name, wait))
         if cur.fetchone()[0] != 1:
-            raise TransactionError(f"another request is working on transaction {transaction_id}; retry",
-                                   status=503, transaction_id=transaction_id)
+            raise Busy(f"another request is working on transaction {transaction_id}; retry", transaction_id)
     try:
         yield
     finally:
