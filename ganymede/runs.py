@@ -189,7 +189,8 @@ def luigid_holders(hour):
 def setup_logging(verbose):
     """Details to the log file (UTC timestamps) or per [core] logging_conf_file; the terminal only with -v.
 
-    Luigi is then told not to configure logging itself.
+    Luigi is then told not to configure logging itself, and its exit codes are those of EXIT_CODES
+    whatever the file's [retcode] says (Luigi's defaults there are 0 for most outcomes).
     """
     parser = luigi.configuration.get_config()
     conf_file = parser.get("core", "logging_conf_file", "")
@@ -215,17 +216,23 @@ def setup_logging(verbose):
         stream.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
         root_logger.addHandler(stream)
         root_logger.setLevel(logging.DEBUG)
-    if not parser.has_section("core"):
-        parser.add_section("core")
-    parser.set("core", "no_configure_logging", "true")
+    for section, values in (("core", {"no_configure_logging": "true"}), ("retcode", RETCODES)):
+        if not parser.has_section(section):
+            parser.add_section(section)
+        for key, value in values.items():
+            parser.set(section, key, str(value))
     return conf_file or path
 
 
 # --- one run ------------------------------------------------------------------------
 
 def luigi_run(task_args, workers=1, local_scheduler=False):
-    """`luigi --module ganymede.tasks <task_args>` in this process; returns Luigi's retcode."""
-    argv = ["--module", "ganymede.tasks", *task_args, "--workers", str(workers)]
+    """`luigi --module ganymede.tasks <task_args>` in this process; returns Luigi's retcode.
+
+    Luigi's own pid lock (one process per identical command line) is off: the hour's lock replaces it,
+    and a catch-up runs several hours in one process.
+    """
+    argv = ["--module", "ganymede.tasks", *task_args, "--workers", str(workers), "--no-lock"]
     argv += ["--local-scheduler"] if local_scheduler else []
     try:
         luigi.retcodes.run_with_retcodes(argv)
