@@ -165,7 +165,7 @@ def luigid(method, **data):
 
 
 def luigid_holders(hour):
-    """One line on who luigid says runs the hour's tasks: the worker, its last contact, when its tasks come back."""
+    """One line on who luigid says runs the hour's tasks: the worker, whether its process lives, its last contact."""
     try:
         running = luigid("task_list", status="RUNNING", search=hours.format_hour(hour))
         workers = {w["name"]: w for w in luigid("worker_list")}
@@ -175,13 +175,24 @@ def luigid_holders(hour):
     if not names:
         return "luigid says another worker runs its tasks"
     worker = workers.get(names[0], {})
-    silent = time.time() - worker["last_active"] if worker.get("last_active") else None
     tasks = ", ".join(sorted(t["name"] for t in running.values()))
-    if silent is None or silent < 10:
-        return f"luigid worker {names[0]} runs {tasks} (another host, or a run without the hour's lock)"
-    return (f"luigid still counts {tasks} as run by worker {names[0]}, silent for {silent:.0f} s (that run died); "
-            f"luigid gives its tasks back once [scheduler] worker_disconnect_delay has passed since "
-            f"{time.strftime('%H:%M:%SZ', time.gmtime(worker['last_active']))}: rerun then")
+    where = f"pid {worker.get('pid')} on {worker.get('host')}"
+    last = time.strftime("%H:%M:%SZ", time.gmtime(worker.get("last_active", time.time())))
+    if worker.get("host") == socket.gethostname() and not pid_alive(worker.get("pid")):
+        return (f"luigid still counts {tasks} as run by worker {names[0]}, whose process ({where}) is gone; "
+                f"luigid gives its tasks back [scheduler] worker_disconnect_delay after its last contact at "
+                f"{last}: rerun then")
+    return f"luigid worker {names[0]} ({where}, last contact {last}) runs {tasks}"
+
+
+def pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
 
 
 # --- logging ---------------------------------------------------------------------

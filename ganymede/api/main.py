@@ -8,10 +8,9 @@ import ssl
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import luigi.configuration
 from tornado.httpserver import HTTPServer
 
-from .. import config
+from .. import config, configfile
 from ..archives import Limits
 from ..errors import ConfigError
 from ..paths import StateRoot
@@ -103,14 +102,12 @@ async def sweep_every(app, settings, interval, temp_older_than):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="ganymede-api", description="The Ganymede agent API daemon.")
-    parser.add_argument("--config", help="luigi.cfg to read (default: LUIGI_CONFIG_PATH or luigi's usual paths)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="the one config file read (default: LUIGI_CONFIG_PATH, else /etc/ganymede/luigi.cfg)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.config:
-        if not os.path.isfile(args.config):
-            parser.error(f"no such config file: {args.config}")
-        luigi.configuration.add_config_path(args.config)
     try:
+        configfile.use(args.config)
         api = config.api()
         ssl_options = ssl_context(api.tls_cert, api.tls_key)
         settings = settings_from_config()
