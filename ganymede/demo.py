@@ -126,21 +126,12 @@ def start_luigid(base):
     with open(os.path.join(state, "luigid.cfg"), "w") as f:
         f.write(text)
     port = free_port()
-    log = open(os.path.join(state, "luigid.out"), "ab")
-    proc = subprocess.Popen([_bin("luigid"), "--address", "127.0.0.1", "--port", str(port), "--logdir", state,
-                             "--state-path", os.path.join(state, "state.pickle")],
-                            env=dict(os.environ, LUIGI_CONFIG_PATH=os.path.join(state, "luigid.cfg")), cwd=state,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = launch([_bin("luigid"), "--address", "127.0.0.1", "--port", str(port), "--logdir", state,
+                   "--state-path", os.path.join(state, "state.pickle")],
+                  dict(os.environ, LUIGI_CONFIG_PATH=os.path.join(state, "luigid.cfg")),
+                  os.path.join(state, "luigid.out"), f"http://127.0.0.1:{port}/api/task_list?data={{}}", state)
     markers.write_bytes(os.path.join(base, "luigid.pid"), f"{proc.pid}\n".encode())
-    for _ in range(150):
-        if proc.poll() is not None:
-            raise SystemExit(f"the demo's luigid exited {proc.returncode}; see {state}/luigid.out")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/task_list?data={{}}", timeout=1).read()
-            return port
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"the demo's luigid did not answer on port {port}; see {state}/luigid.out")
+    return port
 
 
 def reset(base, agents):
@@ -176,20 +167,25 @@ def start_api(env, log_path, port=API_PORT):
     """
     if port_answers(port):
         raise SystemExit(f"port {port} is taken by a process this run did not start; stop it or choose another port")
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([_bin("ganymede-api")], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
+    return launch([_bin("ganymede-api")], env, log_path, url + "/healthz", None), url
+
+
+def launch(argv, env, log_path, ready_url, cwd):
+    """Start `argv` in its own session, output to `log_path`; return it once `ready_url` answers."""
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    name = os.path.basename(argv[0])
+    for _ in range(150):
         if proc.poll() is not None:
-            raise SystemExit(f"ganymede-api exited {proc.returncode}; see {log_path}")
+            raise SystemExit(f"{name} exited {proc.returncode}; see {log_path}")
         try:
-            urllib.request.urlopen(url + "/healthz", timeout=1).read()
-            return proc, url
+            urllib.request.urlopen(ready_url, timeout=1).read()
+            return proc
         except OSError:
             time.sleep(0.1)
     proc.kill()
-    raise SystemExit(f"ganymede-api did not answer on {url}; see {log_path}")
+    raise SystemExit(f"{name} did not answer on {ready_url}; see {log_path}")
 
 
 def summary(hour, base, api_port, luigid_port):
