@@ -19,6 +19,10 @@ from .errors import GanymedeError, HourError
 from .stores import mysql, txlog
 
 
+class BadArgument(GanymedeError):
+    """A value on the command line that names nothing usable (a transaction not completed): exit 2."""
+
+
 class Parser(argparse.ArgumentParser):
     """Usage mistakes end in one line on stderr and exit 2; --help ends with the exit-code table."""
 
@@ -230,7 +234,7 @@ def _pipeline(prog, args, what, run):
         runs.setup_logging(args.verbose)
         early = runs.preflight(args.local_scheduler)
         code, words = early or run()
-    except HourError as exc:
+    except (HourError, BadArgument) as exc:
         sys.exit(_fail(str(exc), 2))
     except GanymedeError as exc:
         code, words = 1, str(exc)
@@ -254,7 +258,7 @@ def _transaction_task(task, argv, prog, option):
         with closing(mysql.connect(config.mysql())) as conn:
             tx = txlog.get_transaction(conn, args.transaction_id)
         if not tx or tx["state"] not in ("completed", "superseded"):
-            raise GanymedeError(f"no completed transaction {args.transaction_id!r}"
+            raise BadArgument(f"no completed transaction {args.transaction_id!r}"
                                 + (f" (it is {tx['state']})" if tx else ""))
         found.update(tx)
         return runs.run_hour(prog, tx["hour"], [task, "--transaction-id", tx["transaction_id"], "--hour",
@@ -355,9 +359,11 @@ def hourly_backup_main(argv=None):
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--hour", type=_hour_arg, default=None, help="YYYY-MM-DDTHH (default: last complete UTC hour)")
     which.add_argument("--catch-up", type=_positive, metavar="N", help="the not-closed hours among the last N")
-    parser.add_argument("--workers", type=_positive, default=1, help="Luigi workers (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="Luigi workers (default 1)")
     _common(parser)
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     hour = args.hour or hours.last_complete_hour()
 
     def one(h):

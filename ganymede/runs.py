@@ -43,8 +43,8 @@ from .paths import StateRoot
 # (tests/test_docs.py compares them).
 EXIT_CODES = (
     (0, "done, or nothing to do"),
-    (1, "nothing ran: a config error (a missing file is named), a store unreachable, no such transaction"),
-    (2, "bad usage: an unknown option or a bad value, an hour that has not ended yet"),
+    (1, "nothing ran: a config error (a missing file is named), a store unreachable"),
+    (2, "bad usage: an unknown option or a bad value (an hour not ended yet, a transaction not completed)"),
     (3, "`ganymede alerts` found hours that need attention (listed, and mailed)"),
     (10, "already running: another run holds the hour (named), or luigid still counts a dead run's tasks"),
     (20, "waiting: expected agents missing before the deadline, or an archive not completed yet"),
