@@ -43,14 +43,16 @@ from .paths import StateRoot
 # (tests/test_docs.py compares them).
 EXIT_CODES = (
     (0, "done, or nothing to do"),
-    (1, "nothing ran: a config error (a missing file is named), a store unreachable"),
+    (1, "nothing ran: a config error (a missing file is named); "
+        "for `ganymede` admin commands also a store unreachable"),
     (2, "bad usage: an unknown option or a bad value (an hour not ended yet, a transaction not completed)"),
     (3, "`ganymede alerts` found hours that need attention (listed, and mailed)"),
     (10, "already running: another run holds the hour (named), or luigid still counts a dead run's tasks"),
     (20, "waiting: expected agents missing before the deadline, or an archive not completed yet"),
     (25, "not run: luigid did not hand this run the hour's tasks (the line says why)"),
     (30, "a task failed: the line names the hour, the task and the reason"),
-    (35, "scheduling error: luigid not answering, or the graph could not be built"),
+    (35, "scheduling error: luigid not answering, or the graph could not be built "
+         "(e.g. MySQL unreachable; named)"),
     (40, "unhandled exception: the log file has the traceback"),
 )
 RETCODES = {"already_running": 10, "missing_data": 20, "not_run": 25, "task_failed": 30, "scheduling_error": 35,
@@ -237,6 +239,21 @@ def setup_logging(verbose):
 
 # --- one run ------------------------------------------------------------------------
 
+class Broken:
+    """The tasks whose complete() or requires() raised during a run (Luigi's BROKEN_TASK event): the reason of
+    a scheduling error, which leaves no failure marker."""
+
+    def __init__(self):
+        self.tasks = []
+        luigi.Task.event_handler(luigi.Event.BROKEN_TASK)(self.record)
+
+    def record(self, task, exception):
+        self.tasks.append(f"{task.task_family}: {type(exception).__name__}: {' '.join(str(exception).split())}"[:500])
+
+
+BROKEN = Broken()
+
+
 def luigi_run(task_args, workers=1, local_scheduler=False):
     """`luigi --module ganymede.tasks <task_args>` in this process; returns Luigi's retcode.
 
@@ -245,6 +262,7 @@ def luigi_run(task_args, workers=1, local_scheduler=False):
     """
     argv = ["--module", "ganymede.tasks", *task_args, "--workers", str(workers), "--no-lock"]
     argv += ["--local-scheduler"] if local_scheduler else []
+    BROKEN.tasks.clear()
     try:
         luigi.retcodes.run_with_retcodes(argv)
     except SystemExit as done:
@@ -277,7 +295,7 @@ def outcome(code, hour, local_scheduler):
         return ("not run: luigid did not hand this run the hour's tasks (a run of them finished seconds ago: "
                 "[scheduler] stable_done_cooldown_secs); rerun")
     if code == 35:
-        return "scheduling error: the graph could not be built (see the log file)"
+        return "scheduling error: " + ("; ".join(dict.fromkeys(BROKEN.tasks)) or "see the log file")
     return "unhandled exception (the traceback is in the log file)"
 
 

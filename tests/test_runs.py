@@ -223,3 +223,13 @@ def test_after_a_crash_the_rerun_names_the_dead_worker(with_luigid, luigid):  # 
                     r"tasks back \[scheduler\] worker_disconnect_delay after its last contact at "
                     r"\d\d:\d\d:\d\dZ: rerun then", words), words
     assert not any(os.path.exists(p) for p in leftovers)
+
+
+def test_a_scheduling_error_names_its_cause(genv, mongo_up):
+    hour = hours.last_complete_hour() - timedelta(hours=6)
+    completed_transaction(genv, "agent-a", hour)
+    genv.write_config(mysql={"port": "9"})  # the graph's requires() cannot read the log
+    run = command(genv, "ganymede-hourly-backup", "--hour", hours.format_hour(hour), "--local-scheduler")
+    words, code = one_line(run)[2:]
+    assert run.returncode == code == 35
+    assert re.match(r"scheduling error: HourlyBackup: StoreUnavailable: .*unreachable", words), words
