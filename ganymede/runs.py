@@ -57,6 +57,7 @@ EXIT_CODES = (
 )
 RETCODES = {"already_running": 10, "missing_data": 20, "not_run": 25, "task_failed": 30, "scheduling_error": 35,
             "unhandled_exception": 40}
+PROBE = "probe (is the hour held?)"
 LOG_FORMAT = "%(asctime)sZ %(name)s[%(process)d] %(levelname)s: %(message)s"
 
 log = logging.getLogger("ganymede.runs")
@@ -83,9 +84,17 @@ class HourLock:
     def acquire(self, command):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for _ in range(20):
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if self.holder().get("command") != PROBE:  # a probe lets go at once: try again
+                    self.file.close()
+                    self.file = None
+                    return False
+                time.sleep(0.05)
+        else:
             self.file.close()
             self.file = None
             return False
@@ -111,7 +120,7 @@ class HourLock:
         """True if another process holds the lock now (tried and let go at once)."""
         if not os.path.exists(self.path):
             return False
-        if self.acquire("probe"):
+        if self.acquire(PROBE):
             self.release()
             return False
         return True

@@ -233,3 +233,24 @@ def test_a_scheduling_error_names_its_cause(genv, mongo_up):
     words, code = one_line(run)[2:]
     assert run.returncode == code == 35
     assert re.match(r"scheduling error: HourlyBackup: StoreUnavailable: .*unreachable", words), words
+
+
+def test_the_hour_lock_names_its_holder_and_goes_with_it(tmp_path):
+    from datetime import datetime
+    from ganymede.runs import remove_leftovers
+    root, hour = StateRoot(str(tmp_path)), datetime(2026, 11, 30, 5)
+    first, second = HourLock(root, hour), HourLock(root, hour)
+    assert first.acquire("cron run")
+    assert not second.acquire("manual run") and second.holder()["pid"] == os.getpid()
+    assert second.holder()["command"] == "cron run" and HourLock(root, hour).held_by_someone()
+    sibling = HourLock(root, hour.replace(hour=6))
+    assert sibling.acquire("the next hour's run")
+    day_leftover = os.path.join(root.day_extracts(hour), ".tmp-x")
+    os.makedirs(os.path.dirname(day_leftover))
+    open(day_leftover, "wb").close()
+    assert remove_leftovers(root, hour) == []  # the day's folder is shared with 06, which is running
+    sibling.release()
+    assert remove_leftovers(root, hour) == [day_leftover] and not os.path.exists(day_leftover)
+    first.release()
+    assert second.acquire("manual run") and not HourLock(root, hour.replace(hour=7)).held_by_someone()
+    second.release()
