@@ -71,6 +71,9 @@ def test_status_page_grid_in_a_real_browser(genv, api_server, admin_token, mongo
     assert parser.rows[hours.format_hour(latest)]["staged"] == "pending"
     assert parser.rows[hours.format_hour(latest)]["verdict"] in ("waiting", "open")
     assert re.search(r'<meta http-equiv="refresh" content="\d+">', result.stdout)
+    if os.environ.get("GANYMEDE_DOCS_SCREENSHOTS"):  # refresh docs/images/ from this world
+        chromium("--hide-scrollbars", "--window-size=1280,900",
+                 f"--screenshot={os.environ['GANYMEDE_DOCS_SCREENSHOTS']}/status-page.png", url)
 
 
 def test_status_page_needs_an_admin_token(genv, api_server, admin_token):
