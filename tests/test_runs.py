@@ -254,3 +254,18 @@ def test_the_hour_lock_names_its_holder_and_goes_with_it(tmp_path):
     first.release()
     assert second.acquire("manual run") and not HourLock(root, hour.replace(hour=7)).held_by_someone()
     second.release()
+
+
+def test_luigis_own_logging_config_is_honoured(genv, mongo_up, s3_up, tmp_path):
+    """[core] logging_conf_file (Luigi's ini logging config) decides where the details go."""
+    details = tmp_path / "details.log"
+    conf = tmp_path / "logging.ini"
+    conf.write_text(f"""[loggers]\nkeys=root\n[handlers]\nkeys=file\n[formatters]\nkeys=plain
+[logger_root]\nlevel=INFO\nhandlers=file\n[handler_file]\nclass=FileHandler\nformatter=plain
+args=('{details}',)\n[formatter_plain]\nformat=%(asctime)s %(name)s %(levelname)s %(message)s\n""")
+    genv.write_config(core={"logging_conf_file": str(conf)})
+    hour = hours.last_complete_hour() - timedelta(hours=6)
+    run = command(genv, "ganymede-hourly-backup", "--hour", hours.format_hour(hour), "--local-scheduler")
+    assert run.returncode == 0 and one_line(run)[2] == "done, no agent data (nothing delivered)", run.stdout
+    assert "Luigi Execution Summary" in details.read_text()
+    assert not os.path.exists(os.path.join(genv.root, "log"))
