@@ -208,6 +208,7 @@ def build_parser():
     demo.add_argument("--dir", default=".demo", help="where the demo keeps its config and state")
     demo.add_argument("--agents", type=int, default=3)
     demo.add_argument("--local-scheduler", action="store_true", help="do not use luigid")
+    demo.add_argument("--stop", action="store_true", help="stop the luigid a previous demo left running, and exit")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -104,6 +104,8 @@ def stop_own(pid_file, marker):
         pid = int(open(pid_file).read().strip())
         cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode("utf-8", "replace")
     except (OSError, ValueError):
+        if os.path.exists(pid_file):
+            os.unlink(pid_file)
         return
     if marker in cmdline:
         os.kill(pid, signal.SIGTERM)
@@ -219,6 +221,9 @@ def summary(hour, base, api_port, luigid_port):
 def main(args):
     from . import configfile
     base = os.path.abspath(args.dir)
+    if args.stop:
+        stop_own(os.path.join(base, "luigid.pid"), os.path.join(base, "luigid"))
+        return 0
     os.makedirs(base, exist_ok=True)
     luigid_port = start_luigid(base)
     api_port = free_port()

@@ -46,6 +46,10 @@ def test_the_demo_runs_twice_in_its_own_world(tmp_path, mongo_up, s3_up):
             assert "agents 2/2" in run.stdout  # the second run started from nothing again
             if first_luigid:
                 assert not os.path.exists(f"/proc/{first_luigid}")  # the previous run's luigid was stopped
+        last_luigid = (base / "luigid.pid").read_text().strip()
+        stop = subprocess.run([f"{BIN}/ganymede", "demo", "--dir", str(base), "--stop"], env=env, timeout=60)
+        assert stop.returncode == 0 and not os.path.exists(f"/proc/{last_luigid}")
+        assert not (base / "luigid.pid").exists()
     finally:
         if (base / "luigid.pid").exists():
             os.kill(int((base / "luigid.pid").read_text()), signal.SIGTERM)
