@@ -176,15 +176,18 @@ def luigid(method, **data):
 
 
 def luigid_holders(hour):
-    """One line on who luigid says runs the hour's tasks: the worker, whether its process lives, its last contact."""
+    """Who luigid says runs the hour's tasks (the worker, whether its process lives, its last contact), or None.
+
+    Asked after this run ended, so any task of the hour still running belongs to another worker.
+    """
     try:
         running = luigid("task_list", status="RUNNING", search=hours.format_hour(hour))
         workers = {w["name"]: w for w in luigid("worker_list")}
-    except (OSError, ValueError, KeyError) as exc:
-        return f"luigid says another worker runs its tasks (and could not be asked which: {exc})"
+    except (OSError, ValueError, KeyError):
+        return None
     names = sorted({t.get("worker_running") for t in running.values() if t.get("worker_running")})
     if not names:
-        return "luigid says another worker runs its tasks"
+        return None
     worker = workers.get(names[0], {})
     tasks = ", ".join(sorted(t["name"] for t in running.values()))
     where = f"pid {worker.get('pid')} on {worker.get('host')}"
@@ -280,10 +283,19 @@ def luigi_run(task_args, workers=1, local_scheduler=False):
 
 
 def outcome(code, hour, local_scheduler):
-    """The words for a run's exit code: what happened to the hour and why."""
+    """(exit code, words) for a run that ended with Luigi's `code`: what happened to the hour and why.
+
+    Luigi's code is the highest of its outcomes, so a run that found the hour's tasks run by another worker
+    can end 20 or 25 (the tasks waiting on them were not run); luigid is asked, and the truth is 10.
+    """
+    held = None if local_scheduler or code not in (10, 20, 25) else luigid_holders(hour)
+    if held or code == 10:
+        return 10, "already running: " + (held or "another worker runs its tasks")
+    return code, outcome_words(code, hour)
+
+
+def outcome_words(code, hour):
     root = StateRoot(config.state().root)
-    if code == 10:
-        return "already running: " + ("another run" if local_scheduler else luigid_holders(hour))
     if code == 30:
         reasons = status.failure_reasons(root, hour)
         return "failed: " + ("; ".join(f"{f}: {r}" for f, r in sorted(reasons.items())) or "see the log file")
@@ -331,7 +343,7 @@ def run_hour(prog, hour, task_args, workers=1, local_scheduler=False):
             log.info("removed %d file(s) a crashed run of %s left: %s", len(removed), hours.format_hour(hour),
                      ", ".join(removed))
         code = luigi_run(task_args() if callable(task_args) else task_args, workers, local_scheduler)
-        return code, outcome(code, hour, local_scheduler)
+        return outcome(code, hour, local_scheduler)
     finally:
         lock.release()
 

@@ -269,3 +269,29 @@ args=('{details}',)\n[formatter_plain]\nformat=%(asctime)s %(name)s %(levelname)
     assert run.returncode == 0 and one_line(run)[2] == "done, no agent data (nothing delivered)", run.stdout
     assert "Luigi Execution Summary" in details.read_text()
     assert not os.path.exists(os.path.join(genv.root, "log"))
+
+
+def test_a_run_killed_mid_hour_is_named_as_gone_by_the_rerun(with_luigid):
+    """kill -9 of a cron-style run while its StageTransaction runs: the hour's lock goes with the process, luigid
+    still counts the task as running, and the rerun's line says whose process is gone."""
+    genv = with_luigid
+    hour = hours.last_complete_hour() - timedelta(hours=6)
+    completed_transaction(genv, "agent-a", hour)
+    blocker = genv.mysql(autocommit=True)
+    with blocker.cursor() as cur:
+        cur.execute("LOCK TABLES transaction_events WRITE")
+    try:
+        cron = subprocess.Popen([f"{BIN}/ganymede-hourly-backup", "--hour", hours.format_hour(hour)],
+                                env=genv.subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        waiting_for_metadata_lock(genv)
+        cron.kill()
+        cron.wait()
+        rerun = command(genv, "ganymede-hourly-backup", "--hour", hours.format_hour(hour))
+    finally:
+        with blocker.cursor() as cur:
+            cur.execute("UNLOCK TABLES")
+        blocker.close()
+    words, code = one_line(rerun)[2:]
+    assert rerun.returncode == code == 10
+    assert re.match(rf"already running: luigid still counts StageTransaction as run by worker .*pid={cron.pid}.*, "
+                    rf"whose process \(pid {cron.pid} on .*\) is gone", words), words
