@@ -110,22 +110,21 @@ def _status_rows(args):
                                    config.extract().deadline_minutes, config.alerts().overdue_minutes)
 
 
-def _hour_lines(row, with_detail):
-    """An hour's status line; with its detail (agents by name, failures, transactions) for --hour or alerts."""
+def _detailed_lines(rows):
+    """Each hour's status line and its detail (agents by name, failures, transactions): --hour, alerts."""
     from . import status
     from .paths import StateRoot
-    lines = [row.line()]
-    if with_detail:
-        root = StateRoot(config.state().root)
-        with closing(mysql.connect(config.mysql())) as conn:
-            transactions = status.hour_transactions(conn, root, row.hour)
-        lines += status.hour_detail(row, transactions, root, status.graph_url(runs.scheduler_url(), row.hour))
+    root, lines = StateRoot(config.state().root), []
+    with closing(mysql.connect(config.mysql())) as conn:
+        for row in rows:
+            lines += [row.line()] + status.hour_detail(row, status.hour_transactions(conn, root, row.hour), root,
+                                                       status.graph_url(runs.scheduler_url(), row.hour))
     return lines
 
 
 def _status(args):
-    for row in _status_rows(args):
-        print("\n".join(_hour_lines(row, args.hour is not None)))
+    rows = _status_rows(args)
+    print("\n".join(_detailed_lines(rows) if args.hour else [row.line() for row in rows]))
 
 
 def _alerts(args):
@@ -135,7 +134,7 @@ def _alerts(args):
     if not rows:
         print("no hour needs attention")
         return 0
-    text = "\n".join(line for row in rows for line in _hour_lines(row, True))
+    text = "\n".join(_detailed_lines(rows))
     print(text)
     send_error_email(f"Ganymede: {len(rows)} hour(s) need attention", text)
     if sys.stdout.isatty() and not email().force_send:
