@@ -350,39 +350,43 @@ def _forget_extract(hour):
 
 
 def hourly_backup_main(argv=None):
-    """ganymede-hourly-backup [--hour H | --catch-up N]: what cron runs, and the manual rerun."""
+    """ganymede-hourly-backup [--hour H | --catch-up N | --backfill FROM TO]: what cron runs, and reruns."""
     parser = Parser(
         prog="ganymede-hourly-backup",
         description="Run the whole graph for one UTC hour (stage, load, extract, backup), as cron does; or, with "
-                    "--catch-up N, for every hour of the last N whose deadline has passed and that is not closed "
-                    "(never the current hour). Ends with one line: hour, outcome and reason, exit code, duration.")
+                    "--catch-up N or --backfill FROM TO, for every hour among them whose deadline has passed and "
+                    "that is not closed, oldest first (never the current hour, nor hours nobody was expected for). "
+                    "Ends with one line: hour(s), outcome and reason, exit code, duration.")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--hour", type=_hour_arg, default=None, help="YYYY-MM-DDTHH (default: last complete UTC hour)")
     which.add_argument("--catch-up", type=_positive, metavar="N", help="the not-closed hours among the last N")
+    which.add_argument("--backfill", type=_hour_arg, nargs=2, metavar=("FROM", "TO"),
+                       help="the not-closed hours FROM..TO (inclusive, YYYY-MM-DDTHH)")
     parser.add_argument("--workers", type=int, default=1, help="Luigi workers (default 1)")
     _common(parser)
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.backfill and args.backfill[0] > args.backfill[1]:
+        parser.error("--backfill FROM TO: FROM is after TO")
     hour = args.hour or hours.last_complete_hour()
 
     def one(h):
         return runs.run_hour(parser.prog, h, ["HourlyBackup", "--hour", hours.format_hour(h)], args.workers,
                              args.local_scheduler)
 
-    def catch_up():
-        missing = runs.catch_up_hours(args.catch_up)
+    def several():
+        missing = (runs.catch_up_hours(first=args.backfill[0], last=args.backfill[1]) if args.backfill
+                   else runs.catch_up_hours(args.catch_up))
         if not missing:
-            return 0, "nothing to catch up"
+            return 0, "nothing to run: every hour is closed, idle or before its deadline"
         results = [(h, *one(h)) for h in missing]
         return max(code for _, code, _ in results), "; ".join(
             f"{hours.format_hour(h)} {words} (exit {code})" for h, code, words in results)
 
-    def run():
-        if args.catch_up:
-            return catch_up()
-        _ended(hour)
-        return one(hour)
-
-    _pipeline(parser.prog, args, f"catch-up {args.catch_up} h" if args.catch_up else f"hour {hours.format_hour(hour)}",
-              run)
+    if args.catch_up or args.backfill:
+        what = (f"catch-up {args.catch_up} h" if args.catch_up else
+                f"backfill {hours.format_hour(args.backfill[0])}..{hours.format_hour(args.backfill[1])}")
+        _pipeline(parser.prog, args, what, several)
+    else:
+        _pipeline(parser.prog, args, f"hour {hours.format_hour(hour)}", lambda: _ended(hour) or one(hour))

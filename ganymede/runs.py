@@ -368,8 +368,8 @@ def finish(prog, what, code, words, started):
     return code
 
 
-def catch_up_hours(window):
-    """Hours of the last `window` whose deadline has passed and that are not closed, oldest first.
+def catch_up_hours(window=None, first=None, last=None):
+    """Hours not closed whose deadline has passed, oldest first: among the last `window`, or first..last.
 
     Never the current hour nor one still before its deadline (the every-10-minutes run has those);
     idle hours (no agent expected, nothing sent) have nothing to run.
@@ -377,10 +377,11 @@ def catch_up_hours(window):
     from .stores import mysql
     deadline_minutes = config.extract().deadline_minutes
     now = hours.now()
-    last = hours.last_complete_hour(now)
-    while hours.deadline(last, deadline_minutes) > now:
-        last -= timedelta(hours=1)
-    first = hours.last_complete_hour(now) - timedelta(hours=window - 1)
+    newest = hours.last_complete_hour(now)
+    while hours.deadline(newest, deadline_minutes) > now:
+        newest -= timedelta(hours=1)
+    first = first or hours.last_complete_hour(now) - timedelta(hours=window - 1)
+    last = min(last or newest, newest)
     if last < first:
         return []
     with closing(mysql.connect(config.mysql())) as conn:

@@ -139,7 +139,7 @@ def test_catch_up_line_runs_exactly_the_missing_closed_hours(world, tmp_path):
     assert not os.path.exists(root.hour_state(done - timedelta(hours=1)))  # idle: nothing run
     again = run_cron_line("ganymede.crontab", "--catch-up 48", world, tmp_path)
     assert again.returncode == 0 and log_lines(tmp_path / "log" / "catchup.log")[-1].split(": ", 1)[1].startswith(
-        "nothing to catch up")
+        "nothing to run")
 
 
 def test_alerts_line_reports_an_overdue_hour(world, tmp_path):

@@ -295,3 +295,27 @@ def test_a_run_killed_mid_hour_is_named_as_gone_by_the_rerun(with_luigid):
     assert rerun.returncode == code == 10
     assert re.match(rf"already running: luigid still counts StageTransaction as run by worker .*pid={cron.pid}.*, "
                     rf"whose process \(pid {cron.pid} on .*\) is gone", words), words
+
+
+def test_a_backfill_runs_the_hours_of_its_range_not_closed(genv, mongo_up, s3_up):
+    genv.write_config(extract={"deadline_minutes": 0})
+    first = hours.last_complete_hour() - timedelta(hours=30)
+    closed, open_, outside = first, first + timedelta(hours=1), first + timedelta(hours=2)
+    for h in (closed, open_, outside):
+        completed_transaction(genv, "agent-a", h)
+    done = command(genv, "ganymede-hourly-backup", "--hour", hours.format_hour(closed), "--local-scheduler")
+    assert done.returncode == 0, done.stdout
+    root = StateRoot(genv.root)
+    before = os.path.getmtime(root.hour_marker(closed, "backup"))
+    run = command(genv, "ganymede-hourly-backup", "--backfill", hours.format_hour(closed - timedelta(hours=1)),
+                  hours.format_hour(open_), "--local-scheduler")
+    prog, what, words, code = one_line(run)
+    assert (run.returncode, code) == (0, 0), run.stdout
+    assert what == f"backfill {hours.format_hour(closed - timedelta(hours=1))}..{hours.format_hour(open_)}"
+    assert words == (f"{hours.format_hour(closed - timedelta(hours=1))} done, no agent data (nothing delivered) "
+                     f"(exit 0); {hours.format_hour(open_)} done, hour closed (exit 0)")  # agent-a was expected then
+    assert os.path.getmtime(root.hour_marker(closed, "backup")) == before
+    assert not os.path.exists(root.hour_marker(outside, "backup"))
+    backwards = command(genv, "ganymede-hourly-backup", "--backfill", hours.format_hour(open_),
+                        hours.format_hour(closed))
+    assert backwards.returncode == 2 and "FROM is after TO" in backwards.stderr
