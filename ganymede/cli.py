@@ -132,10 +132,10 @@ def _alerts(args):
     from luigi.notifications import email, send_error_email
     rows = [row for row in _status_rows(args) if row.needs_attention()]
     if not rows:
-        print("no hour needs attention")
+        print(f"{runs.stamp()} ganymede alerts: no hour needs attention (exit 0)")
         return 0
     text = "\n".join(_detailed_lines(rows))
-    print(text)
+    print(f"{runs.stamp()} ganymede alerts: {len(rows)} hour(s) need attention (exit 3)\n{text}")
     send_error_email(f"Ganymede: {len(rows)} hour(s) need attention", text)
     if sys.stdout.isatty() and not email().force_send:
         print("(not mailed: Luigi sends no mail from a terminal; cron's run mails, or set [email] force_send)")
