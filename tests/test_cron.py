@@ -149,7 +149,8 @@ def test_alerts_line_reports_an_overdue_hour(world, tmp_path):
     result = run_cron_line("ganymede.crontab", "ganymede alerts", world, tmp_path)
     out = log_lines(tmp_path / "log" / "alerts.log")
     assert result.returncode == 3, out
-    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ganymede alerts: 1 hour\(s\) need attention \(exit 3\)$", out[0])
+    # overdue: the 5 hours from `hour` on that ended more than [alerts] overdue_minutes (60) past their deadline
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ganymede alerts: 5 hour\(s\) need attention \(exit 3\)$", out[0])
     assert any(line.startswith(f"{hours.format_hour(hour)}  overdue") for line in out)
     assert "  agents missing:  agent-a" in out
 
