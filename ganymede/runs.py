@@ -84,17 +84,7 @@ class HourLock:
     def acquire(self, command):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.file = open(self.path, "a+")
-        for _ in range(20):
-            try:
-                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if self.holder().get("command") != PROBE:  # a probe lets go at once: try again
-                    self.file.close()
-                    self.file = None
-                    return False
-                time.sleep(0.05)
-        else:
+        if not self._flock():
             self.file.close()
             self.file = None
             return False
@@ -103,6 +93,18 @@ class HourLock:
                                     "since": stamp()}))
         self.file.flush()
         return True
+
+    def _flock(self):
+        """Non-blocking; a probe (held_by_someone) lets go at once, so it is waited for a little."""
+        for _ in range(20):
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if self.holder().get("command") != PROBE:
+                    return False
+                time.sleep(0.05)
+        return False
 
     def holder(self):
         try:
