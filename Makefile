@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv services services-stop browser demo test test-fast bench
+.PHONY: venv services services-stop browser demo demo-stop test test-fast bench
 
 venv: $(VENV)/.installed
 
@@ -25,8 +25,12 @@ browser:
 services-stop:
 	$(PY) scripts/services stop
 
+# The demo keeps its own luigid running afterwards (its graph stays visible); demo-stop ends it.
 demo: services
 	$(VENV)/bin/ganymede demo
+
+demo-stop:
+	$(VENV)/bin/ganymede demo --stop
 
 test: services browser
 	$(PY) -m pytest $(PYTEST_ARGS)

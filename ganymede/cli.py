@@ -1,20 +1,38 @@
 """`ganymede` (admin) and the old scripts' manual commands.
 
-The manual commands build the very same Luigi command line that cron runs
-(`luigi --module ganymede.tasks …`) and hand it to Luigi's own entry point,
-so a manual run and a cron run cannot disagree, share the central scheduler
-(no task runs twice at once) and exit with the same [retcode] codes.
+The manual commands build the very same Luigi tasks cron runs and run them
+through ganymede.runs (Luigi's own run, with the hour's lock, the log file and
+one closing line), so a manual run and a cron run cannot disagree, never run
+a task twice at once and exit with the codes of one table (runs.EXIT_CODES).
+Every command reads exactly one config file: --config FILE, else
+LUIGI_CONFIG_PATH, else /etc/ganymede/luigi.cfg (ganymede.configfile).
 """
 import argparse
+import os
 import sys
+import time
 from contextlib import closing
 from datetime import datetime, timedelta
 
-import luigi.retcodes
-
-from . import config, hours
-from .errors import GanymedeError
+from . import config, configfile, hours, runs
+from .errors import GanymedeError, HourError
 from .stores import mysql, txlog
+
+
+class BadArgument(GanymedeError):
+    """A value on the command line that names nothing usable (a transaction not completed): exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line on stderr and exit 2; --help ends with the exit-code table."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("epilog", runs.exit_code_help())
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        sys.exit(_fail(f"{message} (see {self.prog} --help)", 2))
 
 
 def _fail(message, code=2):
@@ -29,10 +47,24 @@ def _hour_arg(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def run_luigi(task_args, local_scheduler=False):
-    """Run `luigi --module ganymede.tasks <task_args>` in-process; exits with Luigi's retcode."""
-    argv = ["--module", "ganymede.tasks", *task_args] + (["--local-scheduler"] if local_scheduler else [])
-    luigi.retcodes.run_with_retcodes(argv)
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _common(parser, pipeline=True):
+    parser.add_argument("--config", metavar="FILE",
+                        help="the one config file read (default: LUIGI_CONFIG_PATH, else /etc/ganymede/luigi.cfg)")
+    if pipeline:
+        parser.add_argument("--local-scheduler", action="store_true",
+                            help="run without luigid (the hour's lock still keeps other runs of the hour out)")
+        parser.add_argument("-v", "--verbose", action="store_true",
+                            help="Luigi's details on the terminal too (they always go to the log file)")
 
 
 # --- ganymede (admin) ----------------------------------------------------------
@@ -85,22 +117,53 @@ def _status_rows(args):
                                    config.extract().deadline_minutes, config.alerts().overdue_minutes)
 
 
+def _detailed_lines(rows):
+    """Each hour's status line and its detail (agents by name, failures, transactions): --hour, alerts."""
+    from . import status
+    from .paths import StateRoot
+    root, lines = StateRoot(config.state().root), []
+    with closing(mysql.connect(config.mysql())) as conn:
+        for row in rows:
+            lines += [row.line()] + status.hour_detail(row, status.hour_transactions(conn, root, row.hour), root,
+                                                       status.graph_url(runs.scheduler_url(), row.hour))
+    return lines
+
+
 def _status(args):
-    for row in _status_rows(args):
-        print(row.line())
+    rows = _status_rows(args)
+    print("\n".join(_detailed_lines(rows) if args.hour else [row.line() for row in rows]))
 
 
 def _alerts(args):
-    """Overdue hours: printed, and mailed through Luigi's [email] settings; exit 1 if any."""
-    from luigi.notifications import send_error_email
-    overdue = [row for row in _status_rows(args) if row.verdict in ("overdue", "failed")]
-    if not overdue:
-        print("no overdue hour")
+    """Hours needing attention: printed with their reasons, mailed through Luigi's [email]; exit 3 if any."""
+    from luigi.notifications import email, send_error_email
+    rows = [row for row in _status_rows(args) if row.needs_attention()]
+    if not rows:
+        print(f"{runs.stamp()} ganymede alerts: no hour needs attention (exit 0)")
         return 0
-    text = "\n".join(row.line() for row in overdue)
-    print(text)
-    send_error_email(f"Ganymede: {len(overdue)} hour(s) not closed after their deadline", text)
-    return 1
+    text = "\n".join(_detailed_lines(rows))
+    print(f"{runs.stamp()} ganymede alerts: {len(rows)} hour(s) need attention (exit 3)\n{text}")
+    send_error_email(f"Ganymede: {len(rows)} hour(s) need attention", text)
+    if sys.stdout.isatty() and not email().force_send:
+        print("(not mailed: Luigi sends no mail from a terminal; cron's run mails, or set [email] force_send)")
+    return 3
+
+
+def _transactions(args):
+    from . import status
+    from .paths import StateRoot
+    root = StateRoot(config.state().root)
+    with closing(mysql.connect(config.mysql())) as conn:
+        rows = status.hour_transactions(conn, root, args.hour)
+    if not rows:
+        print(f"no transaction for {hours.format_hour(args.hour)}")
+    for t in rows:
+        print(status.transaction_line(root, t))
+
+
+def _graph(args):
+    from . import status
+    print(status.graph_url(runs.scheduler_url(), args.hour))
 
 
 def _demo(args):
@@ -108,8 +171,12 @@ def _demo(args):
     return demo.main(args)
 
 
+NEEDS_NO_CONFIG = ("demo",)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="ganymede", description="Ganymede administration")
+    parser = Parser(prog="ganymede", description="Ganymede administration")
+    _common(parser, pipeline=False)
     sub = parser.add_subparsers(dest="command", required=True)
     db = sub.add_parser("db", help="the MySQL schema").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="create or upgrade the MySQL schema and the MongoDB indexes (idempotent)"
@@ -128,17 +195,27 @@ def build_parser():
     admin = sub.add_parser("admin-token", help="create (or rotate) an admin token and print it once")
     admin.add_argument("name")
     admin.set_defaults(func=_admin_token)
-    for name, func, text in (("status", _status, "one line per hour: agents, staged, loaded, extract, backup"),
-                             ("alerts", _alerts, "report hours still not closed after their deadline")):
-        cmd = sub.add_parser(name, help=text)
+    for name, func, text in (
+            ("status", _status, "one line per hour: agents, staged, loaded, extract, backup, verdict; with --hour "
+                                "also the agents by name, failures with reasons and the transactions"),
+            ("alerts", _alerts, "hours that need attention (failed, overdue, expected agents that sent nothing), "
+                                "with their reasons; mailed through luigi's [email]; exit 3 if any")):
+        cmd = sub.add_parser(name, help=text, description=text)
         which = cmd.add_mutually_exclusive_group()
         which.add_argument("--hour", type=_hour_arg, help="one UTC hour, YYYY-MM-DDTHH")
-        which.add_argument("--last", type=int, help="the last N complete hours (default [alerts] status_hours)")
+        which.add_argument("--last", type=_positive, help="the last N complete hours (default [alerts] status_hours)")
+        cmd.set_defaults(func=func)
+    for name, func, text in (("transactions", _transactions, "an hour's transactions: id, agent, state, where "
+                                                             "its archive is now, the reason of a failed one"),
+                             ("graph", _graph, "the URL of an hour's dependency graph in luigid")):
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("--hour", type=_hour_arg, required=True, help="the UTC hour, YYYY-MM-DDTHH")
         cmd.set_defaults(func=func)
     demo = sub.add_parser("demo", help="run a demo hour end to end on the local services")
     demo.add_argument("--dir", default=".demo", help="where the demo keeps its config and state")
     demo.add_argument("--agents", type=int, default=3)
     demo.add_argument("--local-scheduler", action="store_true", help="do not use luigid")
+    demo.add_argument("--stop", action="store_true", help="stop the luigid a previous demo left running, and exit")
     demo.set_defaults(func=_demo)
     return parser
 
@@ -146,6 +223,10 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        if args.command not in NEEDS_NO_CONFIG:
+            configfile.use(args.config)
+            if args.command not in ("graph",):
+                runs.check_option_file()
         return args.func(args) or 0
     except GanymedeError as exc:
         return _fail(str(exc), 1)
@@ -153,24 +234,47 @@ def main(argv=None):
 
 # --- the old scripts' manual commands -------------------------------------------
 
+def _pipeline(prog, args, what, run):
+    """Config, logging, checks, then `run()` -> (code, words); ends with the one line and exits with the code."""
+    started = time.monotonic()
+    try:
+        configfile.use(args.config)
+        runs.setup_logging(args.verbose)
+        early = runs.preflight(args.local_scheduler)
+        code, words = early or run()
+    except (HourError, BadArgument) as exc:
+        sys.exit(_fail(str(exc), 2))
+    except GanymedeError as exc:
+        code, words = 1, str(exc)
+    what = what() if callable(what) else what
+    sys.exit(runs.finish(prog, what, code, words, started))
+
+
 def _transaction_task(task, argv, prog, option):
-    parser = argparse.ArgumentParser(prog=prog, description=f"Run {task} for one transaction through Luigi")
+    parser = Parser(prog=prog, description=f"Run {task} for one transaction (find ids with "
+                                            "`ganymede transactions --hour H`)")
     if option:
         parser.add_argument(option, dest="transaction_id", required=True)
     else:
         parser.add_argument("transaction_id")
-    parser.add_argument("--local-scheduler", action="store_true", help="do not use luigid")
+    _common(parser)
     args = parser.parse_args(argv)
-    try:
+    found = {}
+
+    def run():
+        runs.check_option_file()
         with closing(mysql.connect(config.mysql())) as conn:
             tx = txlog.get_transaction(conn, args.transaction_id)
-    except GanymedeError as exc:
-        sys.exit(_fail(str(exc), 1))
-    if not tx or tx["state"] not in ("completed", "superseded"):
-        sys.exit(_fail(f"no completed transaction {args.transaction_id!r}"
-                       + (f" (it is {tx['state']})" if tx else ""), 2))
-    run_luigi([task, "--transaction-id", tx["transaction_id"], "--hour", hours.format_hour(tx["hour"]),
-               "--agent-id", tx["agent_id"]], args.local_scheduler)
+        if not tx or tx["state"] not in ("completed", "superseded"):
+            raise BadArgument(f"no completed transaction {args.transaction_id!r}"
+                                + (f" (it is {tx['state']})" if tx else ""))
+        found.update(tx)
+        return runs.run_hour(prog, tx["hour"], [task, "--transaction-id", tx["transaction_id"], "--hour",
+                                                hours.format_hour(tx["hour"]), "--agent-id", tx["agent_id"]],
+                             local_scheduler=args.local_scheduler)
+
+    _pipeline(prog, args, lambda: f"transaction {args.transaction_id}"
+              + (f" (hour {hours.format_hour(found['hour'])})" if found else ""), run)
 
 
 def worker_main(argv=None):
@@ -189,18 +293,22 @@ def _hour_from_parts(args):
     if all(v is None for v in parts.values()):
         return hours.last_complete_hour()
     if any(v is None for v in parts.values()):
-        raise GanymedeError("give all of -y -m -d -h, or none for the last complete UTC hour")
+        raise HourError("give all of -y -m -d -h, or none for the last complete UTC hour")
     for flag, value in parts.items():
         if not (value.strip().isascii() and value.strip().isdigit()):
-            raise GanymedeError(f"{flag} {value!r} is not a number")
+            raise HourError(f"{flag} {value!r} is not a number")
     try:
         hour = datetime(*(int(v) for v in parts.values()))
     except ValueError as exc:
-        raise GanymedeError(f"-y {args.y} -m {args.m} -d {args.d} -h {args.h} is not a UTC hour: {exc}") from None
-    if hour > hours.last_complete_hour():
-        raise GanymedeError(f"{hours.format_hour(hour)} UTC has not ended yet "
-                            f"(the last complete UTC hour is {hours.format_hour(hours.last_complete_hour())})")
+        raise HourError(f"-y {args.y} -m {args.m} -d {args.d} -h {args.h} is not a UTC hour: {exc}") from None
+    _ended(hour)
     return hour
+
+
+def _ended(hour):
+    if hour > hours.last_complete_hour():
+        raise HourError(f"{hours.format_hour(hour)} UTC has not ended yet "
+                        f"(the last complete UTC hour is {hours.format_hour(hours.last_complete_hour())})")
 
 
 def glassbeam_extract_main(argv=None):
@@ -210,13 +318,11 @@ def glassbeam_extract_main(argv=None):
     supplementary one for late arrivals); --force rebuilds the hour's extract.
     """
     from .tasks.extract import current_round
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ganymede-glassbeam-extract", add_help=False,
         description="Build (or rebuild) one UTC hour's Glassbeam extract, as ganymede_glassbeam_extract.sh did. "
-                    "Without -y -m -d -h: the last complete UTC hour. Exit codes are luigi.cfg's [retcode] "
-                    "(missing_data while the hour still waits for agents and its deadline).")
-    # usage mistakes end in one line on stderr and exit 2, like bad values
-    parser.error = lambda message: sys.exit(_fail(f"{message} (see {parser.prog} --help)"))
+                    "Without -y -m -d -h: the last complete UTC hour. An hour without agent data delivers "
+                    "nothing (unless [extract] deliver_empty).")
     parser.add_argument("--help", action="help", help="show this help and exit")
     parser.add_argument("-y", metavar="YYYY", help="year")
     parser.add_argument("-m", metavar="MM", help="month, 1-12 (leading zero optional)")
@@ -224,14 +330,18 @@ def glassbeam_extract_main(argv=None):
     parser.add_argument("-h", metavar="HH", help="hour, 0-23 UTC, military time (leading zero optional)")
     parser.add_argument("--force", action="store_true",
                         help="rebuild the hour's extract (round 0) even if it exists; same data gives the same bytes")
-    parser.add_argument("--local-scheduler", action="store_true", help="do not use luigid")
+    _common(parser)
     args = parser.parse_args(argv)
-    try:
-        hour = _hour_from_parts(args)
-        round_ = _forget_extract(hour) if args.force else current_round(hour)
-    except GanymedeError as exc:
-        sys.exit(_fail(str(exc)))
-    run_luigi(["GlassbeamExtract", "--hour", hours.format_hour(hour), "--round", str(round_)], args.local_scheduler)
+    chosen = {}
+
+    def run():
+        hour = chosen["hour"] = _hour_from_parts(args)
+        return runs.run_hour(parser.prog, hour, lambda: [
+            "GlassbeamExtract", "--hour", hours.format_hour(hour),
+            "--round", str(_forget_extract(hour) if args.force else current_round(hour))],
+            local_scheduler=args.local_scheduler)
+
+    _pipeline(parser.prog, args, lambda: f"hour {hours.format_hour(chosen['hour'])}" if chosen else "extract", run)
 
 
 def _forget_extract(hour):
@@ -240,7 +350,6 @@ def _forget_extract(hour):
     The rebuild leaves out what the supplementary rounds hold, so it gives
     the same file as before unless the data changed since.
     """
-    import os
     from .paths import StateRoot
     manifest = StateRoot(config.state().root).extract_manifest(hour, 0)
     if os.path.exists(manifest):
@@ -249,20 +358,43 @@ def _forget_extract(hour):
 
 
 def hourly_backup_main(argv=None):
-    """ganymede-hourly-backup [--hour H]: the cron entry point, by hand."""
-    parser = argparse.ArgumentParser(
+    """ganymede-hourly-backup [--hour H | --catch-up N | --backfill FROM TO]: what cron runs, and reruns."""
+    parser = Parser(
         prog="ganymede-hourly-backup",
-        description="Run the whole graph for one UTC hour (stage, load, extract, backup), as cron does. "
-                    "Exit codes are luigi.cfg's [retcode].")
-    parser.error = lambda message: sys.exit(_fail(f"{message} (see {parser.prog} --help)"))
-    parser.add_argument("--hour", type=_hour_arg, default=None, help="YYYY-MM-DDTHH (default: last complete UTC hour)")
+        description="Run the whole graph for one UTC hour (stage, load, extract, backup), as cron does; or, with "
+                    "--catch-up N or --backfill FROM TO, for every hour among them whose deadline has passed and "
+                    "that is not closed, oldest first (never the current hour, nor hours nobody was expected for). "
+                    "Ends with one line: hour(s), outcome and reason, exit code, duration.")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--hour", type=_hour_arg, default=None, help="YYYY-MM-DDTHH (default: last complete UTC hour)")
+    which.add_argument("--catch-up", type=_positive, metavar="N", help="the not-closed hours among the last N")
+    which.add_argument("--backfill", type=_hour_arg, nargs=2, metavar=("FROM", "TO"),
+                       help="the not-closed hours FROM..TO (inclusive, YYYY-MM-DDTHH)")
     parser.add_argument("--workers", type=int, default=1, help="Luigi workers (default 1)")
-    parser.add_argument("--local-scheduler", action="store_true", help="do not use luigid")
+    _common(parser)
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.backfill and args.backfill[0] > args.backfill[1]:
+        parser.error("--backfill FROM TO: FROM is after TO")
     hour = args.hour or hours.last_complete_hour()
-    if hour > hours.last_complete_hour():
-        parser.error(f"{hours.format_hour(hour)} UTC has not ended yet")
-    run_luigi(["HourlyBackup", "--hour", hours.format_hour(hour), "--workers", str(args.workers)],
-              args.local_scheduler)
+
+    def one(h):
+        return runs.run_hour(parser.prog, h, ["HourlyBackup", "--hour", hours.format_hour(h)], args.workers,
+                             args.local_scheduler)
+
+    def several():
+        missing = (runs.catch_up_hours(first=args.backfill[0], last=args.backfill[1]) if args.backfill
+                   else runs.catch_up_hours(args.catch_up))
+        if not missing:
+            return 0, "nothing to run: every hour is closed, idle or before its deadline"
+        results = [(h, *one(h)) for h in missing]
+        return max(code for _, code, _ in results), "; ".join(
+            f"{hours.format_hour(h)} {words} (exit {code})" for h, code, words in results)
+
+    if args.catch_up or args.backfill:
+        what = (f"catch-up {args.catch_up} h" if args.catch_up else
+                f"backfill {hours.format_hour(args.backfill[0])}..{hours.format_hour(args.backfill[1])}")
+        _pipeline(parser.prog, args, what, several)
+    else:
+        _pipeline(parser.prog, args, f"hour {hours.format_hour(hour)}", lambda: _ended(hour) or one(hour))

@@ -10,6 +10,9 @@ import luigi
 class state(luigi.Config):
     root = luigi.Parameter(default="/var/lib/ganymede",
                            description="State root: upload/, archives/, quarantine/, state/, extracts/, backup/")
+    log_file = luigi.Parameter(default="",
+                               description="Where pipeline commands write their details (timestamps, tracebacks); "
+                                           "empty: <root>/log/ganymede.log. [core] logging_conf_file wins if set")
 
 
 class mysql(luigi.Config):
@@ -103,6 +106,9 @@ class extract(luigi.Config):
                                                          "network errors, 408, 429, 5xx)")
     retry_wait_seconds = luigi.FloatParameter(default=5.0, description="Wait before the second attempt, doubled for "
                                                                        "each later one (a numeric Retry-After wins)")
+    deliver_empty = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                        description="Deliver an extract holding no rows (an hour without agent "
+                                                    "data) when the vendor's contract asks for one file per hour")
 
 
 class alerts(luigi.Config):

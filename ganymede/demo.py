@@ -2,12 +2,21 @@
 
 Three demo GEOs get generated stats in their own MariaDB databases; the API
 runs as a subprocess; each agent collects its hour and uploads it; then the
-cron command itself (`luigi --module ganymede.tasks HourlyBackup --hour H`)
-runs the whole graph through luigid. The demo owns `--dir` (config, state,
-spools) and the `ganymede_demo*` databases, and starts from scratch each time.
+cron command itself (`ganymede-hourly-backup --hour H`) runs the whole graph
+through the demo's own luigid, which stays up afterwards so the graph can be
+looked at.
+
+Every name the demo uses comes from its directory (`--dir`, a hash of its
+absolute path): MySQL and MongoDB databases, buckets, ports, its luigid. Two
+checkouts on one machine never see each other's demo. Each run first removes
+what the previous run of the same directory made, and it never talks to a
+process on its API port that it did not start.
 """
+import hashlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,20 +27,38 @@ from . import config, datasets, generator, hours, markers, status
 from .paths import StateRoot
 from .stores import mongo, mysql, txlog
 from .stores.s3 import bucket_name, connect as s3_connect
-from .tasks import HourlyBackup
 
-DEMO_DB = "ganymede_demo"
 GEOS = ("eu-west", "us-east", "ap-south", "eu-north", "us-west", "sa-east")
 MONGO_URI = os.environ.get("GANYMEDE_TEST_MONGO_URI", "mongodb://127.0.0.1:27017/")
 S3_ENDPOINT = os.environ.get("GANYMEDE_S3_ENDPOINT", "http://127.0.0.1:9000")
-API_PORT = 8751
+API_PORT = 8751  # the default of start_api's callers (bench); the demo itself takes a free port
 
 
 def _bin(name):
     return os.path.join(os.path.dirname(sys.executable), name)
 
 
-def write_demo_config(base):
+def names(base):
+    """Everything the demo of directory `base` creates, named after that directory."""
+    tag = hashlib.sha256(os.path.abspath(base).encode()).hexdigest()[:8]
+    return {"db": f"ganymede_demo_{tag}", "bucket_prefix": f"gd-{tag}-"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_answers(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def write_demo_config(base, api_port, luigid_port):
     """The demo's own luigi.cfg and a 0600 .s3curl (moto accepts any key pair)."""
     home = os.path.join(base, "home")
     os.makedirs(home, exist_ok=True)
@@ -39,80 +66,131 @@ def write_demo_config(base):
     with open(os.open(s3curl, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write("%awsSecretAccessKeys = (\n    demo => { id => 'demo-access-key', key => 'demo-secret-key' },\n);\n")
     os.chmod(s3curl, 0o600)
+    named = names(base)
     path = os.path.join(base, "luigi.cfg")
     with open(path, "w") as f:
         f.write(f"""[core]
 scheduler_host = 127.0.0.1
-scheduler_port = {os.environ.get("GANYMEDE_LUIGID_PORT", "8082")}
+scheduler_port = {luigid_port}
 autoload_range = true
-[retcode]
-already_running = 10
-missing_data = 20
-not_run = 25
-task_failed = 30
-scheduling_error = 35
-unhandled_exception = 40
 [state]
 root = {os.path.join(base, "state")}
+log_file = {os.path.join(base, "ganymede.log")}
 [mysql]
 host = 127.0.0.1
 port = 3306
 user = root
 option_file =
-database = {DEMO_DB}
+database = {named["db"]}
 [mongodb]
 uri = {MONGO_URI}
-database = {DEMO_DB}
+database = {named["db"]}
 [s3]
 endpoint_url = {S3_ENDPOINT}
 s3curl_path = {s3curl}
 profile = demo
-bucket_template = ganymede-demo-{{yyyymmddhh}}
+bucket_template = {named["bucket_prefix"]}{{yyyymmddhh}}
 [api]
-port = {API_PORT}
+port = {api_port}
 [extract]
 deadline_minutes = 45
 """)
     return path, home
 
 
+def stop_own(pid_file, marker):
+    """Stop the process a previous demo started (pid file), only if its command line still names `marker`."""
+    try:
+        pid = int(open(pid_file).read().strip())
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        if os.path.exists(pid_file):
+            os.unlink(pid_file)
+        return
+    if marker in cmdline:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.1)
+    os.unlink(pid_file)
+
+
+def start_luigid(base):
+    """The demo's own luigid (deploy/luigid.cfg, state in <dir>/luigid) on a free port; left running."""
+    state = os.path.join(base, "luigid")
+    stop_own(os.path.join(base, "luigid.pid"), state)
+    shutil.rmtree(state, ignore_errors=True)
+    os.makedirs(state)
+    repo_cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "luigid.cfg")
+    with open(repo_cfg) as f:
+        text = f.read().replace("/var/lib/ganymede/luigid", state)
+    with open(os.path.join(state, "luigid.cfg"), "w") as f:
+        f.write(text)
+    port = free_port()
+    proc = launch([_bin("luigid"), "--address", "127.0.0.1", "--port", str(port), "--logdir", state,
+                   "--state-path", os.path.join(state, "state.pickle")],
+                  dict(os.environ, LUIGI_CONFIG_PATH=os.path.join(state, "luigid.cfg")),
+                  os.path.join(state, "luigid.out"), f"http://127.0.0.1:{port}/api/task_list?data={{}}", state)
+    markers.write_bytes(os.path.join(base, "luigid.pid"), f"{proc.pid}\n".encode())
+    return port
+
+
 def reset(base, agents):
-    """Start from nothing: the demo's databases, Mongo database and state are removed."""
+    """Start from nothing: what the previous demo of this directory made (databases, buckets, state) goes."""
+    named = names(base)
     with closing(generator.connect()) as conn, conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{DEMO_DB}`")
-    for geo in GEOS[:agents]:
-        generator.drop_database(geo_db(geo))
+        cur.execute(f"DROP DATABASE IF EXISTS `{named['db']}`")
+    for geo in GEOS:
+        generator.drop_database(geo_db(base, geo))
     client, _ = mongo.connect(config.mongodb())
     with closing(client):
-        client.drop_database(DEMO_DB)
+        client.drop_database(named["db"])
+    s3 = s3_connect(config.s3()).client
+    for bucket in s3.list_buckets().get("Buckets", []):
+        if bucket["Name"].startswith(named["bucket_prefix"]):
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
+                for obj in page.get("Contents", []):
+                    s3.delete_object(Bucket=bucket["Name"], Key=obj["Key"])
+            s3.delete_bucket(Bucket=bucket["Name"])
     for sub in ("state", "spool", "agents"):
         shutil.rmtree(os.path.join(base, sub), ignore_errors=True)
     os.makedirs(os.path.join(base, "agents"))
 
 
-def geo_db(geo):
-    return f"{DEMO_DB}_geo_{geo.replace('-', '_')}"
+def geo_db(base, geo):
+    return f"{names(base)['db']}_geo_{geo.replace('-', '_')}"
 
 
 def start_api(env, log_path, port=API_PORT):
-    """`ganymede-api` with `env` (its luigi.cfg must say `port`), once /healthz answers: (process, base URL)."""
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([_bin("ganymede-api")], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    """`ganymede-api` with `env` (its luigi.cfg must say `port`), once /healthz answers: (process, base URL).
+
+    A process already answering on the port is not ours: refused, never reused.
+    """
+    if port_answers(port):
+        raise SystemExit(f"port {port} is taken by a process this run did not start; stop it or choose another port")
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
+    return launch([_bin("ganymede-api")], env, log_path, url + "/healthz", None), url
+
+
+def launch(argv, env, log_path, ready_url, cwd):
+    """Start `argv` in its own session, output to `log_path`; return it once `ready_url` answers."""
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    name = os.path.basename(argv[0])
+    for _ in range(150):
         if proc.poll() is not None:
-            raise SystemExit(f"ganymede-api exited {proc.returncode}; see {log_path}")
+            raise SystemExit(f"{name} exited {proc.returncode}; see {log_path}")
         try:
-            urllib.request.urlopen(url + "/healthz", timeout=1).read()
-            return proc, url
+            urllib.request.urlopen(ready_url, timeout=1).read()
+            return proc
         except OSError:
             time.sleep(0.1)
     proc.kill()
-    raise SystemExit(f"ganymede-api did not answer on {url}; see {log_path}")
+    raise SystemExit(f"{name} did not answer on {ready_url}; see {log_path}")
 
 
-def summary(hour, base):
+def summary(hour, base, api_port, luigid_port):
     root = StateRoot(config.state().root)
     client, db = mongo.connect(config.mongodb())
     with closing(client):
@@ -121,7 +199,8 @@ def summary(hour, base):
     bucket = bucket_name(config.s3().bucket_template, hour)
     objects = s3_connect(config.s3()).list_objects(bucket)
     lines = [f"Demo hour {hours.format_hour(hour)} (UTC) is done.",
-             "MongoDB database %s: %s" % (DEMO_DB, ", ".join(f"{k} {v} documents" for k, v in counts.items())),
+             "MongoDB database %s: %s" % (config.mongodb().database,
+                                          ", ".join(f"{k} {v} documents" for k, v in counts.items())),
              f"Extract: {root.extract(hour)} ({sum(manifest['counts'].values())} rows, sha256 {manifest['sha256'][:12]}…)",
              f"  delivered to {manifest['delivered_to']}",
              f"Bucket {bucket} at {config.s3().endpoint_url}: {len(objects)} objects"]
@@ -129,48 +208,55 @@ def summary(hour, base):
     with closing(mysql.connect(config.mysql())) as conn:
         (row,) = status.hours_status(conn, root, hour, hour, config.extract().deadline_minutes,
                                      config.alerts().overdue_minutes)
+    config_path = os.path.join(base, "luigi.cfg")
     lines += [f"Archives moved to {os.path.join(root.root, 'archives')}",
-              f"Status (`ganymede status`): {row.line()}",
-              f"Status page: LUIGI_CONFIG_PATH={os.path.join(base, 'luigi.cfg')} ganymede-api, then "
-              f"http://127.0.0.1:{API_PORT}/status (user admin, password from `ganymede admin-token NAME`)",
-              f"Dependency graph: http://127.0.0.1:{os.environ.get('GANYMEDE_LUIGID_PORT', '8082')}"
-              f"/static/visualiser/index.html#tab=graph&taskId={HourlyBackup(hour=hour).task_id}"]
+              f"Status (`ganymede --config {config_path} status`): {row.line()}",
+              f"Status page: ganymede-api --config {config_path}, then http://127.0.0.1:{api_port}/status "
+              f"(user admin, password from `ganymede --config {config_path} admin-token NAME`)",
+              f"Dependency graph (the demo's own luigid, still running): "
+              f"{status.graph_url(f'http://127.0.0.1:{luigid_port}', hour)}"]
     return "\n".join(lines)
 
 
 def main(args):
+    from . import configfile
     base = os.path.abspath(args.dir)
-    cfg_path, home = write_demo_config(base)
+    if args.stop:
+        stop_own(os.path.join(base, "luigid.pid"), os.path.join(base, "luigid"))
+        return 0
+    os.makedirs(base, exist_ok=True)
+    luigid_port = start_luigid(base)
+    api_port = free_port()
+    cfg_path, home = write_demo_config(base, api_port, luigid_port)
     env = dict(os.environ, LUIGI_CONFIG_PATH=cfg_path, HOME=home)
-    os.environ.update(LUIGI_CONFIG_PATH=cfg_path)
-    from luigi.configuration import add_config_path
-    add_config_path(cfg_path)
+    configfile.use(cfg_path)
     hour = hours.last_complete_hour()
     print(f"Ganymede demo: hour {hours.format_hour(hour)} UTC, {args.agents} agents, state in {base}")
     reset(base, args.agents)
     mysql.upgrade(config.mysql())
-    api, url = start_api(env, os.path.join(base, "api.log"))
+    api, url = start_api(env, os.path.join(base, "api.log"), api_port)
     try:
         for n, geo in enumerate(GEOS[: args.agents]):
             agent_id = f"demo-{geo}"
             with closing(mysql.connect(config.mysql())) as conn:
                 token = txlog.add_agent(conn, agent_id, geo, expected_from=hour)
-            with closing(generator.create_database(geo_db(geo))) as conn:
+            with closing(generator.create_database(geo_db(base, geo))) as conn:
                 generator.generate_hour(conn, hour, seed=n)
             agent_cfg = generator.write_agent_config(
-                os.path.join(base, "agents", f"{agent_id}.cfg"), api_url=url, agent_id=agent_id, token=token, geo=geo, database=geo_db(geo),
-                spool_dir=os.path.join(base, "spool", agent_id))
+                os.path.join(base, "agents", f"{agent_id}.cfg"), api_url=url, agent_id=agent_id, token=token,
+                geo=geo, database=geo_db(base, geo), spool_dir=os.path.join(base, "spool", agent_id))
             subprocess.run([_bin("ganymede-agent"), "--config", agent_cfg, "--hour", hours.format_hour(hour)],
                            env=env, check=True)
-        argv = [_bin("luigi"), "--module", "ganymede.tasks", "HourlyBackup", "--hour", hours.format_hour(hour),
-                "--workers", "2", "--log-level", "INFO"] + (["--local-scheduler"] if args.local_scheduler else [])
-        print("$ luigi " + " ".join(argv[1:]))
+        argv = [_bin("ganymede-hourly-backup"), "--hour", hours.format_hour(hour), "--workers", "2"]
+        argv += ["--local-scheduler"] if args.local_scheduler else []
+        print("$ " + " ".join(["ganymede-hourly-backup", *argv[1:]]), flush=True)
         code = subprocess.run(argv, env=env).returncode
         if code != 0:
-            print(f"ganymede demo: the pipeline exited {code}", file=sys.stderr)
+            print(f"ganymede demo: the pipeline exited {code}; details in {os.path.join(base, 'ganymede.log')}",
+                  file=sys.stderr)
             return code
     finally:
         api.terminate()
         api.wait(10)
-    print(summary(hour, base))
+    print(summary(hour, base, api_port, luigid_port))
     return 0

@@ -95,5 +95,17 @@ class StateRoot:
         """A glob pattern matching every archive of the hour still in upload/ (<agent>/<tx>.tar.gz)."""
         return os.path.join(glob.escape(self.hour_uploads(hour)), "*", "*.tar.gz")
 
+    def hour_lock(self, hour):
+        """locks/YYYY/MM/DD/HH.lock: held (flock) by the run that works on the hour."""
+        return self._join("locks", hour_dir(hour) + ".lock")
+
+    def hour_work_dirs(self, hour):
+        """The directories only the hour's own runs write into (a crash's .tmp-* files there are the hour's)."""
+        return [self.hour_state(hour), os.path.dirname(self.backup_dump(hour))]
+
+    def day_extracts(self, hour):
+        """extracts/YYYY/MM/DD: shared by the day's 24 hours."""
+        return os.path.dirname(self.extract(hour))
+
     def tmp(self):
         return self._join("tmp")

@@ -72,3 +72,23 @@ def test_admin_token_is_printed_once_and_works(genv):
     token = result.stdout.strip().splitlines()[-1]
     with genv.mysql() as conn:
         assert txlog.authenticate_admin(conn, token) and not txlog.authenticate_admin(conn, token + "x")
+
+
+def test_transactions_of_an_hour_with_where_their_archives_are_now(genv, mongo_up, s3_up):
+    import luigi
+    from datetime import datetime
+    from conftest import completed_transaction
+    from ganymede.tasks import HourlyBackup
+    hour = datetime(2026, 11, 30, 5)
+    first = completed_transaction(genv, "agent-a", hour)
+    assert luigi.build([HourlyBackup(hour=hour)], local_scheduler=True)  # moves the archive to archives/
+    late = completed_transaction(genv, "agent-b", hour)
+    result = ganymede(genv, "transactions", "--hour", "2026-11-30T05")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{first['transaction_id']}  agent-a               completed   "
+        f"archives/2026/11/30/05/agent-a/{first['transaction_id']}.tar.gz",
+        f"{late['transaction_id']}  agent-b               completed   "
+        f"upload/2026/11/30/05/agent-b/{late['transaction_id']}.tar.gz"]
+    empty = ganymede(genv, "transactions", "--hour", "2026-11-30T06")
+    assert empty.returncode == 0 and empty.stdout == "no transaction for 2026-11-30T06\n"

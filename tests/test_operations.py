@@ -1,8 +1,6 @@
-"""Operating it: RangeHourly catch-up, luigid's graph/history/metrics, and the crontab lines."""
+"""Operating it: RangeHourly backfills, luigid's graph/history/metrics (the crontab lines: test_cron.py)."""
 import json
 import os
-import re
-import shlex
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +11,6 @@ from datetime import timedelta
 
 import luigi
 import pytest
-from luigi.cmdline_parser import CmdlineParser
 from luigi.tools.range import RangeHourly
 
 from ganymede import hours
@@ -100,47 +97,3 @@ def test_luigid_shows_the_hour_graph_and_records_history(genv, luigid, mongo_up,
     with sqlite3.connect(state / "task-history.db") as db:
         names = {r[0] for r in db.execute("SELECT name FROM tasks")}
     assert "HourlyBackup" in names
-
-
-def crontab_entries(path):
-    for line in open(path):
-        line = line.strip()
-        if not line or line.startswith("#") or re.match(r"^[A-Z_]+=", line):
-            continue
-        yield line.split(None, 5)
-
-
-FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\d+(-\d+)?))*$")
-
-
-@pytest.mark.parametrize("crontab", ["ganymede.crontab", "stats.crontab"])
-def test_crontab_lines_parse_and_their_commands_exist(crontab, genv):
-    entries = list(crontab_entries(os.path.join(REPO, "cron", crontab)))
-    assert entries
-    for *fields, command in entries:
-        assert len(fields) == 5 and all(FIELD.match(f) for f in fields), fields
-        if crontab == "stats.crontab" and fields and command.split()[0] == "stats":
-            command = command.split(None, 1)[1]
-        expanded = expand_date(command.replace("\\%", "%"))
-        argv = shlex.split(expanded.split(">>")[0])
-        assert os.path.exists(os.path.join(BIN, argv[0])), f"{argv[0]} is not installed"
-        if argv[0] == "luigi":
-            with CmdlineParser.global_instance(argv[3:] if argv[1] == "--module" else argv[1:]) as parser:
-                task = parser.get_task_obj()
-            assert task.task_family in ("HourlyBackup", "RangeHourly")
-        else:
-            subprocess.run([os.path.join(BIN, argv[0]), "--help"], check=True, capture_output=True)
-
-
-def expand_date(command):
-    """Run each $(date …) of a crontab line as the shell would, in UTC."""
-    return re.sub(r"\$\((date [^)]*)\)",
-                  lambda m: subprocess.run(m.group(1), shell=True, capture_output=True, text=True,
-                                           env=dict(os.environ, TZ="UTC"), check=True).stdout.strip(), command)
-
-
-def test_crontab_hour_is_the_last_complete_utc_hour():
-    line = next(c for *_, c in crontab_entries(os.path.join(REPO, "cron", "ganymede.crontab")) if "HourlyBackup" in c
-                and "RangeHourly" not in c)
-    hour = re.search(r"--hour (\S+)", expand_date(line.replace("\\%", "%"))).group(1)
-    assert hours.parse_hour(hour) in (hours.last_complete_hour(), hours.last_complete_hour() - timedelta(hours=1))

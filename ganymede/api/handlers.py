@@ -11,9 +11,10 @@ from ..stores import txlog
 from ..stores.pool import MySQLPool
 from .base import ApiError, ApiSettings, BaseHandler, Traffic, hour_arg, transaction_id_arg
 from .health import HealthHandler
+from .status_page import StatusPageHandler
 from .uploads import ArchiveHandler, CompleteHandler
 
-__all__ = ["ApiError", "ApiSettings", "BaseHandler", "make_app"]  # BaseHandler: status_page imports it from here
+__all__ = ["ApiError", "ApiSettings", "make_app"]
 _STATES = ("created", "uploaded", "completed", "failed", "superseded")
 
 
@@ -106,7 +107,6 @@ class NotFoundHandler(BaseHandler):
 
 def make_app(api):
     """The Application for an ApiSettings; `app.pool.clear()` closes its connections."""
-    from .status_page import StatusPageHandler  # it builds on BaseHandler
     pool = MySQLPool(api.mysql, api.mysql_connections)
     args = {"api": api, "pool": pool, "traffic": Traffic(api.auth_failures_per_minute)}
     app = tornado.web.Application([

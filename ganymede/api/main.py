@@ -9,10 +9,9 @@ import ssl
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import luigi.configuration
 from tornado.httpserver import HTTPServer
 
-from .. import config
+from .. import config, configfile
 from ..archives import Limits
 from ..errors import ConfigError
 from ..paths import StateRoot
@@ -123,16 +122,14 @@ async def sweep_every(app, settings, interval):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="ganymede-api", description="The Ganymede agent API daemon.")
-    parser.add_argument("--config", help="luigi.cfg to read (default: LUIGI_CONFIG_PATH or luigi's usual paths)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="the one config file read (default: LUIGI_CONFIG_PATH, else /etc/ganymede/luigi.cfg)")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    if args.config:
-        if not os.path.isfile(args.config):
-            parser.error(f"no such config file: {args.config}")
-        luigi.configuration.add_config_path(args.config)
     try:
+        configfile.use(args.config)
         api = config.api()
         for name in ("sweep_minutes", "validation_workers", "completes_per_agent", "auth_failures_per_minute"):
             if getattr(api, name) < 1:

@@ -1,61 +1,133 @@
-"""The status page: `ganymede status` as a grid of hours × stages, for admins.
+"""The status page: `ganymede status` as a grid of hours × stages, for admins, and a page per hour.
 
-Same rows as the CLI (ganymede.status), rendered as HTML that refreshes itself.
+Same rows as the CLI (ganymede.status), rendered as HTML that refreshes itself;
+`/status?hour=H` is `ganymede status --hour H` with the extract rounds, the
+bucket's objects and a link to the hour's graph in luigid.
 Browsers cannot send a bearer header, so the admin token is also accepted as
 the password of HTTP basic auth (user `admin`).
 """
 import base64
 import binascii
+import glob
 import html
+import os
 from datetime import timedelta
 
-from .. import hours, status
+from .. import hours, markers, runs, status
+from ..errors import HourError
 from ..stores import txlog
-from .handlers import ApiError, BaseHandler
+from .base import ApiError, BaseHandler
 
-COLOURS = {"done": "#2e7d32", "partial": "#f9a825", "pending": "#9e9e9e", "failed": "#c62828",
-           "late": "#ef6c00", "closed": "#2e7d32", "waiting": "#1565c0", "open": "#f9a825", "overdue": "#ef6c00",
-           "idle": "#cfd8dc"}
+# (background, text) per cell class; every pair reaches WCAG AA contrast (4.5:1) for normal text
+COLOURS = {"done": ("#2e7d32", "#ffffff"), "partial": ("#f9a825", "#000000"), "pending": ("#e0e0e0", "#212121"),
+           "failed": ("#c62828", "#ffffff"), "late": ("#ef6c00", "#000000"), "closed": ("#2e7d32", "#ffffff"),
+           "waiting": ("#1565c0", "#ffffff"), "open": ("#f9a825", "#000000"), "overdue": ("#ef6c00", "#000000"),
+           "idle": ("#eceff1", "#37474f"), "no-data": ("#6a1b9a", "#ffffff")}
+PAGE_COLOURS = {"header": ("#263238", "#ffffff"), "hour": ("#eceff1", "#000000"), "body": ("#ffffff", "#212121"),
+                "link": ("#ffffff", "#0d47a1")}
+
+
+def css_class(verdict):
+    return verdict.replace(" ", "-")
 
 
 def cells(row):
     """(stage, text, colour class) for each column of one hour."""
     def ratio(n, d):
         return "done" if d and n == d else ("partial" if n else "pending")
-    agents = ratio(len(row.arrived), len(row.expected)) if row.expected else ("done" if row.arrived else "pending")
-    extract = {"on time": "done", "after deadline": "late"}.get(row.extract, "pending")
+    arrived = len(row.arrived_expected)
+    agents = ratio(arrived, len(row.expected)) if row.expected else ("done" if row.arrived else "pending")
+    extract = {"on time": "done", "after deadline": "late", "no data": "no-data"}.get(row.extract, "pending")
     backup = "done" if row.backup == "done" else ("partial" if row.backup.startswith("reopened") else "pending")
     failed = "failed" if row.failures else None
     return [
-        ("agents", f"{len(row.arrived)}/{len(row.expected)}", agents),
+        ("agents", row.agents_text(), agents),
         ("staged", f"{row.staged}/{row.transactions}", ratio(row.staged, row.transactions)),
         ("loaded", f"{row.loaded}/{row.transactions}", ratio(row.loaded, row.transactions)),
         ("extract", row.extract + (f" +{row.supplementary}" if row.supplementary else ""), extract),
         ("backup", row.backup, failed or backup),
-        ("verdict", row.verdict + (f": {', '.join(row.failures)}" if row.failures else ""), row.verdict),
+        ("verdict", row.verdict + (f": {', '.join(row.failures)}" if row.failures else ""), css_class(row.verdict)),
     ]
+
+
+def _page(title, body, refresh_seconds):
+    style = "".join(f".{name}{{background:{bg};color:{fg}}}" for name, (bg, fg) in COLOURS.items())
+    (hbg, hfg), (rbg, rfg), (bbg, bfg), (_, link) = (PAGE_COLOURS[k] for k in ("header", "hour", "body", "link"))
+    refresh = f'<meta http-equiv="refresh" content="{refresh_seconds}">' if refresh_seconds else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">{refresh}
+<title>{html.escape(title)}</title>
+<style>body{{font:14px sans-serif;margin:1.5em;background:{bbg};color:{bfg}}}table{{border-collapse:collapse}}
+th,td{{padding:.35em .8em;border:1px solid #fff;text-align:left}}thead th{{background:{hbg};color:{hfg}}}
+tbody th{{background:{rbg};color:{rfg};font-family:monospace}}a{{color:{link}}}
+.detail td,.detail th{{border:1px solid #cfd8dc}}
+#verdict{{white-space:pre;font-family:monospace;padding:.4em .8em;display:inline-block}}{style}</style></head>
+<body>{body}</body></html>
+"""
 
 
 def render(rows, refresh_seconds=30):
     header = "".join(f"<th>{stage}</th>" for stage, _, _ in cells(rows[0])) if rows else ""
     body = "\n".join(
-        f'<tr data-hour="{hours.format_hour(r.hour)}"><th>{hours.format_hour(r.hour)}</th>'
+        f'<tr data-hour="{hours.format_hour(r.hour)}"><th><a href="/status?hour={hours.format_hour(r.hour)}">'
+        f'{hours.format_hour(r.hour)}</a></th>'
         + "".join(f'<td class="{cls}" data-stage="{stage}">{html.escape(text)}</td>' for stage, text, cls in cells(r))
         + "</tr>" for r in rows)
-    style = "".join(f".{name}{{background:{colour};color:#fff}}" for name, colour in COLOURS.items())
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{refresh_seconds}">
-<title>Ganymede status</title>
-<style>body{{font:14px sans-serif;margin:1.5em}}table{{border-collapse:collapse}}
-th,td{{padding:.35em .8em;border:1px solid #fff;text-align:left}}thead th{{background:#263238;color:#fff}}
-tbody th{{background:#eceff1;font-family:monospace}}{style}</style></head>
-<body><h1>Ganymede: the last {len(rows)} hours (UTC)</h1>
-<p>Generated {hours.now():%Y-%m-%d %H:%M:%S} UTC; refreshes every {refresh_seconds} s.</p>
+    return _page("Ganymede status", f"""<h1>Ganymede: the last {len(rows)} hours (UTC)</h1>
+<p>Generated {hours.now():%Y-%m-%d %H:%M:%S} UTC; refreshes every {refresh_seconds} s. An hour's link opens its
+detail.</p>
 <table id="grid"><thead><tr><th>hour</th>{header}</tr></thead>
 <tbody>
 {body}
-</tbody></table></body></html>
-"""
+</tbody></table>""", refresh_seconds)
+
+
+def _table(id_, headers, rows):
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="detail" id="{id_}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def hour_facts(root, hour):
+    """The hour's extract rounds and bucket objects, from its manifests and backup marker (no S3 call)."""
+    rounds = []
+    for path in sorted(glob.glob(root.extract_manifests_glob(hour))):
+        m = markers.read_json(path)
+        rounds.append((m.get("round"), m.get("file"), sum((m.get("counts") or {}).values()),
+                       len(m.get("transactions", [])), "yes" if m.get("delivery") else "no (no data)"))
+    backup = markers.read_json(root.hour_marker(hour, "backup")) if os.path.exists(root.hour_marker(hour, "backup")) \
+        else {}
+    objects = [(o["key"], o["size"]) for o in backup.get("objects", [])]
+    return sorted(rounds, key=lambda r: r[0]), backup.get("bucket"), objects
+
+
+def render_hour(row, transactions, root, graph, refresh_seconds=30):
+    """One hour in detail: agents by name, transactions, failures with reasons, extract rounds, bucket, graph."""
+    h = hours.format_hour(row.hour)
+    rounds, bucket, objects = hour_facts(root, row.hour)
+    missing = [a for a in row.expected if a not in row.arrived]
+    agents = [(a, "sent" if a in row.arrived else "missing", "yes") for a in row.expected] + [
+        (a, "sent", "no") for a in row.unexpected]
+    failures = "".join(f"<li><b>{html.escape(f)}</b>: {html.escape(r)}</li>" for f, r in sorted(row.reasons.items()))
+    txs = [(t["transaction_id"], t["agent_id"], t["state"],
+            os.path.relpath(t["location"], root.root) if t.get("location") else "(no archive)",
+            " ".join(str(t.get("error") or "").split())) for t in transactions]
+    body = f"""<p><a href="/status">all hours</a></p>
+<h1>Ganymede: hour {h} (UTC)</h1>
+<p id="verdict" class="{css_class(row.verdict)}" data-verdict="{html.escape(row.verdict)}">{html.escape(row.line())}</p>
+<p><a id="graph" href="{html.escape(graph)}">dependency graph in luigid</a></p>
+<h2>Agents ({len(row.arrived_expected)} of {len(row.expected)} expected; missing: {html.escape(', '.join(missing) or
+'none')})</h2>
+{_table("agents", ("agent", "data", "expected"), agents)}
+<h2>Failures</h2>
+{f'<ul id="failures">{failures}</ul>' if failures else '<p id="failures">none</p>'}
+<h2>Transactions</h2>
+{_table("transactions", ("transaction", "agent", "state", "archive", "reason"), txs)}
+<h2>Extract rounds</h2>
+{_table("rounds", ("round", "file", "rows", "transactions", "delivered"), rounds)}
+<h2>Bucket {html.escape(bucket or "(not backed up yet)")}</h2>
+{_table("objects", ("key", "bytes"), objects)}"""
+    return _page(f"Ganymede {h}", body, refresh_seconds)
 
 
 class StatusPageHandler(BaseHandler):
@@ -77,10 +149,25 @@ class StatusPageHandler(BaseHandler):
     async def get(self):
         token = self.basic_or_bearer()
         if not token or not await self.db(txlog.authenticate_admin, token):
-            raise ApiError(401, "admin token required (basic auth: user admin, password the token)")
+            raise self.refuse_token("admin token required (basic auth: user admin, password the token)")
+        hour_arg = self.get_argument("hour", None)
+        if hour_arg is not None:
+            try:
+                hour = hours.parse_hour(hour_arg)
+            except HourError as exc:
+                raise ApiError(400, str(exc)) from None
+            self.set_header("Content-Type", "text/html; charset=UTF-8")
+            self.finish(await self.db(lambda conn: self.hour_page(conn, hour)))
+            return
         last = hours.last_complete_hour()
         first = last - timedelta(hours=self.api.status_hours - 1)
         rows = await self.db(lambda conn: status.hours_status(conn, self.api.state, first, last,
                                                               self.api.deadline_minutes, self.api.overdue_minutes))
         self.set_header("Content-Type", "text/html; charset=UTF-8")
         self.finish(render(rows))
+
+    def hour_page(self, conn, hour):
+        (row,) = status.hours_status(conn, self.api.state, hour, hour, self.api.deadline_minutes,
+                                     self.api.overdue_minutes)
+        transactions = status.hour_transactions(conn, self.api.state, hour)
+        return render_hour(row, transactions, self.api.state, status.graph_url(runs.scheduler_url(), hour))

@@ -414,7 +414,8 @@ class GlassbeamExtract(luigi.Task):
             lines = extract_lines(db, self.hour, tx_ids, select_in_query=self.round > 0)
             sha256, size, by_dataset, by_agent = write_extract(path, lines)
         cfg = config.extract()
-        delivery = deliver(path, sha256, self.hour, self.round, cfg)
+        # an hour without agent data sends the vendor nothing (status: no data), unless the contract wants a file
+        delivery = deliver(path, sha256, self.hour, self.round, cfg) if tx_ids or cfg.deliver_empty else None
         markers.write_json(self.output().path, {
             "hour": hours.format_hour(self.hour), "round": self.round, "file": os.path.basename(path),
             "sha256": sha256, "bytes": size, "counts": by_dataset, "agents": by_agent,
@@ -423,5 +424,5 @@ class GlassbeamExtract(luigi.Task):
             else [],
             "completed_by": max((t["completed_at"] for t in transactions), default=None),
             "after_deadline": hours.now() >= hours.deadline(self.hour, cfg.deadline_minutes),
-            "delivered_to": delivery["outbox"], "delivery": delivery,
+            "delivered_to": delivery and delivery["outbox"], "delivery": delivery,
         })

@@ -1,0 +1,51 @@
+"""Which luigi.cfg a `ganymede*` command reads: exactly one file.
+
+Luigi reads /etc/luigi/luigi.cfg, ./luigi.cfg and then LUIGI_CONFIG_PATH on
+top of each other, so a command started in a checkout picked up the
+checkout's [email] and mailed its receiver. Every command instead reads the
+file named by `--config`, else by LUIGI_CONFIG_PATH, else DEFAULT_PATH, and
+nothing else: Luigi's parser is emptied and filled from that one file (plain
+ConfigParser calls on the object `luigi.configuration.get_config()` returns).
+"""
+import configparser
+import os
+
+import luigi.configuration
+
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/ganymede/luigi.cfg"
+
+
+def chosen_path(option=None, environ=None):
+    """(path, where the name came from) by the rule above."""
+    environ = os.environ if environ is None else environ
+    if option:
+        return option, "--config"
+    if environ.get("LUIGI_CONFIG_PATH"):
+        return environ["LUIGI_CONFIG_PATH"], "LUIGI_CONFIG_PATH"
+    return DEFAULT_PATH, "the default"
+
+
+def use(option=None):
+    """Make the chosen file the only configuration of this process; returns its path.
+
+    Also exported as LUIGI_CONFIG_PATH, so a command this one starts reads the same file.
+    """
+    path, source = chosen_path(option)
+    if not os.path.isfile(path):
+        hint = "" if source != "the default" else "; give --config FILE or set LUIGI_CONFIG_PATH"
+        raise ConfigError(f"config file {path} ({source}) does not exist{hint}")
+    parser = luigi.configuration.get_config()
+    for section in parser.sections():
+        parser.remove_section(section)
+    for option_name in list(parser.defaults()):
+        parser.remove_option("DEFAULT", option_name)
+    try:
+        read = parser.read([path])
+    except (configparser.Error, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} ({source}): {exc}") from None
+    if not read:
+        raise ConfigError(f"config file {path} ({source}) cannot be read")
+    os.environ["LUIGI_CONFIG_PATH"] = os.path.abspath(path)
+    return path

@@ -1,0 +1,392 @@
+"""A pipeline run for one UTC hour, as cron and every manual command start it.
+
+Around Luigi's own run (`luigi --module ganymede.tasks …`, the same
+[retcode] exit codes) this adds what an operator needs:
+
+- a per-hour lock in the state root (flock, so the kernel drops it when the
+  run dies, kill -9 included): a second run of an hour, with or without
+  luigid, exits 10 naming the run that holds it, so no task of the hour runs
+  twice even with --local-scheduler;
+- the `.tmp-*` files a crashed run left in the hour's folders are removed
+  before the run starts (it holds the hour, so nobody else is writing them);
+- when luigid still counts the tasks of a run that died as running, the line
+  says which worker, since when it has been silent, and when luigid gives
+  its tasks back ([scheduler] worker_disconnect_delay);
+- logging: Luigi's details go to the log file with UTC timestamps (or where
+  [core] logging_conf_file says), the terminal gets them only with -v, and
+  every run ends with one line: when, the hour, the outcome and its reason,
+  the exit code and the duration.
+"""
+import fcntl
+import glob
+import json
+import logging
+import logging.config
+import os
+import socket
+import sys
+import time
+import urllib.parse
+import urllib.request
+from contextlib import closing
+from datetime import timedelta
+
+import luigi.configuration
+import luigi.interface
+import luigi.retcodes
+
+from . import config, hours, status
+from .errors import ConfigError, GanymedeError
+from .paths import StateRoot
+
+# The one table of exit codes: every --help prints it; README.md and docs/operations.md hold the same rows
+# (tests/test_docs.py compares them).
+EXIT_CODES = (
+    (0, "done, or nothing to do"),
+    (1, "nothing ran: a config error (a missing file is named); "
+        "for `ganymede` admin commands also a store unreachable"),
+    (2, "bad usage: an unknown option or a bad value (an hour not ended yet, a transaction not completed)"),
+    (3, "`ganymede alerts` found hours that need attention (listed, and mailed)"),
+    (10, "already running: another run holds the hour (named), or luigid still counts a dead run's tasks"),
+    (20, "waiting: expected agents missing before the deadline, or an archive not completed yet"),
+    (25, "not run: luigid did not hand this run the hour's tasks (the line says why)"),
+    (30, "a task failed: the line names the hour, the task and the reason"),
+    (35, "scheduling error: luigid not answering, or the graph could not be built "
+         "(e.g. MySQL unreachable; named)"),
+    (40, "unhandled exception: the log file has the traceback"),
+)
+RETCODES = {"already_running": 10, "missing_data": 20, "not_run": 25, "task_failed": 30, "scheduling_error": 35,
+            "unhandled_exception": 40}
+PROBE = "probe (is the hour held?)"
+LOG_FORMAT = "%(asctime)sZ %(name)s[%(process)d] %(levelname)s: %(message)s"
+
+log = logging.getLogger("ganymede.runs")
+
+
+def exit_code_help():
+    """The table for argparse epilogs."""
+    return "exit codes:\n" + "\n".join(f"  {code:>2}  {text}" for code, text in EXIT_CODES)
+
+
+def stamp():
+    return f"{hours.now():%Y-%m-%dT%H:%M:%SZ}"
+
+
+# --- the hour's lock ------------------------------------------------------------
+
+class HourLock:
+    """flock on locks/…/HH.lock; the holder's pid, command and start time are written inside for the next one."""
+
+    def __init__(self, root, hour):
+        self.path = root.hour_lock(hour)
+        self.file = None
+
+    def acquire(self, command):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.file = open(self.path, "a+")
+        if not self._flock():
+            self.file.close()
+            self.file = None
+            return False
+        self.file.truncate(0)
+        self.file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                    "since": stamp()}))
+        self.file.flush()
+        return True
+
+    def _flock(self):
+        """Non-blocking; a probe (held_by_someone) lets go at once, so it is waited for a little."""
+        for _ in range(20):
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if self.holder().get("command") != PROBE:
+                    return False
+                time.sleep(0.05)
+        return False
+
+    def holder(self):
+        try:
+            with open(self.path) as f:
+                return json.loads(f.read() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def release(self):
+        if self.file:
+            self.file.close()
+            self.file = None
+
+    def held_by_someone(self):
+        """True if another process holds the lock now (tried and let go at once)."""
+        if not os.path.exists(self.path):
+            return False
+        if self.acquire(PROBE):
+            self.release()
+            return False
+        return True
+
+
+def holder_text(holder):
+    if not holder:
+        return "another run"
+    return f"pid {holder.get('pid')} on {holder.get('host')} ({holder.get('command')}, since {holder.get('since')})"
+
+
+def remove_leftovers(root, hour):
+    """The .tmp-* files of a crashed run of the hour; the day's extract folder only when no hour of the day runs.
+
+    Called with the hour's lock held. Returns the paths removed.
+    """
+    found = []
+    for directory in root.hour_work_dirs(hour):
+        found += glob.glob(os.path.join(glob.escape(directory), "**", ".tmp-*"), recursive=True)
+    day = hours.floor_hour(hour).replace(hour=0)
+    others = [day + timedelta(hours=h) for h in range(24) if day + timedelta(hours=h) != hours.floor_hour(hour)]
+    if not any(HourLock(root, h).held_by_someone() for h in others):
+        found += glob.glob(os.path.join(glob.escape(root.day_extracts(hour)), ".tmp-*"))
+    for path in found:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+# --- checks before anything runs ----------------------------------------------
+
+def check_option_file():
+    """A configured MySQL option file that is missing is named as such (not 'Access denied … password: NO')."""
+    path = config.mysql().option_file
+    if path and not os.path.isfile(os.path.expanduser(path)):
+        raise ConfigError(f"[mysql] option_file {path} does not exist (it holds the MySQL password)")
+    if path and not os.access(os.path.expanduser(path), os.R_OK):
+        raise ConfigError(f"[mysql] option_file {path} is not readable by this user")
+
+
+def scheduler_url():
+    core = luigi.interface.core()
+    return core.scheduler_url or f"http://{core.scheduler_host}:{core.scheduler_port}"
+
+
+def luigid(method, **data):
+    """One call of luigid's HTTP API (what its visualiser uses); OSError/ValueError when it does not answer."""
+    query = urllib.parse.urlencode({"data": json.dumps(data)})
+    with urllib.request.urlopen(f"{scheduler_url().rstrip('/')}/api/{method}?{query}", timeout=10) as response:
+        return json.load(response)["response"]
+
+
+def luigid_holders(hour):
+    """Who luigid says runs the hour's tasks (the worker, whether its process lives, its last contact), or None.
+
+    Asked after this run ended, so any task of the hour still running belongs to another worker.
+    """
+    try:
+        running = luigid("task_list", status="RUNNING", search=hours.format_hour(hour))
+        workers = {w["name"]: w for w in luigid("worker_list")}
+    except (OSError, ValueError, KeyError):
+        return None
+    names = sorted({t.get("worker_running") for t in running.values() if t.get("worker_running")})
+    if not names:
+        return None
+    worker = workers.get(names[0], {})
+    tasks = ", ".join(sorted(t["name"] for t in running.values()))
+    where = f"pid {worker.get('pid')} on {worker.get('host')}"
+    last = time.strftime("%H:%M:%SZ", time.gmtime(worker.get("last_active", time.time())))
+    if worker.get("host") == socket.gethostname() and not pid_alive(worker.get("pid")):
+        return (f"luigid still counts {tasks} as run by worker {names[0]}, whose process ({where}) is gone; "
+                f"luigid gives its tasks back [scheduler] worker_disconnect_delay after its last contact at "
+                f"{last}: rerun then")
+    return f"luigid worker {names[0]} ({where}, last contact {last}) runs {tasks}"
+
+
+def pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+# --- logging ---------------------------------------------------------------------
+
+def setup_logging(verbose):
+    """Details to the log file (UTC timestamps) or per [core] logging_conf_file; the terminal only with -v.
+
+    Luigi is then told not to configure logging itself, and its exit codes are those of EXIT_CODES
+    whatever the file's [retcode] says (Luigi's defaults there are 0 for most outcomes).
+    """
+    parser = luigi.configuration.get_config()
+    conf_file = parser.get("core", "logging_conf_file", "")
+    root_logger = logging.getLogger()
+    if conf_file:
+        if not os.path.isfile(conf_file):
+            raise ConfigError(f"[core] logging_conf_file {conf_file} does not exist")
+        logging.config.fileConfig(conf_file, disable_existing_loggers=False)
+    else:
+        path = config.state().log_file or os.path.join(StateRoot(config.state().root).root, "log", "ganymede.log")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            handler = logging.FileHandler(path)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the log file {path} ([state] log_file): {exc.strerror or exc}") from None
+        formatter = logging.Formatter(LOG_FORMAT, "%Y-%m-%dT%H:%M:%S")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+        root_logger.addHandler(handler)
+        root_logger.setLevel(logging.INFO)
+    if verbose:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        root_logger.addHandler(stream)
+        root_logger.setLevel(logging.DEBUG)
+    for section, values in (("core", {"no_configure_logging": "true"}), ("retcode", RETCODES)):
+        if not parser.has_section(section):
+            parser.add_section(section)
+        for key, value in values.items():
+            parser.set(section, key, str(value))
+    return conf_file or path
+
+
+# --- one run ------------------------------------------------------------------------
+
+class Broken:
+    """The tasks whose complete() or requires() raised during a run (Luigi's BROKEN_TASK event): the reason of
+    a scheduling error, which leaves no failure marker."""
+
+    def __init__(self):
+        self.tasks = []
+        luigi.Task.event_handler(luigi.Event.BROKEN_TASK)(self.record)
+
+    def record(self, task, exception):
+        self.tasks.append(f"{task.task_family}: {type(exception).__name__}: {' '.join(str(exception).split())}"[:500])
+
+
+BROKEN = Broken()
+
+
+def luigi_run(task_args, workers=1, local_scheduler=False):
+    """`luigi --module ganymede.tasks <task_args>` in this process; returns Luigi's retcode.
+
+    Luigi's own pid lock (one process per identical command line) is off: the hour's lock replaces it,
+    and a catch-up runs several hours in one process.
+    """
+    argv = ["--module", "ganymede.tasks", *task_args, "--workers", str(workers), "--no-lock"]
+    argv += ["--local-scheduler"] if local_scheduler else []
+    BROKEN.tasks.clear()
+    try:
+        luigi.retcodes.run_with_retcodes(argv)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 40
+    return 0
+
+
+def outcome(code, hour, local_scheduler):
+    """(exit code, words) for a run that ended with Luigi's `code`: what happened to the hour and why.
+
+    Luigi's code is the highest of its outcomes, so a run that found the hour's tasks run by another worker
+    can end 20 or 25 (the tasks waiting on them were not run); luigid is asked, and the truth is 10.
+    """
+    held = None if local_scheduler or code not in (10, 20, 25) else luigid_holders(hour)
+    if held or code == 10:
+        return 10, "already running: " + (held or "another worker runs its tasks")
+    return code, outcome_words(code, hour)
+
+
+def outcome_words(code, hour):
+    root = StateRoot(config.state().root)
+    if code == 30:
+        reasons = status.failure_reasons(root, hour)
+        return "failed: " + ("; ".join(f"{f}: {r}" for f, r in sorted(reasons.items())) or "see the log file")
+    if code in (0, 20):
+        try:
+            row = hour_row(hour)
+        except GanymedeError as exc:
+            return ("done" if code == 0 else "waiting") + f" (status unavailable: {exc})"
+        if code == 0:
+            return {"closed": "done, hour closed", "no data": "done, no agent data (nothing delivered)"}.get(
+                row.verdict, f"done ({row.verdict})")
+        missing = [a for a in row.expected if a not in row.arrived]
+        deadline = hours.deadline(hour, config.extract().deadline_minutes)
+        if missing and hours.now() < deadline:
+            return f"waiting for {', '.join(missing)} until the deadline {deadline:%H:%M}Z"
+        return "waiting: an archive in upload/ is not completed in the transaction log yet"
+    if code == 25:
+        return ("not run: luigid did not hand this run the hour's tasks (a run of them finished seconds ago: "
+                "[scheduler] stable_done_cooldown_secs); rerun")
+    if code == 35:
+        return "scheduling error: " + ("; ".join(dict.fromkeys(BROKEN.tasks)) or "see the log file")
+    return "unhandled exception (the traceback is in the log file)"
+
+
+def hour_row(hour):
+    from .stores import mysql
+    with closing(mysql.connect(config.mysql())) as conn:
+        (row,) = status.hours_status(conn, StateRoot(config.state().root), hour, hour,
+                                     config.extract().deadline_minutes, config.alerts().overdue_minutes)
+    return row
+
+
+def run_hour(prog, hour, task_args, workers=1, local_scheduler=False):
+    """One hour's run under its lock: (exit code, the outcome words).
+
+    `task_args` is a list, or a function returning one that is called once the lock is held (a task
+    parameter read from the hour's files, such as the extract round).
+    """
+    lock = HourLock(StateRoot(config.state().root), hour)
+    if not lock.acquire(f"{prog} --hour {hours.format_hour(hour)}"):
+        return 10, f"already running: the hour is held by {holder_text(lock.holder())}"
+    try:
+        removed = remove_leftovers(StateRoot(config.state().root), hour)
+        if removed:
+            log.info("removed %d file(s) a crashed run of %s left: %s", len(removed), hours.format_hour(hour),
+                     ", ".join(removed))
+        code = luigi_run(task_args() if callable(task_args) else task_args, workers, local_scheduler)
+        return outcome(code, hour, local_scheduler)
+    finally:
+        lock.release()
+
+
+def preflight(local_scheduler):
+    """Nothing runs against a missing option file or a luigid that does not answer (exit 1 / 35)."""
+    check_option_file()
+    if not local_scheduler:
+        try:
+            luigid("task_list", status="RUNNING", search="-")
+        except (OSError, ValueError, KeyError) as exc:
+            return 35, (f"luigid at {scheduler_url()} is not answering ({getattr(exc, 'reason', exc)}): "
+                        "start it (systemctl start luigid)")
+    return None
+
+
+def finish(prog, what, code, words, started):
+    """The one line every run ends with (stdout: cron's log), and the exit code."""
+    line = f"{stamp()} {prog} {what}: {words} (exit {code}, {time.monotonic() - started:.1f} s)"
+    print(line, flush=True)
+    log.info(line)
+    return code
+
+
+def catch_up_hours(window=None, first=None, last=None):
+    """Hours not closed whose deadline has passed, oldest first: among the last `window`, or first..last.
+
+    Never the current hour nor one still before its deadline (the every-10-minutes run has those);
+    idle hours (no agent expected, nothing sent) have nothing to run.
+    """
+    from .stores import mysql
+    deadline_minutes = config.extract().deadline_minutes
+    now = hours.now()
+    newest = hours.last_complete_hour(now)
+    while hours.deadline(newest, deadline_minutes) > now:
+        newest -= timedelta(hours=1)
+    first = first or hours.last_complete_hour(now) - timedelta(hours=window - 1)
+    last = min(last or newest, newest)
+    if last < first:
+        return []
+    with closing(mysql.connect(config.mysql())) as conn:
+        rows = status.hours_status(conn, StateRoot(config.state().root), first, last, deadline_minutes,
+                                   config.alerts().overdue_minutes, now)
+    return sorted(r.hour for r in rows if r.backup != "done" and r.verdict != "idle")
