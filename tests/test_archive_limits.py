@@ -15,14 +15,13 @@ import subprocess
 import sys
 import tarfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 from ganymede_agent.archive import ArchiveError, sha256_file
 
-from ganymede import archives
-from ganymede.api.main import settings_from_config
+from ganymede import archives, config
+from ganymede.api.main import limits_from_config
 from conftest import require_port
 from test_archives import AGENT, HEADERS, HOUR, csv_bytes, dataset_files, manifest_for
 
@@ -35,8 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def limits():
     """The limits ganymede-api builds from luigi.cfg's defaults."""
-    with ThreadPoolExecutor(1) as executor:
-        return settings_from_config(executor).limits
+    return limits_from_config(config.api())
 
 
 # --- an independent writer: ustar headers and a gzip stream by hand ---------------------------------
@@ -328,17 +326,15 @@ BOMBS = {
 
 PROBE = r"""
 import json, os, shutil, sys
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from ganymede import archives
-from ganymede.api.main import settings_from_config
+from ganymede import archives, config
+from ganymede.api.main import limits_from_config
 from ganymede_agent.archive import ArchiveError, sha256_file
 
 mode, path, agent_id, geo, hour = sys.argv[1:]
 try:
     if mode == "api":  # what the API's complete runs, with the limits it builds from luigi.cfg
-        with ThreadPoolExecutor(1) as executor:
-            limits = settings_from_config(executor).limits
+        limits = limits_from_config(config.api())
         archives.check_file(path, agent_id, geo, datetime.fromisoformat(hour), limits)
     else:  # what the worker's stage_archive does with each member
         with open(path, "rb") as raw, open(os.devnull, "wb") as sink:

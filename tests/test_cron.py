@@ -54,7 +54,7 @@ def run_cron_line(name, match, world, tmp_path):
     """Run the crontab line of `name` whose command contains `match`, as cron would; returns the result."""
     assignments, entries = crontab(name)
     (command,) = [c for _, c in entries if match in c]
-    mapping = {"/opt/ganymede/venv/bin": BIN, "/opt/ganymede-agent/venv/bin": BIN,
+    mapping = {"/opt/ganymede/venv/bin": BIN, "/opt/ganymede-agent/bin": BIN,
                "/var/log/ganymede-agent": str(tmp_path / "log-agent"), "/var/log/ganymede": str(tmp_path / "log"),
                "/etc/ganymede/luigi.cfg": world.config_path, "/etc/ganymede/agent.cfg": str(tmp_path / "agent.cfg")}
     env = {"HOME": str(world.home), "LOGNAME": "ganymede", "SHELL": "/bin/sh", "PATH": "/usr/bin:/bin",

@@ -39,6 +39,11 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+def limits_from_config(api):
+    """The archive limits of an [api] section."""
+    return Limits(max_member_bytes=api.max_member_mb << 20, max_total_bytes=api.max_total_mb << 20)
+
+
 def settings_from_config():
     """ApiSettings from the [api], [mysql], [state], [extract] and [alerts] sections."""
     api = config.api()
@@ -50,7 +55,7 @@ def settings_from_config():
         max_archive_bytes=api.max_archive_mb << 20,
         retention_hours=api.retention_hours,
         min_free_bytes=api.min_free_mb << 20,
-        limits=Limits(max_member_bytes=api.max_member_mb << 20, max_total_bytes=api.max_total_mb << 20),
+        limits=limits_from_config(api),
         retry_after=api.retry_after,
         mysql_connections=api.mysql_connections,
         chunk_bytes=api.upload_chunk_kb << 10,
