@@ -117,21 +117,24 @@ def _status_rows(args):
                                    config.extract().deadline_minutes, config.alerts().overdue_minutes)
 
 
-def _detailed_lines(rows):
-    """Each hour's status line and its detail (agents by name, failures, transactions): --hour, alerts."""
+def _detailed_lines(rows, all_checks=False):
+    """Each hour's status line and its detail (agents by name, failures, transactions, failed quality checks or
+    with all_checks every one): --hour, alerts."""
     from . import status
     from .paths import StateRoot
+    from .stores import quality
     root, lines = StateRoot(config.state().root), []
     with closing(mysql.connect(config.mysql())) as conn:
         for row in rows:
             lines += [row.line()] + status.hour_detail(row, status.hour_transactions(conn, root, row.hour), root,
-                                                       status.graph_url(runs.scheduler_url(), row.hour))
+                                                       status.graph_url(runs.scheduler_url(), row.hour),
+                                                       quality.hour_results(conn, row.hour) if all_checks else None)
     return lines
 
 
 def _status(args):
     rows = _status_rows(args)
-    print("\n".join(_detailed_lines(rows) if args.hour else [row.line() for row in rows]))
+    print("\n".join(_detailed_lines(rows, all_checks=True) if args.hour else [row.line() for row in rows]))
 
 
 def _alerts(args):

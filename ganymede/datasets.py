@@ -34,6 +34,11 @@ class RowError(ValueError):
     """A row that cannot become a document; the message is the reason kept in the rejects file."""
 
 
+class RangeError(RowError):
+    """A well-formed value outside what it can be (a negative counter, disk used > total): a GEO's bug, which the
+    `value_ranges` quality check counts."""
+
+
 def _to_str(name, text, max_len):
     if _STR.match(text):
         return text
@@ -106,7 +111,7 @@ def _non_negative(*names):
     def check(row, hour):
         for name in names:
             if row[name] < 0:
-                raise RowError(f"{name}: negative")
+                raise RangeError(f"{name}: negative")
     return check
 
 
@@ -131,9 +136,9 @@ def _account_usage_from_previous(doc, previous):
 def _api_requests_check(row, hour):
     _non_negative("count", "bytes")(row, hour)
     if not 100 <= row["status"] <= 599:
-        raise RowError(f"status: {row['status']} is not an HTTP status")
+        raise RangeError(f"status: {row['status']} is not an HTTP status")
     if row["latency_p50_ms"] < 0 or row["latency_p95_ms"] < row["latency_p50_ms"]:
-        raise RowError("latency: need 0 <= p50 <= p95")
+        raise RangeError("latency: need 0 <= p50 <= p95")
 
 
 def _api_requests_derive(doc):
@@ -154,15 +159,34 @@ def _api_requests_summarize(docs):
 def _node_health_check(row, hour):
     _non_negative("disk_total_bytes", "disk_used_bytes", "errors")(row, hour)
     if row["disk_used_bytes"] > row["disk_total_bytes"]:
-        raise RowError("disk_used_bytes: larger than disk_total_bytes")
+        raise RangeError("disk_used_bytes: larger than disk_total_bytes")
     start, end = hours.window(hour)
     if not start <= row["sampled_at"] < end:
-        raise RowError(f"sampled_at: {row['sampled_at'].isoformat()} is outside the hour")
+        raise RangeError(f"sampled_at: {row['sampled_at'].isoformat()} is outside the hour")
 
 
 def _node_health_derive(doc):
     total = doc["disk_total_bytes"]
     doc["disk_used_pct"] = round(100.0 * doc["disk_used_bytes"] / total, 3) if total else 0.0
+
+
+@dataclass(frozen=True)
+class Quality:
+    """The data-quality checks each agent's hour of a dataset gets (ganymede.quality evaluates them).
+
+    row_count: rows sent (loaded + rejected) within [median / count_factor, median * count_factor] of the
+    agent's own last `trailing_hours` hours (passes, saying so, while fewer than `min_history` are known);
+    rejected_share: at most `max_rejected_share` of the rows rejected; keys_disappeared: every `watch_key` value
+    of the agent's previous hour is there again; value_ranges: at most `max_out_of_range` rows refused by a
+    range rule. A failed check only reports, unless named in `blocking`: then the extract stops.
+    """
+    count_factor: float = 3.0
+    trailing_hours: int = 24
+    min_history: int = 2
+    max_rejected_share: float = 0.05
+    watch_key: str = None
+    max_out_of_range: int = 0
+    blocking: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -184,6 +208,7 @@ class Dataset:
     from_previous: object = None
     group_by: tuple = ()
     summarize: object = None
+    quality: Quality = Quality()
     column_names: tuple = field(init=False)
 
     def __post_init__(self):
@@ -285,6 +310,7 @@ CATALOG = {
             derive=_account_usage_derive,
             previous_fields=("bytes_stored",),
             from_previous=_account_usage_from_previous,
+            quality=Quality(),
         ),
         Dataset(
             "api_requests",
@@ -296,6 +322,7 @@ CATALOG = {
             derive=_api_requests_derive,
             group_by=("method", "endpoint"),
             summarize=_api_requests_summarize,
+            quality=Quality(max_rejected_share=0.01),
         ),
         Dataset(
             "node_health",
@@ -304,6 +331,7 @@ CATALOG = {
             key=("node_id", "sampled_at"),
             check=_node_health_check,
             derive=_node_health_derive,
+            quality=Quality(count_factor=2.0, watch_key="node_id"),  # a node that stopped reporting
         ),
     )
 }

@@ -85,3 +85,7 @@ class DeliveryError(GanymedeError):
 
 class DataError(GanymedeError):
     """A transaction's data cannot be staged or loaded; rerunning cannot fix it (the transaction is isolated)."""
+
+
+class QualityError(GanymedeError):
+    """A data-quality check that its dataset declares blocking failed: the hour's extract is not written."""

@@ -12,6 +12,9 @@ backup, and a verdict:
 - `failed`: a task of the hour failed (alerts; the reason is in `--hour H`);
 - `idle`: no agent was expected and none sent anything: nothing to run.
 
+A failed data-quality check (ganymede.quality) does not change the verdict:
+the line says `quality N failed` and the hour alerts, one line per check.
+
 `hour_detail` adds, for one hour, the failures with their reasons, the
 expected and missing agents by name and every transaction with where its
 archive is now. The CLI prints both; the API renders the same rows.
@@ -45,6 +48,7 @@ class HourStatus:
     failures: list = field(default_factory=list)
     reasons: dict = field(default_factory=dict)
     failed_transactions: list = field(default_factory=list)
+    quality_failures: list = field(default_factory=list)
     verdict: str = "waiting"
 
     @property
@@ -61,13 +65,15 @@ class HourStatus:
     def line(self):
         failed = f"  FAILED: {', '.join(self.failures)}" if self.failures else ""
         bad_tx = f"  failed transactions: {len(self.failed_transactions)}" if self.failed_transactions else ""
+        bad_quality = f"  quality {len(self.quality_failures)} failed" if self.quality_failures else ""
         return (f"{hours.format_hour(self.hour)}  {self.verdict:<8}  agents {self.agents_text():<7}"
                 f"  staged {self.staged}/{self.transactions:<3}  loaded {self.loaded}/{self.transactions:<3}"
-                f"  extract {self.extract_text():<24}  backup {self.backup}{failed}{bad_tx}")
+                f"  extract {self.extract_text():<24}  backup {self.backup}{failed}{bad_tx}{bad_quality}")
 
     def needs_attention(self):
-        """What `ganymede alerts` reports: a failure, an overdue hour, expected agents that sent nothing."""
-        return (self.verdict in ("overdue", "failed") or bool(self.failed_transactions)
+        """What `ganymede alerts` reports: a failure, an overdue hour, expected agents that sent nothing, a failed
+        quality check."""
+        return (self.verdict in ("overdue", "failed") or bool(self.failed_transactions) or bool(self.quality_failures)
                 or (self.verdict == "no data" and bool(self.expected)))
 
 
@@ -91,11 +97,13 @@ def failure_reasons(root, hour):
     return reasons
 
 
-def hour_status(root, hour, expected, transactions, now, deadline_minutes, overdue_minutes):
-    """One hour's status from its transactions (dicts with transaction_id, agent_id, state) and its files."""
+def hour_status(root, hour, expected, transactions, now, deadline_minutes, overdue_minutes, quality_failures=()):
+    """One hour's status from its transactions (dicts with transaction_id, agent_id, state), its files and its
+    failed quality checks."""
     live = [t for t in transactions if t["state"] in ("completed", "superseded")]
     arrived = sorted({t["agent_id"] for t in live if t["state"] == "completed"})
-    status = HourStatus(hour, list(expected), arrived, transactions=len(live))
+    status = HourStatus(hour, list(expected), arrived, transactions=len(live),
+                        quality_failures=list(quality_failures))
     for t in live:
         marker = lambda stage: root.transaction_marker(hour, t["agent_id"], t["transaction_id"], stage)  # noqa: E731
         status.staged += os.path.exists(marker("staged"))
@@ -137,9 +145,9 @@ def hour_status(root, hour, expected, transactions, now, deadline_minutes, overd
 
 
 def hours_status(conn, root, first, last, deadline_minutes, overdue_minutes, now=None):
-    """Status of every hour first..last, newest first; two queries in all (one more per hour with a failed
+    """Status of every hour first..last, newest first; three queries in all (one more per hour with a failed
     transaction, for its reason)."""
-    from .stores import txlog
+    from .stores import quality, txlog
     now = now or hours.now()
     windows = txlog.agent_windows(conn)
     by_hour = {}
@@ -148,7 +156,9 @@ def hours_status(conn, root, first, last, deadline_minutes, overdue_minutes, now
     for hour, rows in by_hour.items():
         if any(t["state"] == "failed" for t in rows):
             by_hour[hour] = txlog.hour_transactions(conn, hour, ALL_STATES)
-    return [hour_status(root, h, expected_at(windows, h), by_hour.get(h, []), now, deadline_minutes, overdue_minutes)
+    failed_checks = quality.failures_between(conn, first, last)
+    return [hour_status(root, h, expected_at(windows, h), by_hour.get(h, []), now, deadline_minutes, overdue_minutes,
+                        failed_checks.get(h, ()))
             for h in reversed(list(hours.hours_between(first, last)))]
 
 
@@ -187,13 +197,20 @@ def transaction_line(root, t):
     return f"{t['transaction_id']}  {t['agent_id']:<20}  {t['state']:<10}  {where}{reason}"
 
 
-def hour_detail(row, transactions, root, graph=None):
-    """The lines under an hour's status line: agents by name, failures with reasons, transactions."""
+def quality_lines(results):
+    """One line per quality result: agent, dataset, check, observed vs expected."""
+    return [f"  quality {'ok' if r.passed else 'FAILED'}: {r.line()}" for r in results]
+
+
+def hour_detail(row, transactions, root, graph=None, quality=None):
+    """The lines under an hour's status line: agents by name, failures with reasons, transactions, and the quality
+    results given (default: the failed ones)."""
     lines = [f"  agents expected: {', '.join(row.expected) or '(none)'}",
              f"  agents missing:  {', '.join(a for a in row.expected if a not in row.arrived) or '(none)'}"]
     if row.unexpected:
         lines.append(f"  agents not expected that sent data: {', '.join(row.unexpected)}")
     lines += [f"  failed: {family}: {reason}" for family, reason in sorted(row.reasons.items())]
+    lines += quality_lines(row.quality_failures if quality is None else quality)
     lines.append(f"  transactions ({len(transactions)}):")
     lines += [f"    {transaction_line(root, t)}" for t in transactions]
     if graph:

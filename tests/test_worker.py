@@ -15,7 +15,7 @@ from ganymede_agent.archive import ArchiveError
 from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 
 from ganymede import archives, datasets
-from ganymede.datasets import RowError
+from ganymede.datasets import RangeError, RowError
 from ganymede.errors import DataError
 from ganymede.paths import StateRoot
 from ganymede.stores import staging, txlog
@@ -372,7 +372,7 @@ def test_bad_rows_are_rejected_with_reasons_while_good_rows_load(genv, mongo_up)
                                     "api_requests": {"loaded": 3, "rejected": 1},
                                     "node_health": {"loaded": 3, "rejected": 1}}
     assert sorted(rejects(tx), key=lambda r: (r["dataset"], r["record"])) == [
-        {"dataset": "account_usage", "record": 2, "reason": "bytes_stored: negative",
+        {"dataset": "account_usage", "record": 2, "reason": "bytes_stored: negative", "range": True,
          "row": ["acct-bad", "-5", "1", "1", "1", "1"]},
         {"dataset": "account_usage", "record": 5,
          "reason": "account_id: not a plain identifier of at most 128 characters",
@@ -380,7 +380,7 @@ def test_bad_rows_are_rejected_with_reasons_while_good_rows_load(genv, mongo_up)
         {"dataset": "api_requests", "record": 4, "reason": "count: not an integer: '1.5'",
          "row": ["GET", "/v1/x", "200", "1.5", "1", "1", "2"]},
         {"dataset": "node_health", "record": 4, "reason": "sampled_at: 2026-11-30T07:00:00 is outside the hour",
-         "row": ["node-x", "2026-11-30T07:00:00", "10", "5", "0.1", "0"]},
+         "range": True, "row": ["node-x", "2026-11-30T07:00:00", "10", "5", "0.1", "0"]},
     ]
     db = genv.mongo()
     assert {name: db[name].count_documents({}) for name in datasets.CATALOG} == {name: 3 for name in datasets.CATALOG}
@@ -645,9 +645,9 @@ def test_the_parser_decides_what_is_staged_and_loaded(genv, mongo_up, row):
         except ArchiveError as exc:
             validated = str(exc)
     try:
-        parsed, refused = NODE.parse_row(row, HOUR), None
+        parsed, refused, out_of_range = NODE.parse_row(row, HOUR), None, {}
     except RowError as exc:
-        parsed, refused = None, str(exc)
+        parsed, refused, out_of_range = None, str(exc), {"range": True} if isinstance(exc, RangeError) else {}
     run(load_task(tx))
     docs = list(genv.mongo()["node_health"].find({"agent_id": agent_id}))
     event("accepted" if parsed is not None else "rejected" if NODE.fits_staging(row) else "isolated")
@@ -658,7 +658,8 @@ def test_the_parser_decides_what_is_staged_and_loaded(genv, mongo_up, row):
         assert rejects(tx) == []
     elif NODE.fits_staging(row):  # refused by the parser, stageable: a reject with the parser's reason
         assert validated is not None and refused in validated
-        assert docs == [] and rejects(tx) == [{"dataset": "node_health", "record": 1, "reason": refused, "row": row}]
+        assert docs == [] and rejects(tx) == [{"dataset": "node_health", "record": 1, "reason": refused, "row": row,
+                                                **out_of_range}]
     else:  # refused, and staging could not hold it: the transaction is isolated with the parser's reason
         assert validated is not None and refused in validated
         assert docs == [] and refused in marker(tx)["isolated"]

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from .. import hours, markers, runs, status
 from ..errors import HourError
-from ..stores import txlog
+from ..stores import quality, txlog
 from .base import ApiError, BaseHandler
 
 # (background, text) per cell class; every pair reaches WCAG AA contrast (4.5:1) for normal text
@@ -46,7 +46,8 @@ def cells(row):
         ("loaded", f"{row.loaded}/{row.transactions}", ratio(row.loaded, row.transactions)),
         ("extract", row.extract + (f" +{row.supplementary}" if row.supplementary else ""), extract),
         ("backup", row.backup, failed or backup),
-        ("verdict", row.verdict + (f": {', '.join(row.failures)}" if row.failures else ""), css_class(row.verdict)),
+        ("verdict", row.verdict + (f": {', '.join(row.failures)}" if row.failures else "")
+         + (f"; quality {len(row.quality_failures)} failed" if row.quality_failures else ""), css_class(row.verdict)),
     ]
 
 
@@ -101,8 +102,9 @@ def hour_facts(root, hour):
     return sorted(rounds, key=lambda r: r[0]), backup.get("bucket"), objects
 
 
-def render_hour(row, transactions, root, graph, refresh_seconds=30):
-    """One hour in detail: agents by name, transactions, failures with reasons, extract rounds, bucket, graph."""
+def render_hour(row, transactions, root, graph, refresh_seconds=30, checks=()):
+    """One hour in detail: agents by name, transactions, failures with reasons, quality checks, extract rounds,
+    bucket, graph."""
     h = hours.format_hour(row.hour)
     rounds, bucket, objects = hour_facts(root, row.hour)
     missing = [a for a in row.expected if a not in row.arrived]
@@ -121,6 +123,10 @@ def render_hour(row, transactions, root, graph, refresh_seconds=30):
 {_table("agents", ("agent", "data", "expected"), agents)}
 <h2>Failures</h2>
 {f'<ul id="failures">{failures}</ul>' if failures else '<p id="failures">none</p>'}
+<h2>Quality checks ({sum(not c.passed for c in checks)} failed of {len(checks)})</h2>
+{_table("quality", ("result", "agent", "dataset", "check", "observed", "expected", "detail"),
+        [("ok" if c.passed else "FAILED", c.agent_id, c.dataset, c.check, f"{c.observed:g}", c.expected, c.detail)
+         for c in checks])}
 <h2>Transactions</h2>
 {_table("transactions", ("transaction", "agent", "state", "archive", "reason"), txs)}
 <h2>Extract rounds</h2>
@@ -170,4 +176,5 @@ class StatusPageHandler(BaseHandler):
         (row,) = status.hours_status(conn, self.api.state, hour, hour, self.api.deadline_minutes,
                                      self.api.overdue_minutes)
         transactions = status.hour_transactions(conn, self.api.state, hour)
-        return render_hour(row, transactions, self.api.state, status.graph_url(runs.scheduler_url(), hour))
+        return render_hour(row, transactions, self.api.state, status.graph_url(runs.scheduler_url(), hour),
+                           checks=quality.hour_results(conn, hour))

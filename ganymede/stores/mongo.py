@@ -74,3 +74,13 @@ def hour_documents(collection, hour, transaction_ids=None):
     if transaction_ids is not None:
         query["transaction_id"] = {"$in": list(transaction_ids)}
     return collection.find(query, sort=[("_id", pymongo.ASCENDING)], batch_size=2000)
+
+
+def key_values(collection, hour, field, agent_ids):
+    """{agent: set of `field` values} of the agents' documents of the hour (the `hour` index), streamed."""
+    found = {agent: set() for agent in agent_ids}
+    with _reaching(f"read of {collection.name}"):
+        for doc in collection.find({"hour": hour, "agent_id": {"$in": list(agent_ids)}},
+                                   {"agent_id": 1, field: 1, "_id": 0}, batch_size=2000):
+            found[doc["agent_id"]].add(doc[field])
+    return found

@@ -90,6 +90,24 @@ MIGRATIONS = [
      ["DROP TABLE IF EXISTS previous_values"]
      + [f"DROP TABLE IF EXISTS `{d.staging_table}`" for d in datasets.CATALOG.values()]
      + [_staging_table(d) for d in datasets.CATALOG.values()]),
+    (6, "quality_results: the data-quality checks of each hour, agent and dataset", [
+        """CREATE TABLE IF NOT EXISTS quality_results (
+          hour DATETIME NOT NULL,
+          agent_id VARCHAR(64) NOT NULL,
+          dataset VARCHAR(64) NOT NULL,
+          check_name VARCHAR(32) NOT NULL,
+          round INT NOT NULL,
+          passed TINYINT(1) NOT NULL,
+          blocking TINYINT(1) NOT NULL,
+          observed DOUBLE NOT NULL,
+          expected VARCHAR(255) NOT NULL,
+          detail VARCHAR(1024) NOT NULL,
+          checked_at DATETIME(6) NOT NULL,
+          PRIMARY KEY (hour, agent_id, dataset, check_name),
+          KEY by_agent (agent_id, dataset, check_name, hour),
+          KEY by_failure (passed, hour)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

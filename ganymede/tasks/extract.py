@@ -24,16 +24,17 @@ import shutil
 import ssl
 import time
 from contextlib import closing
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cached_property
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import luigi
 
-from .. import config, datasets, files, hours, markers
-from ..errors import ConfigError, DeliveryError, GanymedeError
+from .. import config, datasets, files, hours, markers, quality
+from ..errors import ConfigError, DeliveryError, GanymedeError, QualityError
 from ..stores import mongo, mysql, txlog
+from ..stores import quality as quality_store
 from .agent import state_root
 from .worker import LoadTransaction
 
@@ -309,6 +310,54 @@ def deliver(path, sha256, hour, round_, cfg):
     return record
 
 
+# --- plain functions: quality checks --------------------------------------------
+
+def load_facts(root, hour, transactions):
+    """{agent: {dataset: {"loaded", "rejected", "out_of_range"}}} from the load markers and rejects files."""
+    facts = {}
+    for t in transactions:
+        agent = facts.setdefault(t["agent_id"], {n: {"loaded": 0, "rejected": 0, "out_of_range": 0}
+                                                 for n in datasets.CATALOG})
+        marker = lambda stage: root.transaction_marker(hour, t["agent_id"], t["transaction_id"], stage)  # noqa: E731
+        for name, counts in markers.read_json(marker("loaded")).get("counts", {}).items():
+            agent[name]["loaded"] += counts["loaded"]
+            agent[name]["rejected"] += counts["rejected"]
+        rejects = marker("rejects")[: -len(".json")] + ".jsonl"  # as LoadTransaction.rejects_path names it
+        if os.path.exists(rejects):
+            with open(rejects, encoding="utf-8") as lines:
+                for reject in map(json.loads, lines):
+                    agent[reject["dataset"]]["out_of_range"] += bool(reject.get("range"))
+    return facts
+
+
+def check_quality(conn, db, hour, round_, transactions, expected):
+    """The round's quality results: each agent's checks per dataset, and in round 0 the expected agents that sent
+    nothing (a later round says the agent arrived after all). Stored in MySQL; returned for the manifest."""
+    facts = load_facts(state_root(), hour, transactions)
+    agents = sorted(facts)
+    trailing = max(d.quality.trailing_hours for d in datasets.CATALOG.values())
+    history = quality_store.trailing_counts(conn, hour, trailing, agents)
+    previous = hours.floor_hour(hour) - timedelta(hours=1)
+    results = []
+    for name, dataset in sorted(datasets.CATALOG.items()):
+        key = dataset.quality.watch_key
+        now = mongo.key_values(db[name], hour, key, agents) if key and agents else {}
+        before = mongo.key_values(db[name], previous, key, agents) if key and agents else {}
+        for agent in agents:
+            counts = facts[agent][name]
+            results += quality.evaluate(dataset, agent, counts, counts["out_of_range"],
+                                        history.get((agent, name), [])[-dataset.quality.trailing_hours:],
+                                        now.get(agent, ()), before.get(agent) or None)
+    if round_ == 0:
+        results += [quality.sent_nothing(a) for a in sorted(set(expected) - set(agents))]
+    else:
+        results += [quality.Result(a, quality.ALL_DATASETS, quality.SENT_NOTHING, True, 1,
+                                   "a transaction for the hour", f"arrived after the deadline (round {round_})")
+                    for a in agents if a in expected]
+    quality_store.save_results(conn, hour, round_, results)
+    return results
+
+
 # --- tasks ---------------------------------------------------------------------
 
 class ExtractDeadline(luigi.ExternalTask):
@@ -401,12 +450,19 @@ class GlassbeamExtract(luigi.Task):
         plan = self.plan()
         # dynamic: the ones not loaded yet are loaded (only those go back to the scheduler), then run() again
         yield [load for load in map(self.load, plan.transactions) if not load.complete()]
-        with closing(mysql.connect(config.mysql())) as conn:  # a load may have isolated its transaction meanwhile
+        client, db = mongo.connect(config.mongodb())
+        with closing(client), closing(mysql.connect(config.mysql())) as conn:
+            # a load may have isolated its transaction meanwhile
             states = txlog.states(conn, [t["transaction_id"] for t in plan.transactions])
-        transactions = [t for t in plan.transactions if states.get(t["transaction_id"]) != "failed"]
-        if self.round and not transactions:
-            raise GanymedeError(f"extract round {self.round} of {hours.format_hour(self.hour)}: no completed "
-                                "transaction that another round does not hold; an empty supplementary is not written")
+            transactions = [t for t in plan.transactions if states.get(t["transaction_id"]) != "failed"]
+            if self.round and not transactions:
+                raise GanymedeError(f"extract round {self.round} of {hours.format_hour(self.hour)}: no completed "
+                                    "transaction that another round does not hold; an empty supplementary is not "
+                                    "written")
+            results = check_quality(conn, db, self.hour, self.round, transactions, plan.expected)
+        blocking = [r.line() for r in quality.failed(results) if r.blocking]
+        if blocking:
+            raise QualityError(f"{hours.format_hour(self.hour)}: blocking quality check failed: {'; '.join(blocking)}")
         tx_ids = sorted(t["transaction_id"] for t in transactions)
         path = state_root().extract(self.hour, self.round)
         client, db = mongo.connect(config.mongodb())
@@ -425,4 +481,5 @@ class GlassbeamExtract(luigi.Task):
             "completed_by": max((t["completed_at"] for t in transactions), default=None),
             "after_deadline": hours.now() >= hours.deadline(self.hour, cfg.deadline_minutes),
             "delivered_to": delivery and delivery["outbox"], "delivery": delivery,
+            "quality": [r.as_dict() for r in results],
         })

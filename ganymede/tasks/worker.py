@@ -23,7 +23,7 @@ from contextlib import closing
 from ganymede_agent.archive import ArchiveError
 
 from .. import archives, config, datasets, hours, markers
-from ..datasets import RowError
+from ..datasets import RangeError, RowError
 from ..errors import DataError, GanymedeError
 from ..stores import mongo, mysql, staging, txlog
 from .agent import AgentArchive, TransactionTask
@@ -114,14 +114,16 @@ def restage_if_incomplete(conn, staged, archive_path, hour, work_path):
 # --- transform -------------------------------------------------------------------
 
 def parse_batch(dataset, batch, hour):
-    """Staged rows `[record, value, …]` -> (typed rows, rejects); a bad row is a reject with its reason."""
+    """Staged rows `[record, value, …]` -> (typed rows, rejects); a bad row is a reject with its reason, and
+    `"range": true` when a well-formed value was out of range (what the value_ranges quality check counts)."""
     rows, rejects = [], []
     parse = dataset.parse_row
     for staged in batch:
         try:
             rows.append(parse(staged[1:], hour))
         except RowError as exc:
-            rejects.append({"dataset": dataset.name, "reason": str(exc), "row": staged[1:], "record": int(staged[0])})
+            rejects.append({"dataset": dataset.name, "reason": str(exc), "row": staged[1:], "record": int(staged[0]),
+                            **({"range": True} if isinstance(exc, RangeError) else {})})
     return rows, rejects
 
 

@@ -1,0 +1,67 @@
+"""The quality_results table: each hour's data-quality checks per agent and dataset (ganymede.quality).
+
+A rerun of an hour's checks replaces its rows, so the table holds one result
+per (hour, agent, dataset, check). The row counts it keeps are also the
+history the next hours' row_count check compares with.
+"""
+from datetime import timedelta
+
+from .. import hours
+from ..quality import Result
+
+_COLUMNS = "agent_id, dataset, check_name, passed, observed, expected, detail, blocking"
+
+
+def save_results(conn, hour, round_, results):
+    """Store (replace) the hour's results; one commit."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            "REPLACE INTO quality_results (hour, agent_id, dataset, check_name, round, passed, blocking, observed, "
+            "expected, detail, checked_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))",
+            [(hours.floor_hour(hour), r.agent_id, r.dataset, r.check, round_, r.passed, r.blocking, r.observed,
+              r.expected[:255], r.detail[:1024]) for r in results])
+    conn.commit()
+
+
+def trailing_counts(conn, hour, trailing_hours, agent_ids):
+    """{(agent, dataset): [rows sent in each earlier hour]} over the `trailing_hours` before `hour`: one query."""
+    if not agent_ids:
+        return {}
+    hour = hours.floor_hour(hour)
+    with conn.cursor() as cur:
+        cur.execute("SELECT agent_id, dataset, observed FROM quality_results WHERE check_name = 'row_count' "
+                    f"AND agent_id IN ({', '.join(['%s'] * len(agent_ids))}) AND hour >= %s AND hour < %s "
+                    "ORDER BY hour", (*agent_ids, hour - timedelta(hours=trailing_hours), hour))
+        history = {}
+        for agent_id, dataset, observed in cur.fetchall():
+            history.setdefault((agent_id, dataset), []).append(observed)
+    conn.commit()
+    return history
+
+
+def _result(row):
+    agent_id, dataset, check, passed, observed, expected, detail, blocking = row
+    return Result(agent_id, dataset, check, bool(passed), observed, expected, detail, bool(blocking))
+
+
+def hour_results(conn, hour):
+    """Every result of the hour, failures first."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT {_COLUMNS} FROM quality_results WHERE hour = %s "
+                    "ORDER BY passed, agent_id, dataset, check_name", (hours.floor_hour(hour),))
+        rows = cur.fetchall()
+    conn.commit()
+    return [_result(r) for r in rows]
+
+
+def failures_between(conn, first, last):
+    """{hour: [failed results]} of the hours first..last: one query."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT hour, {_COLUMNS} FROM quality_results WHERE passed = 0 AND hour BETWEEN %s AND %s "
+                    "ORDER BY hour, agent_id, dataset, check_name", (hours.floor_hour(first), hours.floor_hour(last)))
+        rows = cur.fetchall()
+    conn.commit()
+    by_hour = {}
+    for row in rows:
+        by_hour.setdefault(row[0], []).append(_result(row[1:]))
+    return by_hour
