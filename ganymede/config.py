@@ -89,6 +89,10 @@ class api(luigi.Config):
 
     listen_backlog = luigi.IntParameter(default=1024,
                                         description="Pending connections the kernel queues (a burst of agents)")
+    metrics_address = luigi.Parameter(default="",
+                                      description="host:port where /metrics is also served without credentials "
+                                                  "(a private network for Prometheus); empty: only on the API's "
+                                                  "own address, with an admin token")
 
 
 class extract(luigi.Config):

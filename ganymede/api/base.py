@@ -106,9 +106,12 @@ def answer(exc, status):
 class BaseHandler(tornado.web.RequestHandler):
     """JSON in and out; bodies are streamed even here so none is buffered before its size is checked."""
 
-    def initialize(self, api, pool, traffic):
-        self.api, self.pool, self.traffic = api, pool, traffic
+    def initialize(self, api, pool, traffic, metrics):
+        self.api, self.pool, self.traffic, self.metrics = api, pool, traffic, metrics
         self._body = bytearray()
+
+    def on_finish(self):
+        self.metrics.request(self, self.request.request_time())
 
     def set_default_headers(self):
         self.set_header("Content-Type", "application/json; charset=UTF-8")
@@ -144,6 +147,7 @@ class BaseHandler(tornado.web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         status, body = answer(exc, status_code)
         body["status"] = status
+        self.metrics.refused(status, body.get("error"))
         self.set_status(status)
         if status in (429, 503):
             self.set_header("Retry-After", str(getattr(exc, "retry_after", None) or self.api.retry_after))

@@ -1,6 +1,6 @@
 """The agent API's routes: transactions and the roster here; archives in `uploads`, /healthz in `health`.
 
-Every handler gets its collaborators through `initialize(api, pool, traffic)`
+Every handler gets its collaborators through `initialize(api, pool, traffic, metrics)`
 (see `base`); the rules of the transaction log live in
 `ganymede.stores.txlog`, archive checks in `ganymede.archives`.
 """
@@ -11,6 +11,7 @@ from ..stores import txlog
 from ..stores.pool import MySQLPool
 from .base import ApiError, ApiSettings, BaseHandler, Traffic, hour_arg, transaction_id_arg
 from .health import HealthHandler
+from .metrics import CONTENT_TYPE, ApiMetrics
 from .status_page import StatusPageHandler
 from .uploads import ArchiveHandler, CompleteHandler
 
@@ -99,6 +100,22 @@ class RosterHandler(BaseHandler):
         self.send_json(200, await self.db(_roster, hour))
 
 
+class MetricsHandler(BaseHandler):
+    """Prometheus' scrape: admin credentials on the API's address; none on [api] metrics_address, which is
+    meant for a private network (see main.serve)."""
+
+    def initialize(self, require_admin=True, **args):
+        super().initialize(**args)
+        self.require_admin = require_admin
+
+    async def get(self):
+        if self.require_admin:
+            await self.authenticate_admin()
+        open_transactions = await self.db(txlog.open_count)
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(await self.run(self.metrics.exposition, open_transactions, self.api.state.root))
+
+
 class NotFoundHandler(BaseHandler):
     async def prepare(self):
         await super().prepare()  # the head is checked first, as on every route
@@ -108,7 +125,7 @@ class NotFoundHandler(BaseHandler):
 def make_app(api):
     """The Application for an ApiSettings; `app.pool.clear()` closes its connections."""
     pool = MySQLPool(api.mysql, api.mysql_connections)
-    args = {"api": api, "pool": pool, "traffic": Traffic(api.auth_failures_per_minute)}
+    args = {"api": api, "pool": pool, "traffic": Traffic(api.auth_failures_per_minute), "metrics": ApiMetrics()}
     app = tornado.web.Application([
         (r"/healthz", HealthHandler, args),
         (r"/v1/transactions", TransactionsHandler, args),
@@ -117,6 +134,14 @@ def make_app(api):
         (r"/v1/transactions/([^/]+)/complete", CompleteHandler, args),
         (r"/v1/hours/([^/]+)/roster", RosterHandler, args),
         (r"/status", StatusPageHandler, args),
+        (r"/metrics", MetricsHandler, args),
     ], default_handler_class=NotFoundHandler, default_handler_args=args, serve_traceback=False)
-    app.pool = pool
+    app.pool, app.handler_args = pool, args
     return app
+
+
+def make_metrics_app(app):
+    """/metrics alone, without credentials, sharing `app`'s metrics and pool: for [api] metrics_address."""
+    args = dict(app.handler_args, require_admin=False)
+    return tornado.web.Application([(r"/metrics", MetricsHandler, args)], default_handler_class=NotFoundHandler,
+                                   default_handler_args=app.handler_args, serve_traceback=False)

@@ -16,7 +16,7 @@ from ..archives import Limits
 from ..errors import ConfigError
 from ..paths import StateRoot
 from . import sweep
-from .handlers import ApiSettings, make_app
+from .handlers import ApiSettings, make_app, make_metrics_app
 from .uploads import Validator
 
 log = logging.getLogger("ganymede.api")
@@ -95,13 +95,28 @@ def make_server(app, settings, idle_timeout=75, body_timeout=3600, ssl_options=N
                       chunk_size=settings.chunk_bytes)
 
 
-async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options=None, backlog=1024, sweep_minutes=60):
+def metrics_address(text):
+    """(host, port) of [api] metrics_address, None when empty; ConfigError when it is not host:port."""
+    if not text:
+        return None
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdecimal() or not 0 < int(port) < 65536:
+        raise ConfigError(f"[api] metrics_address must be host:port, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options=None, backlog=1024, sweep_minutes=60,
+                metrics_at=None):
     app = make_app(settings)
     loop = asyncio.get_running_loop()
     # Before listening: no upload of ours is running, so every unlocked temp file is a dead process's.
     await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, 0)
     server = make_server(app, settings, idle_timeout, body_timeout, ssl_options)
     server.listen(port, host, backlog=backlog)
+    metrics_server = HTTPServer(make_metrics_app(app)) if metrics_at else None
+    if metrics_server:
+        metrics_server.listen(metrics_at[1], metrics_at[0])
+        log.info("/metrics without credentials on http://%s:%d/metrics", *metrics_at)
     log.info("ganymede-api listening on %s://%s:%d (state root %s, MySQL %s:%s/%s)",
              "https" if ssl_options else "http", host, port, settings.state.root,
              settings.mysql.host, settings.mysql.port, settings.mysql.database)
@@ -113,6 +128,8 @@ async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options=No
     sweeper.cancel()
     log.info("stopping: no new connections, closing open ones")
     server.stop()
+    if metrics_server:
+        metrics_server.stop()
     await server.close_all_connections()
     app.pool.clear()
 
@@ -140,6 +157,7 @@ def main(argv=None):
             if getattr(api, name) < 1:
                 raise ConfigError(f"[api] {name} must be at least 1")
         ssl_options = ssl_context(api.tls_cert, api.tls_key)
+        metrics_at = metrics_address(api.metrics_address)
         os.makedirs(sweep.incoming_dir(StateRoot(config.state().root)), exist_ok=True)
         settings = settings_from_config()  # last: it starts the validation processes
     except (ConfigError, OSError) as exc:
@@ -147,7 +165,7 @@ def main(argv=None):
         return 2
     try:
         asyncio.run(serve(api.host, api.port, settings, api.idle_timeout, api.body_timeout, ssl_options,
-                          api.listen_backlog, api.sweep_minutes))
+                          api.listen_backlog, api.sweep_minutes, metrics_at))
     except OSError as exc:  # the port is taken, the address is not ours
         print(f"ganymede-api: cannot listen on {api.host}:{api.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -206,7 +206,7 @@ class ArchiveHandler(BaseHandler):
                 pass
         if f is not None:
             await self.run(_close_and_remove, f, self.temp)
-        self.on_finish()
+        self.release_reserved()
 
     async def _abort(self, error):
         """Drop the temp file and answer now; the server closes the connection instead of reading the rest."""
@@ -218,6 +218,10 @@ class ArchiveHandler(BaseHandler):
             IOLoop.current().add_callback(self._discard)
 
     def on_finish(self):
+        self.release_reserved()
+        super().on_finish()
+
+    def release_reserved(self):
         if self.reserved:
             _release(self.traffic.uploading, self.agent_id, self.reserved)
             self.reserved = 0
@@ -241,6 +245,7 @@ class ArchiveHandler(BaseHandler):
             tx = await self.db(_finish_upload, self.api, self.transaction_id, self.temp, self.received, digest)
         finally:
             await self.run(_close_and_remove, f, self.temp)
+        self.metrics.uploaded(tx["agent_id"], tx["size"])
         self.send_json(200, {"transaction_id": tx["transaction_id"], "state": tx["state"],
                              "size": tx["size"], "sha256": tx["sha256"]})
 

@@ -271,6 +271,16 @@ def transactions_between(conn, first, last):
         return _rows(cur)
 
 
+def open_count(conn):
+    """How many transactions are created or uploaded and not completed yet (any hour)."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT COUNT(*) FROM transactions WHERE state IN ({', '.join(['%s'] * len(OPEN_STATES))})",
+                    OPEN_STATES)
+        (count,) = cur.fetchone()
+    conn.commit()
+    return count
+
+
 def unfinished(conn, agent_id, since):
     """Ids of the agent's transactions of hours from `since` on that never completed (their archive may
     still be in incoming/): one indexed query."""
