@@ -15,6 +15,12 @@ class state(luigi.Config):
                                            "empty: <root>/log/ganymede.log. [core] logging_conf_file wins if set")
 
 
+class metrics(luigi.Config):
+    textfile = luigi.Parameter(default="",
+                               description="The pipeline's Prometheus metrics file, for node_exporter's textfile "
+                                           "collector; empty: <root>/metrics/ganymede.prom")
+
+
 class mysql(luigi.Config):
     host = luigi.Parameter(default="127.0.0.1", description="MySQL/MariaDB host")
     port = luigi.IntParameter(default=3306, description="MySQL/MariaDB port")

@@ -107,5 +107,9 @@ class StateRoot:
         """extracts/YYYY/MM/DD: shared by the day's 24 hours."""
         return os.path.dirname(self.extract(hour))
 
+    def metrics_textfile(self):
+        """The pipeline's metrics for node_exporter's textfile collector (ganymede.textfile)."""
+        return self._join("metrics", "ganymede.prom")
+
     def tmp(self):
         return self._join("tmp")

@@ -40,7 +40,7 @@ from test_archives import HEADERS, csv_bytes, dataset_files, manifest_for, membe
 IDLE_TIMEOUT, BODY_TIMEOUT = 2, 4  # seconds; production's defaults are 75 and 3600 ([api] in luigi.cfg)
 DEFAULTS = config.api()  # every size limit below is production's
 MAX_ARCHIVE_MB, MAX_MEMBER_MB = DEFAULTS.max_archive_mb, DEFAULTS.max_member_mb
-TABLES = {"agents", "admin_tokens", "schema_version", "transactions", "transaction_events",
+TABLES = {"agents", "admin_tokens", "schema_version", "transactions", "transaction_events", "quality_results",
           *(d.staging_table for d in datasets.CATALOG.values())}
 
 

@@ -1,15 +1,21 @@
 """Prometheus metrics: ganymede-api's /metrics after an hour's uploads, and the pipeline's textfile."""
+import calendar
 import http.client
 import os
 import subprocess
 import sys
 import time
 import urllib.request
+from datetime import timedelta
 
+import luigi
 from prometheus_client.parser import text_string_to_metric_families
 
+from ganymede import hours, textfile
 from ganymede.api.metrics import reason_label
-from conftest import free_port
+from ganymede.paths import StateRoot
+from ganymede.tasks import HourlyBackup
+from conftest import completed_transaction, free_port, sample_rows
 from test_api import world  # noqa: F401  (the fixture: the real app on a real port)
 
 BIN = os.path.dirname(sys.executable)
@@ -93,3 +99,35 @@ def test_a_bad_metrics_address_is_one_line(genv):
                             timeout=60)
     assert result.returncode == 2 and "metrics_address must be host:port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_textfile_updates_add_up_and_parse():
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(), "m", "ganymede.prom")
+    labels = {"family": "X", "outcome": "success"}
+    textfile.update(path, inc=[("ganymede_task_runs", labels, 1)], set_=[("ganymede_hour_lag_seconds", {}, 5)])
+    textfile.update(path, inc=[("ganymede_task_runs", labels, 2)], set_=[("ganymede_hour_lag_seconds", {}, 7)])
+    got = samples(open(path).read())
+    assert got[("ganymede_task_runs_total", frozenset(labels.items()))] == 3
+    assert got[("ganymede_hour_lag_seconds", frozenset())] == 7
+
+
+def test_the_pipeline_textfile_after_an_hour(genv, mongo_up, s3_up):
+    hour = hours.last_complete_hour() - timedelta(hours=3)
+    for agent in ("agent-a", "agent-b"):
+        completed_transaction(genv, agent, hour, rows=sample_rows(hour, n=6, agent_tag=agent))
+    assert luigi.build([HourlyBackup(hour=hour)], local_scheduler=True)
+    text = open(StateRoot(genv.root).metrics_textfile()).read()
+    got = samples(text)
+    ok = lambda family: frozenset({("family", family), ("outcome", "success")})  # noqa: E731
+    assert got[("ganymede_task_runs_total", ok("LoadTransaction"))] == 2
+    assert got[("ganymede_task_runs_total", ok("HourlyBackup"))] == 1
+    assert got[("ganymede_task_seconds_total", frozenset({("family", "GlassbeamExtract")}))] > 0
+    assert got[("ganymede_rows_total", frozenset({("dataset", "node_health"), ("outcome", "loaded")}))] == 12
+    assert got[("ganymede_rows_total", frozenset({("dataset", "node_health"), ("outcome", "rejected")}))] == 0
+    row_count = frozenset({("dataset", "account_usage"), ("check", "row_count")})
+    assert got[("ganymede_quality_checks_total", row_count)] == 2
+    assert got[("ganymede_quality_failures_total", row_count)] == 0
+    assert got[("ganymede_last_closed_hour_timestamp_seconds", frozenset())] == calendar.timegm(hour.timetuple())
+    assert got[("ganymede_hour_lag_seconds", frozenset())] > 3 * 3600
+    assert got[("ganymede_hour_missing_agents", frozenset())] == 0
