@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv services services-stop browser demo demo-stop test test-fast bench
+.PHONY: venv services services-stop browser demo demo-stop test test-fast bench bench-tools
 
 venv: $(VENV)/.installed
 

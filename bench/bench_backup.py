@@ -177,6 +177,12 @@ def tree_of(plan, directory):
     return directory
 
 
+def tree_sizes(tree):
+    """{key: size} of the tools' tree (the first round's files: the tools copy the same tree every round)."""
+    return {os.path.relpath(os.path.join(d, f), tree): os.path.getsize(os.path.join(d, f))
+            for d, _, names in os.walk(tree) for f in names}
+
+
 # --- one round --------------------------------------------------------------------------
 
 def run_ganymede(world, hour):
@@ -235,7 +241,7 @@ def backup_round(world, n, hour, plan, tree, tools, env, order):
             if name == "s5cmd":
                 client.create_bucket(Bucket=bucket)
             seconds, rss = timed(tool_argv(name, path, tree, bucket), env)
-            check_bucket(client, bucket, {key: os.path.getsize(os.path.join(tree, key)) for key in sizes})
+            check_bucket(client, bucket, tree_sizes(tree))
             idle, _ = timed(idle_argv(name, path), env)
         finally:
             drop_bucket(client, bucket)

@@ -67,7 +67,7 @@ def parse(name, out):
         return [ratio_row("agent archive build (rows/s, one core, plain tarfile + gzip)",
                           num(r"agent archive build at \S+ rows: ([\d.]+) rows/s", out), ">= 150000", "bench_agent.py",
                           fmt="{:,.0f}"),
-                rss_row("agent peak RSS (archive build)", num(r"peak RSS ([\d.]+) MB", out), "bench_agent.py")]
+                rss_row("agent peak RSS (archive build)", num(r"peak RSS ([\d.]+) MB", out), "bench_agent.py", limit=100)]
     if name == "upload":
         return [ratio_row("upload: ganymede-api vs bare Tornado (MB/s ratio)",
                           num(r"ratio api/bare: ([\d.]+)", out), ">= 0.8", "bench_upload.py"),

@@ -114,8 +114,9 @@ class extract(luigi.Config):
     timeout_seconds = luigi.FloatParameter(default=60.0, description="Seconds one POST may take to connect or answer")
     attempts = luigi.IntParameter(default=4, description="POST attempts before the extract task fails (retried: "
                                                          "network errors, 408, 429, 5xx)")
-    retry_wait_seconds = luigi.FloatParameter(default=5.0, description="Wait before the second attempt, doubled for "
-                                                                       "each later one (a numeric Retry-After wins)")
+    retry_wait_seconds = luigi.FloatParameter(default=5.0, description="Backoff factor: the second attempt goes at once, "
+                                                                       "the third after 2x this, then 4x, ... (urllib3's "
+                                                                       "Retry; a numeric Retry-After wins)")
     deliver_empty = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                         description="Deliver an extract holding no rows (an hour without agent "
                                                     "data) when the vendor's contract asks for one file per hour")

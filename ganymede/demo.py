@@ -132,7 +132,8 @@ def start_luigid(base):
                    "--state-path", os.path.join(state, "state.pickle")],
                   dict(os.environ, LUIGI_CONFIG_PATH=os.path.join(state, "luigid.cfg")),
                   os.path.join(state, "luigid.out"), f"http://127.0.0.1:{port}/api/task_list?data={{}}", state)
-    markers.write_bytes(os.path.join(base, "luigid.pid"), f"{proc.pid}\n".encode())
+    with markers.open_atomic(os.path.join(base, "luigid.pid"), text=True) as f:
+        f.write(f"{proc.pid}\n")
     return port
 
 

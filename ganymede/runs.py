@@ -308,7 +308,7 @@ def outcome_words(code, hour):
             return ("done" if code == 0 else "waiting") + f" (status unavailable: {exc})"
         if code == 0:
             return {"closed": "done, hour closed", "no data": "done, no agent data (nothing delivered)"}.get(
-                row.verdict, f"done ({row.verdict})")
+                row.verdict, f"done (hour {row.verdict}, backup {row.backup})")
         missing = [a for a in row.expected if a not in row.arrived]
         deadline = hours.deadline(hour, config.extract().deadline_minutes)
         if missing and hours.now() < deadline:

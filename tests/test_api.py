@@ -812,7 +812,7 @@ def test_ganymede_api_command_refuses_a_world_readable_tls_key(genv, tmp_path):
     genv.write_config(api={"tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(key)})
     proc = subprocess.run([_command(), "--config", genv.config_path], env=genv.subprocess_env,
                           capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2 and "readable by everyone" in proc.stderr
+    assert proc.returncode == 1 and "readable by everyone" in proc.stderr
 
 
 @pytest.mark.parametrize("api, message", [
@@ -823,4 +823,4 @@ def test_ganymede_api_command_refuses_bad_tls_settings(genv, api, message):
     genv.write_config(api=api)
     proc = subprocess.run([_command(), "--config", genv.config_path], env=genv.subprocess_env,
                           capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2 and message in proc.stderr
+    assert proc.returncode == 1 and message in proc.stderr

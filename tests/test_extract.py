@@ -25,7 +25,8 @@ from ganymede.errors import ConfigError
 from ganymede.paths import StateRoot
 from ganymede.stores import txlog
 from ganymede.tasks import GlassbeamExtract, HourlyBackup, LoadTransaction
-from ganymede.tasks.extract import TransactionCompletion, current_round, https_target, plan_round, round0_cutoff
+from ganymede.delivery import https_target
+from ganymede.tasks.extract import TransactionCompletion, current_round, plan_round, round0_cutoff
 from conftest import build_test_archive, completed_transaction, sample_rows
 from test_backup import RETCODES, archive_places, bucket_keys, clean_buckets, failures  # noqa: F401
 

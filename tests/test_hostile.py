@@ -35,6 +35,7 @@ from conftest import require_port
 from ganymede import config, datasets, hours
 from ganymede.paths import StateRoot
 from ganymede.stores import mysql, txlog
+from test_archive_limits import BOMBS, GZIP_CASES
 from test_archives import HEADERS, csv_bytes, dataset_files, manifest_for, member, valid_rows, write_tar_gz
 
 IDLE_TIMEOUT, BODY_TIMEOUT = 2, 4  # seconds; production's defaults are 75 and 3600 ([api] in luigi.cfg)
@@ -503,7 +504,7 @@ ARCHIVE_CASES = {
     "bomb-gzip": (_gzip_bomb, "larger than the configured limit"),
     "bomb-manifest-nesting": (_nested_manifest, "manifest is not JSON"),
     "manifest-too-large": (lambda h, a: build_archive(h, a, {}, members=[
-        member("manifest.json", json.dumps({"pad": " " * (1 << 20)}).encode())]), "manifest too large"),
+        member("manifest.json", json.dumps({"pad": " " * (1 << 20)}).encode())]), "manifest larger than the configured limit"),
     "manifest-row-count": (lambda h, a: _manifest_with(h, a, lambda m: m["datasets"]["api_requests"].update(rows=2)),
                            "3 rows, manifest says 2"),
     "manifest-sha256": (lambda h, a: _manifest_with(h, a, lambda m: m["datasets"]["node_health"].update(
@@ -769,7 +770,7 @@ FORGED = "2026-12-04 09:00:00,000 ERROR ganymede.api: FORGED"
 @pytest.mark.timeout(60)
 def test_agent_strings_reach_the_log_escaped(h):
     """log-forging-member-name, log-forging-header: a newline and ANSI escapes in a tar member name and
-    a C1 control in a header are logged as \\xNN, never as a line of their own or a command."""
+    a C1 control in a header are logged escaped (\\n, \\xNN), never as a line of their own or a command."""
     agent = new_agent(h)
     tx = create(h, agent)
     data = _extra(f"x\n{FORGED}\x1b[2J\x1b[31m.csv", data=b"x")(h, agent.id)
@@ -782,7 +783,7 @@ def test_agent_strings_reach_the_log_escaped(h):
     exchange.close()
     logged = F.wait_for(lambda: (lambda text: "\\x9b2J-FORGED" in text and text)(h.api.log()[h.log_mark:]),
                         timeout=10, what="the header value in the API's log (Tornado logs it)")
-    assert tx in logged and "\\x0a2026-12-04" in logged
+    assert tx in logged and "x\\n2026-12-04" in logged
     assert not set(logged) & {chr(c) for c in [*range(0x20), *range(0x7f, 0xa0)]} - {"\n"}
     assert not any(line.startswith(FORGED) for line in logged.splitlines()), logged[-2000:]
 
@@ -863,7 +864,8 @@ def all_case_ids():
                      "upload-over-limit", "huge-header", "slow-headers", "slow-idle-keepalive", "slow-body",
                      "crlf-line-endings", "token-guessing", "log-forging-member-name", "log-forging-header",
                      "fairness-completes", "quota-agent-disk"]
-    return sorted(set(REQUEST_CASES) | set(REPLAY_CASES) | set(ARCHIVE_CASES) | set(GEO_CASES)
+    return sorted(set(REQUEST_CASES) | set(REPLAY_CASES) | set(ARCHIVE_CASES) | set(GEO_CASES) | set(BOMBS)
+                  | set(GZIP_CASES)
                   | set(S3CURL_CASES) | set(HEAD_CASES) | set(docstring_ids))
 
 

@@ -118,7 +118,7 @@ def test_the_current_hour_is_refused_as_not_ended(genv):
 
 @pytest.mark.parametrize("argv", [("ganymede", "--help"), ("ganymede-hourly-backup", "--help"),
                                   ("ganymede-worker", "--help"), ("ganymede-worker-etl", "--help"),
-                                  ("ganymede-glassbeam-extract", "--help")])
+                                  ("ganymede-glassbeam-extract", "--help"), ("ganymede-api", "--help")])
 def test_every_help_ends_with_the_exit_code_table(genv, argv):
     from ganymede.runs import EXIT_CODES
     result = command(genv, *argv)

@@ -138,7 +138,7 @@ def test_sweep_minutes_below_one_is_refused(genv):
     genv.write_config(api={"sweep_minutes": 0})
     proc = subprocess.run([_command(), "--config", genv.config_path], env=genv.subprocess_env,
                           capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2 and "sweep_minutes" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "sweep_minutes" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _children(pid):

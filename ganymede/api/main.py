@@ -1,5 +1,4 @@
 """`ganymede-api`: read luigi.cfg, listen, wait; SIGTERM/SIGINT stop it cleanly."""
-import argparse
 import asyncio
 import logging
 import os
@@ -12,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tornado.httpserver import HTTPServer
 
 from .. import config, configfile
+from ..cli import Parser
 from ..archives import Limits
 from ..errors import ConfigError
 from ..paths import StateRoot
@@ -143,7 +143,7 @@ async def sweep_every(app, settings, interval):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ganymede-api", description="The Ganymede agent API daemon.")
+    parser = Parser(prog="ganymede-api", description="The Ganymede agent API daemon.")
     parser.add_argument("--config", metavar="FILE",
                         help="the one config file read (default: LUIGI_CONFIG_PATH, else /etc/ganymede/luigi.cfg)")
     args = parser.parse_args(argv)
@@ -162,13 +162,13 @@ def main(argv=None):
         settings = settings_from_config()  # last: it starts the validation processes
     except (ConfigError, OSError) as exc:
         print(f"ganymede-api: {exc}", file=sys.stderr)
-        return 2
+        return 1
     try:
         asyncio.run(serve(api.host, api.port, settings, api.idle_timeout, api.body_timeout, ssl_options,
                           api.listen_backlog, api.sweep_minutes, metrics_at))
     except OSError as exc:  # the port is taken, the address is not ours
         print(f"ganymede-api: cannot listen on {api.host}:{api.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return 1
     finally:
         settings.executor.shutdown(wait=True, cancel_futures=True)
         settings.validator.shutdown()

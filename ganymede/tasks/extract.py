@@ -17,30 +17,23 @@ loaded as dynamic dependencies yielded by run(), which decides the round's set.
 import glob
 import gzip
 import hashlib
-import http.client
 import json
 import os
-import shutil
-import ssl
-import time
 from contextlib import closing
 from datetime import datetime, timedelta
 from functools import cached_property
 from typing import NamedTuple
-from urllib.parse import urlsplit
 
 import luigi
 
-from .. import config, datasets, files, hours, markers, quality
-from ..errors import ConfigError, DeliveryError, GanymedeError, QualityError
+from .. import config, datasets, hours, markers, quality
+from ..delivery import deliver
+from ..errors import GanymedeError, QualityError
 from ..stores import mongo, mysql, txlog
 from ..stores import quality as quality_store
 from .agent import state_root
 from .worker import LoadTransaction
 
-USER_AGENT = "ganymede-extract/1"
-RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-MAX_RETRY_WAIT_S = 300
 WRITE_BLOCK = 1 << 16  # lines go to gzip in blocks of about this many bytes (the bytes do not depend on it)
 
 
@@ -205,111 +198,6 @@ def plan_round(round_, expected, rows, others, pending, deadline):
     return RoundPlan(free, [], False, waiting, expected, superseded)
 
 
-# --- plain functions: delivery -------------------------------------------------
-
-def copy_to_outbox(path, outbox):
-    """Copy a file into the outbox atomically (the vendor's pickup directory); returns where.
-
-    The partial copy has a fixed name (`.<file>.partial`), so the rerun after a
-    crash mid-copy overwrites it instead of leaving a stray file for the vendor.
-    """
-    dest = os.path.join(outbox, os.path.basename(path))
-    partial = os.path.join(outbox, f".{os.path.basename(path)}.partial")
-    os.makedirs(outbox, exist_ok=True)
-    shutil.copyfile(path, partial)
-    return files.move_durably(partial, dest)  # fsyncs the copy before the rename
-
-
-def read_token(path):
-    """The bearer token in `path`, refused if group or others can read it (like .s3curl)."""
-    token = files.read_private(path, lambda message: ConfigError(f"[extract] token_file {message}"))
-    token = token.decode("utf-8", "replace").strip()
-    if not token or any(c in token for c in "\r\n"):
-        raise ConfigError(f"[extract] token_file {path} must hold one non-empty line")
-    return token
-
-
-def https_target(url):
-    """(host, port, path, url fit for a log) of the delivery endpoint; only HTTPS, no credentials in it."""
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise ConfigError(f"[extract] endpoint_url must be an https:// URL, not {parts.scheme or 'no'} scheme")
-    if parts.username or parts.password:
-        raise ConfigError("[extract] endpoint_url must not carry credentials: put a bearer token in token_file")
-    shown = f"https://{parts.netloc}{parts.path or '/'}"
-    return parts.hostname, parts.port or 443, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), shown
-
-
-def _post_once(host, port, target, path, headers, timeout, context):
-    """One streamed POST of the file; (status, reason, Retry-After, start of the body). No redirects."""
-    conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context, blocksize=1 << 16)
-    try:
-        with open(path, "rb") as body:
-            conn.request("POST", target, body=body, headers=headers)
-            response = conn.getresponse()
-            text = response.read(2048).decode("utf-8", "replace")
-            return response.status, response.reason, response.getheader("Retry-After"), text
-    finally:
-        conn.close()
-
-
-def _retry_wait(attempt, base, retry_after):
-    if retry_after and retry_after.strip().isdigit():
-        return min(int(retry_after), MAX_RETRY_WAIT_S)
-    return min(base * 2 ** (attempt - 1), MAX_RETRY_WAIT_S)
-
-
-def post_extract(path, sha256, hour, round_, cfg, sleep=time.sleep):
-    """POST the file to cfg.endpoint_url, retrying what may pass (network errors, 408/429/5xx).
-
-    Every attempt carries the same Idempotency-Key (file name and sha256), so
-    a receiver can drop the copy a lost response made us send again. Returns
-    the delivery record; raises DeliveryError once attempts are exhausted or
-    the endpoint refuses for good (other 4xx, 3xx, a certificate it cannot prove).
-    """
-    host, port, target, shown = https_target(cfg.endpoint_url)
-    if cfg.attempts < 1:
-        raise ConfigError("[extract] attempts must be at least 1")
-    name = os.path.basename(path)
-    headers = {"Content-Type": "application/gzip", "Content-Length": str(os.path.getsize(path)),
-               "Content-Disposition": f'attachment; filename="{name}"', "User-Agent": USER_AGENT,
-               "Idempotency-Key": f"{name}:{sha256}", "X-Ganymede-Sha256": sha256,
-               "X-Ganymede-Hour": hours.format_hour(hour), "X-Ganymede-Round": str(round_)}
-    if cfg.token_file:
-        headers["Authorization"] = f"Bearer {read_token(cfg.token_file)}"
-    context = ssl.create_default_context(cafile=os.path.expanduser(cfg.ca_file) if cfg.ca_file else None)
-    started, problem = time.monotonic(), None
-    for attempt in range(1, cfg.attempts + 1):
-        retry_after = None
-        try:
-            status, reason, retry_after, text = _post_once(host, port, target, path, headers,
-                                                           cfg.timeout_seconds, context)
-        except ssl.SSLCertVerificationError as exc:
-            raise DeliveryError(f"delivery of {name} to {shown}: the server's certificate was refused "
-                                f"({exc.verify_message}); set [extract] ca_file if it uses a private CA") from None
-        except (OSError, http.client.HTTPException) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-        else:
-            if 200 <= status < 300:
-                return {"url": shown, "status": status, "attempts": attempt, "at": hours.now(),
-                        "seconds": round(time.monotonic() - started, 3), "response": text[:500]}
-            problem = f"HTTP {status} {reason}: {text[:300]}".rstrip(": ")
-            if status not in RETRY_STATUSES and status < 500:
-                raise DeliveryError(f"delivery of {name} to {shown} refused ({problem}); not retried")
-        if attempt < cfg.attempts:
-            sleep(_retry_wait(attempt, cfg.retry_wait_seconds, retry_after))
-    raise DeliveryError(f"delivery of {name} to {shown} failed after {cfg.attempts} attempts: {problem}")
-
-
-def deliver(path, sha256, hour, round_, cfg):
-    """Outbox copy always, then the HTTPS POST if an endpoint is configured; returns the delivery record."""
-    outbox = cfg.outbox or os.path.join(state_root().root, "outbox")
-    record = {"outbox": copy_to_outbox(path, outbox), "https": None}
-    if cfg.endpoint_url:
-        record["https"] = post_extract(path, sha256, hour, round_, cfg)
-    return record
-
-
 # --- plain functions: quality checks --------------------------------------------
 
 def load_facts(root, hour, transactions):
@@ -471,7 +359,8 @@ class GlassbeamExtract(luigi.Task):
             sha256, size, by_dataset, by_agent = write_extract(path, lines)
         cfg = config.extract()
         # an hour without agent data sends the vendor nothing (status: no data), unless the contract wants a file
-        delivery = deliver(path, sha256, self.hour, self.round, cfg) if tx_ids or cfg.deliver_empty else None
+        outbox = cfg.outbox or os.path.join(state_root().root, "outbox")
+        delivery = deliver(path, sha256, self.hour, self.round, cfg, outbox) if tx_ids or cfg.deliver_empty else None
         markers.write_json(self.output().path, {
             "hour": hours.format_hour(self.hour), "round": self.round, "file": os.path.basename(path),
             "sha256": sha256, "bytes": size, "counts": by_dataset, "agents": by_agent,
