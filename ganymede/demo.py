@@ -25,7 +25,7 @@ from contextlib import closing
 
 from . import config, datasets, generator, hours, markers, status
 from .paths import StateRoot
-from .stores import mongo, mysql, txlog
+from .stores import mongo, mysql, quality, txlog
 from .stores.s3 import bucket_name, connect as s3_connect
 
 GEOS = ("eu-west", "us-east", "ap-south", "eu-north", "us-west", "sa-east")
@@ -191,7 +191,21 @@ def launch(argv, env, log_path, ready_url, cwd):
     raise SystemExit(f"{name} did not answer on {ready_url}; see {log_path}")
 
 
-def summary(hour, base, api_port, luigid_port):
+def api_metrics_line(url, admin_token):
+    """What ganymede-api's /metrics counted in the demo (parsed, as Prometheus reads it)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {admin_token}"}), timeout=10) as resp:
+        text = resp.read().decode("utf-8")
+    totals = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in ("ganymede_api_uploads_total", "ganymede_api_upload_bytes_total"):
+                totals[s.name] = totals.get(s.name, 0) + s.value
+    return (f"ganymede-api {url}/metrics (admin token): {totals.get('ganymede_api_uploads_total', 0):g} uploads, "
+            f"{totals.get('ganymede_api_upload_bytes_total', 0):g} bytes")
+
+
+def summary(hour, base, api_port, luigid_port, api_metrics=""):
     root = StateRoot(config.state().root)
     client, db = mongo.connect(config.mongodb())
     with closing(client):
@@ -209,13 +223,20 @@ def summary(hour, base, api_port, luigid_port):
     with closing(mysql.connect(config.mysql())) as conn:
         (row,) = status.hours_status(conn, root, hour, hour, config.extract().deadline_minutes,
                                      config.alerts().overdue_minutes)
+        checks = quality.hour_results(conn, hour)
     config_path = os.path.join(base, "luigi.cfg")
     lines += [f"Archives moved to {os.path.join(root.root, 'archives')}",
               f"Status (`ganymede --config {config_path} status`): {row.line()}",
               f"Status page: ganymede-api --config {config_path}, then http://127.0.0.1:{api_port}/status "
               f"(user admin, password from `ganymede --config {config_path} admin-token NAME`)",
               f"Dependency graph (the demo's own luigid, still running): "
-              f"{status.graph_url(f'http://127.0.0.1:{luigid_port}', hour)}"]
+              f"{status.graph_url(f'http://127.0.0.1:{luigid_port}', hour)}",
+              f"Quality checks of the hour ({len(checks)}, {sum(not c.passed for c in checks)} failed; "
+              f"`ganymede --config {config_path} status --hour {hours.format_hour(hour)}`):"]
+    lines += status.quality_lines(checks)
+    lines += ["Metrics:", f"  {api_metrics}" if api_metrics else "  ganymede-api /metrics (admin token)",
+              f"  pipeline textfile for node_exporter: {config.metrics().textfile or root.metrics_textfile()}",
+              "  dashboard deploy/grafana-dashboard.json, alerting rules deploy/prometheus-rules.yml"]
     return "\n".join(lines)
 
 
@@ -256,8 +277,10 @@ def main(args):
             print(f"ganymede demo: the pipeline exited {code}; details in {os.path.join(base, 'ganymede.log')}",
                   file=sys.stderr)
             return code
+        with closing(mysql.connect(config.mysql())) as conn:
+            api_metrics = api_metrics_line(url, txlog.add_admin_token(conn, f"demo-metrics-{time.time_ns()}"))
     finally:
         api.terminate()
         api.wait(10)
-    print(summary(hour, base, api_port, luigid_port))
+    print(summary(hour, base, api_port, luigid_port, api_metrics))
     return 0

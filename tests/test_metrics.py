@@ -97,7 +97,7 @@ def test_a_bad_metrics_address_is_one_line(genv):
     genv.write_config(api={"metrics_address": "nowhere"})
     result = subprocess.run([f"{BIN}/ganymede-api"], env=genv.subprocess_env, capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode == 2 and "metrics_address must be host:port" in result.stderr
+    assert result.returncode == 1 and "metrics_address must be host:port" in result.stderr
     assert "Traceback" not in result.stderr
 
 
