@@ -1,5 +1,6 @@
 """`ganymede demo`: its names belong to its directory, it clears what it made, it reuses no stranger's process."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +45,10 @@ def test_the_demo_runs_twice_in_its_own_world(tmp_path, mongo_up, s3_up):
             assert "done, hour closed (exit 0" in run.stdout
             assert f"Bucket {demo.names(str(base))['bucket_prefix']}" in run.stdout
             assert "agents 2/2" in run.stdout  # the second run started from nothing again
+            # it ends with the hour's quality checks (3 per agent and dataset, one more on node_health) and metrics
+            assert "Quality checks of the hour (20, 0 failed;" in run.stdout
+            assert re.search(r"/metrics \(admin token\): 2 uploads, [1-9][0-9]* bytes\n", run.stdout), run.stdout
+            assert "ganymede.prom" in run.stdout.splitlines()[-2]
             if first_luigid:
                 assert not os.path.exists(f"/proc/{first_luigid}")  # the previous run's luigid was stopped
         last_luigid = (base / "luigid.pid").read_text().strip()

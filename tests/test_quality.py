@@ -7,7 +7,8 @@ from datetime import timedelta
 import luigi
 import pytest
 
-from ganymede import datasets, hours, markers, quality
+from ganymede import datasets, hours, markers, quality, status
+from ganymede.api import status_page
 from ganymede.paths import StateRoot
 from ganymede.stores import quality as quality_store
 from ganymede.tasks import GlassbeamExtract
@@ -93,6 +94,11 @@ def test_an_agent_cut_to_a_tenth_raises_exactly_that_check_and_alert(genv, mongo
                            env=genv.subprocess_env, capture_output=True, text=True, check=True).stdout
     assert "quality 1 failed" in shown.splitlines()[0]
     assert sum(line.startswith("  quality ok:") for line in shown.splitlines()) == len(results) - 1
+    with genv.mysql() as conn:
+        (row,) = status.hours_status(conn, StateRoot(genv.root), hour, hour, 45, 60)
+    page = status_page.render_hour(row, [], StateRoot(genv.root), "http://graph", checks=results)
+    assert "Quality checks (1 failed of 20)" in page
+    assert "<td>FAILED</td><td>agent-b</td><td>account_usage</td><td>row_count</td><td>4</td>" in page
 
 
 def test_a_blocking_check_stops_the_extract_and_an_agent_that_sent_nothing_is_reported(genv, mongo_up,
