@@ -12,9 +12,8 @@ import fcntl
 import os
 from contextlib import contextmanager
 
+import luigi
 from prometheus_client.parser import text_string_to_metric_families
-
-from . import markers
 
 # name: (type, help); a counter's samples are written as <name>_total
 METRICS = {
@@ -79,5 +78,6 @@ def update(path, inc=(), set_=()):
             values[key] = values.get(key, 0.0) + value
         for name, labels, value in set_:
             values[(name, tuple(sorted(labels.items())))] = float(value)
-        with markers.open_atomic(path, text=True) as f:
+        # atomic (temp file + rename), not fsync'd: a figure lost in a crash is not worth a sync per task
+        with luigi.LocalTarget(path, format=luigi.format.UTF8).open("w") as f:
             f.write(render(values))
