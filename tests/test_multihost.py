@@ -285,6 +285,9 @@ def test_a_worker_host_killed_mid_hour_the_other_finishes_it(cluster):
         attempt += 1
         code = cluster.worker("worker-2", KILL_HOUR, f"rerun-{attempt}").wait(300)
     assert code == 0, cluster.log("worker-2", f"rerun-{attempt}" if attempt else "survivor")[-3000:]
+    frozen = set(re.findall(r"running   (StageTransaction\(transaction_id=[^)]*\))", cluster.log("worker-1", "killed")))
+    survivor = "".join(cluster.log("worker-2", n) for n in ["survivor"] + [f"rerun-{i}" for i in range(1, attempt + 1)])
+    assert frozen and all(f"done      {task}" in survivor for task in frozen), frozen  # taken over by worker-2
     assert_same_end_state(cluster.fingerprint(KILL_HOUR), reference)
 
 
