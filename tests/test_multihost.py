@@ -39,6 +39,7 @@ KILL_HOUR = HOUR - timedelta(hours=24)  # its hour before holds nothing in eithe
 # Agents deliver before the hour's deadline, as in production: its loads are then static dependencies, which
 # luigid hands to either host (late arrivals are dynamic ones, run by the host whose extract yields them).
 SETTINGS = {"extract": {"deadline_minutes": str(50 * 60)}}
+CRON_HOUR = HOUR - timedelta(hours=12)
 API_PORT, LUIGID_PORT = 8750, 8082
 # luigid gives a dead worker's tasks back after worker_disconnect_delay (60 s in deploy/luigid.cfg);
 # shortened here so the test waits less: what is proven is that they come back to the other host.
@@ -79,6 +80,7 @@ class Cluster:
         settings["core"].update(scheduler_host=self.at("sched"), scheduler_port=str(LUIGID_PORT),
                                 lock_pid_dir=str(self.base / f"pids-{host}"))
         settings["api"] = {"host": self.at(host), "port": str(API_PORT)}
+        settings["state"]["log_file"] = str(self.logs / f"{host}-ganymede.log")  # logs stay on their host
         settings["retcode"] = {k: str(v) for k, v in F.RETCODES.items()}
         path = self.base / f"luigi-{host}.cfg"
         with open(path, "w") as f:
@@ -190,7 +192,7 @@ def cluster(tmp_path_factory):
         mysql.upgrade(config.mysql())
         c.register_agents()
         c.start_services()
-        reference = F.new_world(base / "one-host", **SETTINGS)
+        reference = F.new_world(base / "one-host", state={"log_file": str(base / "one-host.log")}, **SETTINGS)
         c.reference = reference
         yield c
     finally:
@@ -204,7 +206,7 @@ def cluster(tmp_path_factory):
         assert problems == [], problems
 
 
-def one_host_run(cluster, hour):
+def one_host_run(cluster, hour, argv=None):
     """The same input (transaction log rows and archives of the hour) run on one host: its fingerprint."""
     multi, ref = cluster.env, cluster.reference
     with F.sql(ref) as conn, conn.cursor() as cur:
@@ -221,7 +223,7 @@ def one_host_run(cluster, hour):
                     f"USING (transaction_id) WHERE t.hour = %s", (hour,))
     src = paths.StateRoot(multi.root).hour_uploads(hour)
     shutil.copytree(src, paths.StateRoot(ref.root).hour_uploads(hour))
-    done = F.run(F.luigi_command(hours.format_hour(hour), "--workers", "2"), ref.subprocess_env)
+    done = F.run(argv or F.luigi_command(hours.format_hour(hour), "--workers", "2"), ref.subprocess_env)
     assert done.returncode == 0, done.stderr[-3000:]
     return {"fingerprint": json.loads(json.dumps(F.fingerprint(ref, hour), default=str)),
             "problems": F.consistency_problems(ref, hour)}
@@ -289,6 +291,21 @@ def test_a_worker_host_killed_mid_hour_the_other_finishes_it(cluster):
     survivor = "".join(cluster.log("worker-2", n) for n in ["survivor"] + [f"rerun-{i}" for i in range(1, attempt + 1)])
     assert frozen and all(f"done      {task}" in survivor for task in frozen), frozen  # taken over by worker-2
     assert_same_end_state(cluster.fingerprint(KILL_HOUR), reference)
+
+
+@pytest.mark.timeout(600)
+def test_the_cron_command_on_both_worker_hosts_shares_the_hour(cluster):
+    """`ganymede-hourly-backup` holds the hour's lock shared when it goes through luigid: both hosts work."""
+    cluster.deliver(CRON_HOUR)
+    cron = [f"{BIN}/ganymede-hourly-backup", "--hour", hours.format_hour(CRON_HOUR), "--workers", "2"]
+    reference = one_host_run(cluster, CRON_HOUR, cron + ["--local-scheduler"])
+    runs = {host: cluster.start(host, "cron", cron) for host in ("worker-1", "worker-2")}
+    codes = {host: proc.wait(300) for host, proc in runs.items()}
+    # a run that ends while the other host still runs the hour says so (10); the one that ends last closes it
+    assert set(codes.values()) <= {0, 10} and 0 in codes.values(), codes
+    for host in runs:  # both hosts ran tasks of the hour
+        assert re.search(r"Worker\(.*host=%s.*\) done " % host, cluster.log(host, "ganymede"))
+    assert_same_end_state(cluster.fingerprint(CRON_HOUR), reference)
 
 
 def stopped(pid):
