@@ -2,16 +2,18 @@
 
 A file appears at its final path whole or not at all: DurableTarget writes
 `.tmp-<name>-<random>` beside it, fsyncs it and renames it into place
-durably (ganymede.files). A process killed mid-write leaves that temporary
-behind; the next write of the same file removes the ones older than its own
-process (Luigi never runs one task twice at once, so they belong to a dead run).
+durably (ganymede.files). The writer holds an flock on its temporary until
+the rename, so a process killed mid-write (the lock dies with it) leaves one
+nobody holds; the next write of the same file removes those. No clock is
+compared: on a state root shared by several hosts (NFS: flock is a lock of
+the server's), a file's mtime is the server's time, not this host's.
 """
+import fcntl
 import glob
 import io
 import json
 import os
 import random
-import time
 
 import luigi
 import luigi.format
@@ -19,16 +21,22 @@ from luigi.local_target import atomic_file
 
 from . import files
 
-STARTED = time.time()
-
 
 class _DurableFile(atomic_file):
+    def __init__(self, path):
+        super().__init__(path)
+        self.lock_fd = os.open(self.tmp_path, os.O_RDONLY)  # its own open file: held past the writer's close
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+
     def generate_tmp_path(self, path):
         directory, name = os.path.split(path)
         return os.path.join(directory, f".tmp-{name}-{random.randrange(10 ** 9):09d}")
 
     def move_to_final_destination(self):
-        files.move_durably(self.tmp_path, self.path)
+        try:
+            files.move_durably(self.tmp_path, self.path)
+        finally:
+            os.close(self.lock_fd)
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
@@ -38,6 +46,7 @@ class _DurableFile(atomic_file):
         except OSError:
             pass  # a full disk may refuse the last flush too
         os.unlink(self.tmp_path)
+        os.close(self.lock_fd)
 
 
 class DurableTarget(luigi.LocalTarget):
@@ -54,20 +63,31 @@ class DurableTarget(luigi.LocalTarget):
         return self.format.pipe_writer(_DurableFile(self.path))
 
 
-def remove_temporaries(path, before=STARTED):
-    """Remove the temporaries of `path` last written before `before` (default: this process's start)."""
+def remove_temporaries(path):
+    """Remove the temporaries of `path` no writer holds (left by a dead one); a live writer's stay."""
     directory, name = os.path.split(path)
     for tmp in glob.glob(os.path.join(glob.escape(directory), glob.escape(f".tmp-{name}-") + "*")):
         try:
-            if os.stat(tmp).st_mtime < before:
-                os.unlink(tmp)
+            fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
-            pass
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(tmp)
+        except (BlockingIOError, FileNotFoundError):
+            pass  # being written, or gone already
+        finally:
+            os.close(fd)
 
 
 def open_atomic(path, text=False):
     """A file object for writing `path` atomically (UTF-8 text with text=True); use it in a with block."""
     return DurableTarget(path, luigi.format.UTF8 if text else luigi.format.Nop).open("w")
+
+
+def write_bytes(path, data):
+    with open_atomic(path) as f:
+        f.write(data)
 
 
 def write_json(path, data):
@@ -82,6 +102,6 @@ def read_json(path):
 
 def remove(path):
     """Remove a marker (and any temporary a killed writer left of it); a missing one is fine."""
-    remove_temporaries(path, before=time.time())
+    remove_temporaries(path)
     if os.path.exists(path):
         os.unlink(path)

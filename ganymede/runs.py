@@ -4,11 +4,13 @@ Around Luigi's own run (`luigi --module ganymede.tasks …`, the same
 [retcode] exit codes) this adds what an operator needs:
 
 - a per-hour lock in the state root (flock, so the kernel drops it when the
-  run dies, kill -9 included): a second run of an hour, with or without
-  luigid, exits 10 naming the run that holds it, so no task of the hour runs
-  twice even with --local-scheduler;
+  run dies, kill -9 included): a run with --local-scheduler holds it alone,
+  so a second run of the hour exits 10 naming the run that holds it; runs
+  through luigid share it, on any number of worker hosts (luigid hands each
+  task to one of them), and exclude only the --local-scheduler ones;
 - the `.tmp-*` files a crashed run left in the hour's folders are removed
-  before the run starts (it holds the hour, so nobody else is writing them);
+  before the run starts, when it is the hour's only run (nobody else is
+  writing them);
 - when luigid still counts the tasks of a run that died as running, the line
   says which worker, since when it has been silent, and when luigid gives
   its tasks back ([scheduler] worker_disconnect_delay);
@@ -81,24 +83,27 @@ class HourLock:
         self.path = root.hour_lock(hour)
         self.file = None
 
-    def acquire(self, command):
+    def acquire(self, command, shared=False):
+        """Exclusive, or shared with other shared holders (runs through luigid); False if held otherwise."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.file = open(self.path, "a+")
-        if not self._flock():
+        if not self._flock(fcntl.LOCK_SH if shared else fcntl.LOCK_EX):
             self.file.close()
             self.file = None
             return False
+        if shared:  # joins a run that holds it: that run's record stays (the hour's first run)
+            return True
         self.file.truncate(0)
         self.file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                                     "since": stamp()}))
         self.file.flush()
         return True
 
-    def _flock(self):
+    def _flock(self, mode=fcntl.LOCK_EX):
         """Non-blocking; a probe (held_by_someone) lets go at once, so it is waited for a little."""
         for _ in range(20):
             try:
-                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(self.file.fileno(), mode | fcntl.LOCK_NB)
                 return True
             except BlockingIOError:
                 if self.holder().get("command") != PROBE:
@@ -112,6 +117,14 @@ class HourLock:
                 return json.loads(f.read() or "{}")
         except (OSError, ValueError):
             return {}
+
+    def share(self):
+        """Exclusive -> shared (not atomic: a --local-scheduler run may take the hour in between; then False)."""
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
 
     def release(self):
         if self.file:
@@ -293,7 +306,16 @@ def outcome(code, hour, local_scheduler):
     held = None if local_scheduler or code not in (10, 20, 25) else luigid_holders(hour)
     if held or code == 10:
         return 10, "already running: " + (held or "another worker runs its tasks")
+    if code == 25 and not local_scheduler and closed(hour):  # the tasks it was not given ran on another host
+        return 0, outcome_words(0, hour)
     return code, outcome_words(code, hour)
+
+
+def closed(hour):
+    try:
+        return hour_row(hour).verdict == "closed"
+    except GanymedeError:
+        return False
 
 
 def outcome_words(code, hour):
@@ -337,13 +359,18 @@ def run_hour(prog, hour, task_args, workers=1, local_scheduler=False):
     parameter read from the hour's files, such as the extract round).
     """
     lock = HourLock(StateRoot(config.state().root), hour)
-    if not lock.acquire(f"{prog} --hour {hours.format_hour(hour)}"):
+    command = f"{prog} --hour {hours.format_hour(hour)}"
+    alone = lock.acquire(command)
+    if not alone and (local_scheduler or not lock.acquire(command, shared=True)):
         return 10, f"already running: the hour is held by {holder_text(lock.holder())}"
     try:
-        removed = remove_leftovers(StateRoot(config.state().root), hour)
-        if removed:
-            log.info("removed %d file(s) a crashed run of %s left: %s", len(removed), hours.format_hour(hour),
-                     ", ".join(removed))
+        if alone:
+            removed = remove_leftovers(StateRoot(config.state().root), hour)
+            if removed:
+                log.info("removed %d file(s) a crashed run of %s left: %s", len(removed), hours.format_hour(hour),
+                         ", ".join(removed))
+            if not local_scheduler and not lock.share():
+                return 10, f"already running: the hour is held by {holder_text(lock.holder())}"
         code = luigi_run(task_args() if callable(task_args) else task_args, workers, local_scheduler)
         return outcome(code, hour, local_scheduler)
     finally:

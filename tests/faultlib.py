@@ -48,7 +48,7 @@ def _describe_call(args, kwargs):
 def install_fault(spec, nth, match=None, after=False, action="kill"):
     """Patch `spec` so that its `nth` call (counting only calls matching `match`) triggers `action`.
 
-    action: "kill" (SIGKILL this process) or "touch:PATH" (create PATH, then carry on).
+    action: "kill" (SIGKILL this process), "stop" (SIGSTOP it) or "touch:PATH" (create PATH, then carry on).
     after: trigger once the call has returned instead of before it runs.
     """
     owner, name = _resolve(spec)
@@ -59,6 +59,8 @@ def install_fault(spec, nth, match=None, after=False, action="kill"):
     def trigger():
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "stop":  # frozen mid-call, as on a hung host; the test then kills it
+            os.kill(os.getpid(), signal.SIGSTOP)
         elif action.startswith("touch:"):
             with open(action[len("touch:"):], "w") as flag:
                 flag.write(f"{spec} call {nth}\n")
@@ -88,7 +90,7 @@ def _inject_main(argv):
     parser.add_argument("--nth", type=int, default=1, help="which matching call triggers the fault (1 = first)")
     parser.add_argument("--match", help="only calls whose arguments contain this text count")
     parser.add_argument("--after", action="store_true", help="trigger after the call returns")
-    parser.add_argument("--action", default="kill", help="kill (SIGKILL) or touch:PATH")
+    parser.add_argument("--action", default="kill", help="kill (SIGKILL), stop (SIGSTOP) or touch:PATH")
     parser.add_argument("target", choices=["luigi", "agent"])
     parser.add_argument("args", nargs=argparse.REMAINDER)
     opts = parser.parse_args(argv)
@@ -133,6 +135,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 S3_ENDPOINT = os.environ.get("GANYMEDE_S3_ENDPOINT", "http://127.0.0.1:9000")
 MONGO_URI = os.environ.get("GANYMEDE_TEST_MONGO_URI", "mongodb://127.0.0.1:27017/")
+MYSQL_HOST, MYSQL_PORT = os.environ.get("GANYMEDE_TEST_MYSQL", "127.0.0.1:3306").rsplit(":", 1)  # from a test host
 # luigi.cfg [retcode] as the project ships it, so a run's exit code says what happened
 RETCODES = {"already_running": 10, "missing_data": 20, "not_run": 25, "task_failed": 30,
             "scheduling_error": 35, "unhandled_exception": 40}
@@ -194,7 +197,7 @@ def drop_world(env):
 
 def sql(env, autocommit=True):
     """A connection to the world's schema, from its own settings (not the global config)."""
-    return pymysql.connect(host="127.0.0.1", port=3306, user="root", database=env.mysql_database,
+    return pymysql.connect(host=MYSQL_HOST, port=int(MYSQL_PORT), user="root", database=env.mysql_database,
                            autocommit=autocommit, charset="utf8mb4")
 
 

@@ -142,14 +142,17 @@ def test_a_manual_run_during_a_cron_run_of_the_hour_exits_10_and_nothing_runs_tw
     try:
         waiting_for_metadata_lock(genv)
         assert HourLock(root, hour).held_by_someone()
-        for argv in (("ganymede-hourly-backup", "--hour", hours.format_hour(hour), "--local-scheduler"),
-                     ("ganymede-hourly-backup", "--hour", hours.format_hour(hour)),
-                     ("ganymede-worker", tx["transaction_id"], "--local-scheduler"),
-                     ("ganymede-glassbeam-extract", *hour_parts(hour), "--local-scheduler")):
+        held = f"already running: the hour is held by pid {cron.pid} "
+        for argv, said in ((("ganymede-hourly-backup", "--hour", hours.format_hour(hour), "--local-scheduler"), held),
+                           # through luigid, runs share the hour (other worker hosts): luigid keeps the task to one
+                           (("ganymede-hourly-backup", "--hour", hours.format_hour(hour)),
+                            "already running: luigid worker "),
+                           (("ganymede-worker", tx["transaction_id"], "--local-scheduler"), held),
+                           (("ganymede-glassbeam-extract", *hour_parts(hour), "--local-scheduler"), held)):
             manual = command(genv, *argv)
             words, code = one_line(manual)[2:]
             assert (manual.returncode, code) == (10, 10), manual.stdout
-            assert words.startswith(f"already running: the hour is held by pid {cron.pid} ")
+            assert words.startswith(said), words
     finally:
         with blocker.cursor() as cur:
             cur.execute("UNLOCK TABLES")
@@ -239,6 +242,11 @@ def test_the_hour_lock_names_its_holder_and_goes_with_it(tmp_path):
     from datetime import datetime
     from ganymede.runs import remove_leftovers
     root, hour = StateRoot(str(tmp_path)), datetime(2026, 11, 30, 5)
+    shared = [HourLock(root, hour) for _ in range(2)]
+    assert all(lock.acquire("a luigid run", shared=True) for lock in shared)  # runs on two worker hosts
+    assert not HourLock(root, hour).acquire("a --local-scheduler run") and HourLock(root, hour).held_by_someone()
+    for lock in shared:
+        lock.release()
     first, second = HourLock(root, hour), HourLock(root, hour)
     assert first.acquire("cron run")
     assert not second.acquire("manual run") and second.holder()["pid"] == os.getpid()

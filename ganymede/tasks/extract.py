@@ -335,6 +335,8 @@ class GlassbeamExtract(luigi.Task):
                                agent_id=transaction["agent_id"])
 
     def run(self):
+        if self.complete():  # handed out again as another host finished it: docs/scaling.md
+            return
         plan = self.plan()
         # dynamic: the ones not loaded yet are loaded (only those go back to the scheduler), then run() again
         yield [load for load in map(self.load, plan.transactions) if not load.complete()]

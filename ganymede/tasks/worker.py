@@ -267,6 +267,8 @@ class StageTransaction(TransactionTask):
         return AgentArchive(**self.tx_params())
 
     def run(self):
+        if self.complete():  # handed out again as another host finished it: docs/scaling.md
+            return
         archive = self.requires()
         with closing(mysql.connect(config.mysql())) as conn:
             try:
@@ -300,6 +302,8 @@ class LoadTransaction(TransactionTask):
         return StageTransaction(**self.tx_params())
 
     def run(self):
+        if self.complete():  # handed out again as another host finished it: docs/scaling.md
+            return
         stage = self.requires()  # built once: a task instance costs about a millisecond, a tiny load ~20
         archive, staged = stage.requires(), markers.read_json(stage.output().path)
         if "isolated" in staged:
