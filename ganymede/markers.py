@@ -85,11 +85,6 @@ def open_atomic(path, text=False):
     return DurableTarget(path, luigi.format.UTF8 if text else luigi.format.Nop).open("w")
 
 
-def write_bytes(path, data):
-    with open_atomic(path) as f:
-        f.write(data)
-
-
 def write_json(path, data):
     with open_atomic(path) as f:
         f.write(json.dumps(data, sort_keys=True, indent=1, default=str).encode() + b"\n")
