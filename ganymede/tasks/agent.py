@@ -1,6 +1,6 @@
 """Stage 0: an agent's verified archive, put in place by the API."""
 import os
-from functools import cached_property
+from functools import cached_property, wraps
 
 import luigi
 
@@ -11,6 +11,19 @@ from ..paths import StateRoot
 
 def state_root():
     return StateRoot(config.state().root)
+
+
+def unless_complete(run):
+    """run() that does nothing when the task is already complete.
+
+    With several worker hosts luigid can hand a task to one host just as
+    another finished it (docs/scaling.md); Luigi checks complete() only
+    when scheduling, so the task's own run() checks again first.
+    """
+    @wraps(run)
+    def guarded(self):
+        return None if self.complete() else run(self)
+    return guarded
 
 
 class TransactionTask(luigi.Task):

@@ -24,7 +24,7 @@ from ..errors import CommandError, GanymedeError
 from ..stores import mysql, txlog
 from ..stores import s3
 from ..stores.s3 import bucket_name
-from .agent import state_root
+from .agent import state_root, unless_complete
 from .extract import (GlassbeamExtract, TransactionCompletion, covered_transactions, current_round,
                       pending_archives, round_manifests, uncovered_archives)
 
@@ -142,9 +142,8 @@ class DumpSchema(luigi.Task):
     def requires(self):
         return GlassbeamExtract(hour=self.hour, round=self.round)
 
+    @unless_complete
     def run(self):
-        if self.complete():  # handed out again as another host finished it: docs/scaling.md
-            return
         dump_schema(config.mysql(), self.output().path)
 
 

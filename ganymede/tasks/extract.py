@@ -31,7 +31,7 @@ from ..delivery import deliver
 from ..errors import GanymedeError, QualityError
 from ..stores import mongo, mysql, txlog
 from ..stores import quality as quality_store
-from .agent import state_root
+from .agent import state_root, unless_complete
 from .worker import LoadTransaction
 
 WRITE_BLOCK = 1 << 16  # lines go to gzip in blocks of about this many bytes (the bytes do not depend on it)
@@ -334,9 +334,8 @@ class GlassbeamExtract(luigi.Task):
         return LoadTransaction(transaction_id=transaction["transaction_id"], hour=self.hour,
                                agent_id=transaction["agent_id"])
 
+    @unless_complete
     def run(self):
-        if self.complete():  # handed out again as another host finished it: docs/scaling.md
-            return
         plan = self.plan()
         # dynamic: the ones not loaded yet are loaded (only those go back to the scheduler), then run() again
         yield [load for load in map(self.load, plan.transactions) if not load.complete()]

@@ -26,7 +26,7 @@ from .. import archives, config, datasets, hours, markers
 from ..datasets import RangeError, RowError
 from ..errors import DataError, GanymedeError
 from ..stores import mongo, mysql, staging, txlog
-from .agent import AgentArchive, TransactionTask
+from .agent import AgentArchive, TransactionTask, unless_complete
 
 
 # --- staging ---------------------------------------------------------------------
@@ -266,9 +266,8 @@ class StageTransaction(TransactionTask):
     def requires(self):
         return AgentArchive(**self.tx_params())
 
+    @unless_complete
     def run(self):
-        if self.complete():  # handed out again as another host finished it: docs/scaling.md
-            return
         archive = self.requires()
         with closing(mysql.connect(config.mysql())) as conn:
             try:
@@ -301,9 +300,8 @@ class LoadTransaction(TransactionTask):
     def requires(self):
         return StageTransaction(**self.tx_params())
 
+    @unless_complete
     def run(self):
-        if self.complete():  # handed out again as another host finished it: docs/scaling.md
-            return
         stage = self.requires()  # built once: a task instance costs about a millisecond, a tiny load ~20
         archive, staged = stage.requires(), markers.read_json(stage.output().path)
         if "isolated" in staged:
