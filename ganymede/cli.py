@@ -32,7 +32,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        sys.exit(_fail(f"{message} (see {self.prog} --help)", 2))
+        print(f"{self.prog.split()[0]}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _fail(message, code=2):
