@@ -126,17 +126,18 @@ def bare_graph(world, count, workers, usage):
     return wall, stats
 
 
-def tiny_rows(hour, n):
+def tiny_rows(hour, n, scale=1):
+    """`scale` rows per dataset for agent number `n`, every key distinct."""
     return {
-        "account_usage": [[f"acct-{n:05d}", 10_000 + n, 10, 100, 50, 3]],
-        "api_requests": [["GET", f"/v1/objects/{n}", 200, 100, 4096, 1.5, 9.25]],
-        "node_health": [[f"node-{n:05d}", (hour + timedelta(minutes=n % 60)).strftime("%Y-%m-%dT%H:%M:%S"),
-                         10 ** 12, 10 ** 11, 0.5, 0]],
+        "account_usage": [[f"acct-{n:05d}-{i}", 10_000 + n, 10, 100, 50, 3] for i in range(scale)],
+        "api_requests": [["GET", f"/v1/objects/{n}/{i}", 200, 100, 4096, 1.5, 9.25] for i in range(scale)],
+        "node_health": [[f"node-{n:05d}-{i}", (hour + timedelta(minutes=n % 60)).strftime("%Y-%m-%dT%H:%M:%S"),
+                         10 ** 12, 10 ** 11, 0.5, 0] for i in range(scale)],
     }
 
 
-def create_transactions(world, hour, count):
-    """`count` agents, each with one completed transaction and its tiny archive in upload/."""
+def create_transactions(world, hour, count, scale=1):
+    """`count` agents, each with one completed transaction and its archive of `scale` rows per dataset in upload/."""
     from ganymede import datasets, hours
     from ganymede.paths import StateRoot
     from ganymede.stores import txlog
@@ -149,7 +150,7 @@ def create_transactions(world, hour, count):
             tx, _ = txlog.create_transaction(conn, agent_id, hour)
             path = root.upload(hour, agent_id, tx["transaction_id"])
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            rows = tiny_rows(hour, n)
+            rows = tiny_rows(hour, n, scale)
             manifest = build_archive(path, {"agent_id": agent_id, "geo": "geo-sched", "hour": hours.format_hour(hour),
                                             "agent_version": "bench"},
                                      [(name, datasets.CATALOG[name].column_names, rows[name])

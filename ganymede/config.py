@@ -117,6 +117,9 @@ class extract(luigi.Config):
     retry_wait_seconds = luigi.FloatParameter(default=5.0, description="Backoff factor: the second attempt goes at once, "
                                                                        "the third after 2x this, then 4x, ... (urllib3's "
                                                                        "Retry; a numeric Retry-After wins)")
+    load_tasks = luigi.IntParameter(default=200,
+                                    description="Most load tasks an extract round requires: with more transactions, "
+                                                "LoadBatch tasks of whole agents load them in turn (docs/scaling.md)")
     deliver_empty = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                         description="Deliver an extract holding no rows (an hour without agent "
                                                     "data) when the vendor's contract asks for one file per hour")

@@ -2,6 +2,7 @@
 delivery to the outbox and over HTTPS. Against the real MariaDB, MongoDB test server and S3 test server;
 the HTTPS receiver is a real TLS server on loopback with a throw-away certificate.
 """
+import glob
 import gzip
 import hashlib
 import http.server
@@ -584,3 +585,80 @@ def test_https_target_parts():
     assert https_target("https://gb.example.com:8443/in?k=v") == ("gb.example.com", 8443, "/in?k=v",
                                                                    "https://gb.example.com:8443/in")
     assert https_target("https://gb.example.com") == ("gb.example.com", 443, "/", "https://gb.example.com/")
+
+
+# --- past luigid's wall: many transactions per task -------------------------------------------
+
+@pytest.mark.parametrize("agents, count, expected", [
+    pytest.param(["a", "b", "c", "d"], 2, [[("a", "t-a0"), ("b", "t-b1")], [("c", "t-c2"), ("d", "t-d3")]],
+                 id="four agents in two"),
+    pytest.param(["b", "a", "a", "c"], 2, [[("a", "t-a1"), ("a", "t-a2")], [("b", "t-b0"), ("c", "t-c3")]],
+                 id="an agent's transactions stay together, oldest first"),
+    pytest.param(["a", "b", "c"], 5, [[("a", "t-a0")], [("b", "t-b1")], [("c", "t-c2")]],
+                 id="fewer transactions than tasks: one each"),
+])
+def test_batches_keep_whole_agents_in_order(agents, count, expected):
+    from ganymede.tasks.worker import batches
+    rows = [row(f"t-{a}{i}", a, i) for i, a in enumerate(agents)]
+    assert batches(rows, count) == expected
+
+
+def test_an_hour_past_load_tasks_loads_in_batches_to_the_same_extract(genv, mongo_up):
+    """Five transactions, load_tasks = 2: the extract requires two LoadBatch tasks, not five loads; each transaction
+    still has its markers and its log events, and the extract is byte for byte the one-task-per-transaction one."""
+    from ganymede.tasks import LoadBatch
+    genv.write_config(extract={"deadline_minutes": NEVER, "load_tasks": 2})
+    txs = [completed_transaction(genv, agent, HOUR) for agent in ("agent-c", "agent-e", "agent-b", "agent-a",
+                                                                   "agent-d")]
+    Register.clear_instance_cache()
+    required = GlassbeamExtract(hour=HOUR).requires()
+    assert [type(t).__name__ for t in required] == ["LoadBatch", "LoadBatch"]
+    assert [[agent for agent, _ in t.transactions] for t in required] == [["agent-a", "agent-b", "agent-c"],
+                                                                          ["agent-d", "agent-e"]]
+    assert required[0].members.startswith("agent-a..agent-c x3 #")
+    assert build(GlassbeamExtract(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+    for t in txs:
+        assert LoadTransaction(transaction_id=t["transaction_id"], hour=HOUR, agent_id=t["agent_id"]).complete()
+    with genv.mysql() as conn:
+        events = {t["transaction_id"]: [e["event"] for e in txlog.events(conn, t["transaction_id"])] for t in txs}
+    assert all({"staged", "loaded"} <= set(e) for e in events.values()), events
+    batched = open(StateRoot(genv.root).extract(HOUR), "rb").read()
+    assert all(isinstance(t, LoadBatch) and t.complete() for t in required)
+
+    # the same hour again with one task per transaction
+    root = StateRoot(genv.root)
+    for name in datasets.CATALOG:
+        genv.mongo()[name].drop()
+    os.unlink(root.extract_manifest(HOUR))
+    for t in txs:
+        for stage in ("staged", "loaded"):
+            os.unlink(root.transaction_marker(HOUR, t["agent_id"], t["transaction_id"], stage))
+    genv.write_config(extract={"load_tasks": 200})
+    assert [type(t).__name__ for t in GlassbeamExtract(hour=HOUR).requires()] == ["LoadTransaction"] * 5
+    assert build(GlassbeamExtract(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+    assert open(root.extract(HOUR), "rb").read() == batched
+
+
+def test_a_failing_transaction_in_a_batch_does_not_stop_the_others(genv, mongo_up):
+    """One transaction's archive vanished: the batch loads the others, fails naming it, and leaves its failure
+    marker; once the archive is back the rerun loads only that one and clears the marker."""
+    from ganymede.tasks import LoadBatch
+    genv.write_config(extract={"deadline_minutes": NEVER, "load_tasks": 1})
+    txs = [completed_transaction(genv, agent, HOUR) for agent in ("agent-a", "agent-b", "agent-c")]
+    root = StateRoot(genv.root)
+    gone = root.upload(HOUR, "agent-b", txs[1]["transaction_id"])
+    os.rename(gone, gone + ".away")
+    result = build(GlassbeamExtract(hour=HOUR))
+    assert result.status == LuigiStatusCode.FAILED, result.summary_text
+    loaded = [LoadTransaction(transaction_id=t["transaction_id"], hour=HOUR, agent_id=t["agent_id"]).complete()
+              for t in txs]
+    assert loaded == [True, False, True]
+    failures = {json.load(open(p))["task"]: json.load(open(p))["error"] for p in glob.glob(root.failure_markers_glob(HOUR))}
+    batch = next(v for k, v in failures.items() if k.startswith("LoadBatch"))
+    assert batch.startswith("GanymedeError: 1 of 3 transactions failed: " + txs[1]["transaction_id"])
+    assert any(k.startswith("StageTransaction") for k in failures)
+    os.rename(gone + ".away", gone)
+    assert build(GlassbeamExtract(hour=HOUR)).status == LuigiStatusCode.SUCCESS
+    assert manifest(genv)["transactions"] == sorted(t["transaction_id"] for t in txs)
+    assert not glob.glob(root.failure_markers_glob(HOUR))
+    assert isinstance(GlassbeamExtract(hour=HOUR).requires()[0], LoadBatch)

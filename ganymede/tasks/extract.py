@@ -32,7 +32,7 @@ from ..errors import GanymedeError, QualityError
 from ..stores import mongo, mysql, txlog
 from ..stores import quality as quality_store
 from .agent import state_root, unless_complete
-from .worker import LoadTransaction
+from .worker import LoadTransaction, load_tasks
 
 WRITE_BLOCK = 1 << 16  # lines go to gzip in blocks of about this many bytes (the bytes do not depend on it)
 
@@ -312,7 +312,7 @@ class GlassbeamExtract(luigi.Task):
         plan = self.scheduled_plan
         if self.round == 0:
             timeout = [ExtractTimeout(hour=self.hour)] if plan.needs_deadline else []
-            return [self.load(t) for t in plan.early] + timeout
+            return load_tasks(self.hour, plan.early) + timeout
         return [GlassbeamExtract(hour=self.hour, round=self.round - 1)] + [
             TransactionCompletion(hour=self.hour, agent_id=agent, transaction_id=tx) for agent, tx in plan.waiting]
 
@@ -330,15 +330,12 @@ class GlassbeamExtract(luigi.Task):
         return plan_round(self.round, expected, rows, others, pending_archives(self.hour) if self.round else {},
                           hours.deadline(self.hour, config.extract().deadline_minutes))
 
-    def load(self, transaction):
-        return LoadTransaction(transaction_id=transaction["transaction_id"], hour=self.hour,
-                               agent_id=transaction["agent_id"])
-
     @unless_complete
     def run(self):
         plan = self.plan()
         # dynamic: the ones not loaded yet are loaded (only those go back to the scheduler), then run() again
-        yield [load for load in map(self.load, plan.transactions) if not load.complete()]
+        yield load_tasks(self.hour, [t for t in plan.transactions if not LoadTransaction(
+            transaction_id=t["transaction_id"], hour=self.hour, agent_id=t["agent_id"]).complete()])
         client, db = mongo.connect(config.mongodb())
         with closing(client), closing(mysql.connect(config.mysql())) as conn:
             # a load may have isolated its transaction meanwhile

@@ -13,12 +13,16 @@ reason, and the task completes with a marker saying so, so the hour goes on
 without it. Anything else (a database unreachable) fails the task and Luigi
 retries it.
 """
+import hashlib
 import json
 import os
 import tarfile
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
+
+import luigi
 
 from ganymede_agent.archive import ArchiveError
 
@@ -325,3 +329,89 @@ class LoadTransaction(TransactionTask):
 
     def rejects_path(self):
         return self.marker("rejects").path[: -len(".json")] + ".jsonl"
+
+
+# --- many transactions per task ----------------------------------------------------
+
+def batches(transactions, count):
+    """`transactions` (log rows) -> about `count` lists of (agent, transaction), whole agents in each.
+
+    An agent's transactions share a list, oldest first, so they load one
+    after the other as one LoadTransaction resource would make them.
+    """
+    rows = sorted(transactions, key=lambda t: (t["agent_id"], t["completed_at"], t["transaction_id"]))
+    size, out, agent = -(-len(rows) // max(count, 1)), [], None
+    for t in rows:
+        if not out or (t["agent_id"] != agent and len(out[-1]) >= size):
+            out.append([])
+        out[-1].append((t["agent_id"], t["transaction_id"]))
+        agent = t["agent_id"]
+    return out
+
+
+def run_in_turn(task):
+    """Run a task inside another one as a Luigi worker would, with its events (metrics, failure marker)."""
+    if task.complete():
+        return
+    task.trigger_event(luigi.Event.START, task)
+    started = time.time()
+    try:
+        task.run()
+    except Exception as exc:
+        task.trigger_event(luigi.Event.FAILURE, task, exc)
+        raise
+    task.trigger_event(luigi.Event.PROCESSING_TIME, task, time.time() - started)
+    task.trigger_event(luigi.Event.SUCCESS, task)
+
+
+class LoadBatch(luigi.Task):
+    """Several transactions staged and loaded in turn, each by its own StageTransaction and LoadTransaction.
+
+    How an hour with more transactions than `[extract] load_tasks` keeps
+    luigid's graph that small (docs/scaling.md): each transaction keeps its
+    markers, its events and its idempotent rerun, and `ganymede-worker TXID`
+    still runs it alone. The archives are not dependencies: a completed
+    transaction's archive is in place before the log says completed. One
+    transaction failing does not stop the others; the task then fails naming it.
+    """
+    hour = luigi.DateHourParameter(description="The transactions' UTC hour")
+    members = luigi.Parameter(description="First and last agent, how many transactions, digest of the list")
+    transactions = luigi.ListParameter(visibility=luigi.parameter.ParameterVisibility.HIDDEN,
+                                       description="[agent, transaction] pairs in the order they load")
+
+    @classmethod
+    def of(cls, hour, pairs):
+        digest = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:12]
+        return cls(hour=hour, members=f"{pairs[0][0]}..{pairs[-1][0]} x{len(pairs)} #{digest}",
+                   transactions=[list(p) for p in pairs])
+
+    @property
+    def resources(self):
+        return {f"ganymede-load:{agent}:{hours.compact(self.hour)}": 1 for agent, _ in self.transactions}
+
+    def output(self):
+        return [load.output() for load in self.loads()]
+
+    def loads(self):
+        return [LoadTransaction(transaction_id=tx, hour=self.hour, agent_id=agent) for agent, tx in self.transactions]
+
+    def run(self):
+        failed = []
+        for load in self.loads():
+            try:
+                run_in_turn(load.requires())
+                run_in_turn(load)
+            except Exception as exc:  # the batch's other transactions still load; the task fails below
+                failed.append(f"{load.transaction_id}: {type(exc).__name__}: {exc}")
+        if failed:
+            raise GanymedeError(f"{len(failed)} of {len(self.transactions)} transactions failed: "
+                                + "; ".join(failed)[:2000])
+
+
+def load_tasks(hour, transactions):
+    """The tasks that load `transactions` (log rows): one LoadTransaction each, or LoadBatch tasks past the limit."""
+    limit = config.extract().load_tasks
+    if len(transactions) <= limit:
+        return [LoadTransaction(transaction_id=t["transaction_id"], hour=hour, agent_id=t["agent_id"])
+                for t in transactions]
+    return [LoadBatch.of(hour, pairs) for pairs in batches(transactions, limit)]
