@@ -50,11 +50,10 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=_json
 
 
 def extract_lines(db, hour, transaction_ids, select_in_query=True):
-    """(dataset, document, line) of the given transactions in a fixed order: datasets by name, documents by `_id`.
+    """(dataset, document, line) of the given transactions, datasets by name, documents by `_id`.
 
-    Round 0 wants nearly all of the hour's documents, so it reads the hour
-    (`select_in_query=False`) and drops strays here rather than send a large
-    `$in`; a supplementary round holds few transactions and asks for just them.
+    Round 0 reads the whole hour and drops strays here rather than send a
+    large `$in`; a supplementary round asks for just its few transactions.
     """
     wanted = set(transaction_ids)
     for name in sorted(datasets.CATALOG):
@@ -130,11 +129,8 @@ def uncovered_archives(hour, manifests=None):
 
 
 def current_round(hour, completed=None):
-    """The round the hour needs now: the newest one, or a new one when upload/ holds archives no round covers.
-
-    With `completed` (the log's completed transaction ids), only archives of
-    completed transactions open a new round.
-    """
+    """The round the hour needs now: the newest, or a new one when upload/ holds archives no round covers
+    (with `completed`, the log's completed transaction ids: only archives of those)."""
     manifests = round_manifests(hour)
     if not manifests:
         return 0
@@ -154,11 +150,8 @@ def first_completions(rows):
 
 
 def round0_cutoff(expected, rows, deadline):
-    """(cutoff, needs the deadline): when the last expected agent first completed, else the deadline.
-
-    An hour nobody is expected for waits for the deadline too: whoever sends
-    for it by then is in its extract.
-    """
+    """(cutoff, needs the deadline): when the last expected agent first completed, else the deadline (also
+    for an hour nobody is expected for: whoever sends for it by then is in its extract)."""
     first = first_completions(rows)
     if expected and all(a in first for a in expected):
         last = max(first[a] for a in expected)
@@ -177,13 +170,12 @@ class RoundPlan(NamedTuple):
 
 
 def plan_round(round_, expected, rows, others, pending, deadline):
-    """What a round holds and waits for; pure, from one read of the log and the files.
+    """What a round holds and waits for, from one read of the log and the files.
 
     `rows`: the hour's completed and superseded transactions; `others`: the
-    manifests of the hour's other rounds; `pending`: {transaction: agent} in
-    upload/. Round 0's `early` loads stop at its cutoff so that requires()
-    answers the same at scheduling and at run time (Luigi checks both); what
-    completed after the cutoff but before the round runs is loaded by run().
+    other rounds' manifests; `pending`: {transaction: agent} in upload/.
+    Round 0's `early` stops at its cutoff so that requires() answers the same
+    at scheduling and at run time; run() loads what completed after it.
     """
     covered = covered_transactions(others)
     superseded = sorted(t["transaction_id"] for t in rows if t["state"] == "superseded")

@@ -1,17 +1,10 @@
 """Stages 1 and 2, per transaction: archive -> MySQL staging -> MongoDB.
 
-StageTransaction replaces `ganymede_worker.sh TXID`, LoadTransaction
-replaces `ganymede_worker_etl.py --transactionid=TXID`. Both can be rerun at
-any point: staging clears the transaction's rows first, loading upserts
-documents by deterministic `_id`, so a run killed anywhere and run again ends
-exactly where an undisturbed run would.
-
-A transaction whose data cannot be staged (DataError: an archive that no
-longer reads back, a row staging cannot hold, MySQL refusing a value) is
-isolated: its archive goes to quarantine/, the log marks it failed with the
-reason, and the task completes with a marker saying so, so the hour goes on
-without it. Anything else (a database unreachable) fails the task and Luigi
-retries it.
+Both can be rerun at any point: staging clears the transaction's rows first,
+loading upserts by deterministic `_id`. A transaction whose data cannot be
+staged (DataError) is isolated: archive to quarantine/, the log's state
+failed, a marker saying so, and the hour goes on without it. Anything else
+fails the task and Luigi retries it.
 """
 import hashlib
 import json
@@ -36,11 +29,7 @@ from .agent import AgentArchive, TransactionTask, unless_complete
 # --- staging ---------------------------------------------------------------------
 
 def staging_rows(dataset, rows, hour, name):
-    """A CSV member's rows (header first, as archives.csv_rows reads them) -> `[record, value, …]` to stage.
-
-    A header that is not the catalog's, or a row staging cannot hold
-    unchanged, is a DataError carrying the parser's reason.
-    """
+    """A CSV member's rows, header first -> `[record, value, …]`; a bad header or row is a DataError."""
     record = 0
     try:
         header = next(rows, None)
@@ -58,10 +47,8 @@ def staging_rows(dataset, rows, hour, name):
 def stage_archive(conn, archive_path, transaction_id, hour, work_path):
     """Load every dataset of an archive into staging; returns (manifest, {dataset: rows staged}).
 
-    Each CSV member is read by the server's own reader (the one the API
-    validated it with) and written again as staging.write_csv's canonical CSV
-    at `work_path`, then loaded in one commit per dataset: MySQL never reads
-    the agent's bytes itself.
+    Each member is read by the reader the API validated it with and written
+    again as canonical CSV at `work_path`: MySQL never reads the agent's bytes.
     """
     staging.clear(conn, datasets.CATALOG.values(), transaction_id)
     os.makedirs(os.path.dirname(work_path), exist_ok=True)
@@ -91,11 +78,9 @@ def stage_archive(conn, archive_path, transaction_id, hour, work_path):
 def isolate(conn, archive, reason):
     """Set a transaction with bad data aside: staging emptied, archive quarantined, the log's state failed.
 
-    `archive` is the transaction's AgentArchive. The archive moves before the
-    log changes: a crash in between leaves a completed transaction whose
-    archive is in quarantine/, which the rerun isolates again; the other way
-    round, a failed transaction's archive would stay in upload/ and hold the
-    hour's backup. Returns what the task's marker records.
+    The archive moves before the log changes: after a crash in between the
+    rerun isolates it again, while the other order could leave a failed
+    transaction's archive in upload/, holding the hour's backup.
     """
     reason = reason[:2000]  # a bad header is quoted in it, and a line may be long
     staging.clear(conn, datasets.CATALOG.values(), archive.transaction_id)
@@ -132,12 +117,8 @@ def parse_batch(dataset, batch, hour):
 
 
 def summarized(dataset, docs):
-    """Documents in group order -> the same documents with their group's summary fields.
-
-    One group is held at a time (a dict by `_id`, so a key repeated inside
-    the transaction is one document, the last row winning): memory is bounded
-    by the largest group, not by the transaction.
-    """
+    """Documents in group order -> the same with their group's summary fields, one group held at a time
+    (by `_id`: a key repeated in the transaction is one document, the last row winning)."""
     group, members = None, {}
     for doc in docs:
         key = dataset.group_of(doc)
@@ -149,12 +130,8 @@ def summarized(dataset, docs):
 
 
 def unique_batches(docs, size):
-    """Lists of at most `size` documents, each `_id` once per list (the later row wins).
-
-    Batches are written one after the other, so a key repeated across
-    batches also ends as its last row: the end state never depends on the
-    order a server applies an unordered bulk write in.
-    """
+    """Lists of at most `size` documents, each `_id` once per list (the later row wins); written one after the
+    other, so the end state never depends on the order a server applies an unordered bulk write in."""
     batch = {}
     for doc in docs:
         batch[doc["_id"]] = doc
@@ -168,10 +145,8 @@ def unique_batches(docs, size):
 # --- loading ---------------------------------------------------------------------
 
 def staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally, rejects_out):
-    """The documents of a transaction's staged rows of one dataset, streamed, without previous-hour fields.
-
-    Rejects go to `rejects_out` as JSON lines; `tally` counts loaded and rejected rows.
-    """
+    """A transaction's staged rows of one dataset as documents, streamed; rejects to `rejects_out`, counts to
+    `tally`."""
     for batch in staging.iter_batches(conn, dataset, transaction_id, batch_size):
         rows, rejects = parse_batch(dataset, batch, hour)
         for reject in rejects:
@@ -227,23 +202,15 @@ def retire_replaced(db, tx):
 
 
 def finish_load(conn, db, tx, counts):
-    """A replacement retires what it supersedes; then the `loaded` event. Returns what the marker records.
-
-    Only a replacement can find documents of another transaction for its
-    agent and hour, so only a replacement pays for the delete.
-    """
+    """A replacement retires what it supersedes (only a replacement can find any); then the `loaded` event."""
     retired = retire_replaced(db, tx) if tx["supersedes"] else {}
     txlog.append_event_once(conn, tx["transaction_id"], "loaded", {"counts": counts, "retired": retired})
     return {"transaction_id": tx["transaction_id"], "agent_id": tx["agent_id"], "counts": counts, "retired": retired}
 
 
 def load_transaction(conn, db, staged, archive_path, work_path, batch_size, rejects_out):
-    """The whole load of one staged transaction; returns what its marker records.
-
-    Only a completed transaction loads: a superseded one's documents would
-    overwrite its replacement's (say, a manual `ganymede-worker-etl` of the
-    old transaction id).
-    """
+    """The whole load of one staged transaction; returns what its marker records. Only a completed transaction
+    loads: a superseded one's documents would overwrite its replacement's (a manual rerun of the old id)."""
     transaction_id, agent_id = staged["transaction_id"], staged["agent_id"]
     tx = txlog.get_transaction(conn, transaction_id)
     if tx is None:
@@ -289,8 +256,7 @@ class StageTransaction(TransactionTask):
 class LoadTransaction(TransactionTask):
     """The transaction's documents in MongoDB, one collection per dataset; rejects beside the marker.
 
-    Loads of one agent and hour never run at once under one scheduler
-    (luigid in production): a resource of capacity 1, so a replacement
+    Loads of one agent and hour hold one luigid resource, so a replacement
     cannot interleave its writes with those of the transaction it replaces.
     """
 
