@@ -23,7 +23,8 @@ from .. import archives, config, datasets, hours, markers
 from ..datasets import RangeError, RowError
 from ..errors import DataError, GanymedeError
 from ..stores import mongo, mysql, staging, txlog
-from .agent import AgentArchive, TransactionTask, unless_complete
+from ..markers import DurableTarget
+from .agent import AgentArchive, TransactionTask, state_root, unless_complete
 
 
 # --- staging ---------------------------------------------------------------------
@@ -356,7 +357,11 @@ class LoadBatch(luigi.Task):
         return {f"ganymede-load:{agent}:{hours.compact(self.hour)}": 1 for agent, _ in self.transactions}
 
     def output(self):
-        return [load.output() for load in self.loads()]
+        """The members' load markers, named without building their tasks: Luigi keeps every task instance it
+        builds, and the scheduling process of a 10,000-transaction hour would hold 10,000 more."""
+        root = state_root()
+        return [DurableTarget(root.transaction_marker(self.hour, agent, tx, "loaded"))
+                for agent, tx in self.transactions]
 
     def loads(self):
         return [LoadTransaction(transaction_id=tx, hour=self.hour, agent_id=agent) for agent, tx in self.transactions]
