@@ -172,8 +172,6 @@ class BaseHandler(tornado.web.RequestHandler):
                 return fn(conn, *args)
         return await self.run(call, executor=executor)
 
-    # authentication
-
     def bearer(self):
         wait = self.traffic.auth_wait(self.request.remote_ip)
         if wait:

@@ -24,14 +24,12 @@ log = logging.getLogger("ganymede.api")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def escape_controls(text):
-    """Control characters as \\xNN (\\uNNNN above 0xff): an agent's string cannot forge log lines."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
-
-
 class EscapingFormatter(logging.Formatter):
+    """Control characters as \\xNN (\\uNNNN above 0xff): an agent's string cannot forge log lines."""
+
     def formatMessage(self, record):
-        record.message = escape_controls(record.message)
+        record.message = _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
+                                      record.message)
         return super().formatMessage(record)
 
 
@@ -104,15 +102,12 @@ async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options, b
     app = make_app(settings)
     loop = asyncio.get_running_loop()
 
-    def sweep_off_loop(temp_older_than):
-        return loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, temp_older_than)
-
-    async def sweep_every(interval):
+    async def sweep_every(interval):  # off the event loop
         while True:
             await asyncio.sleep(interval)
-            await sweep_off_loop(sweep.TEMP_GRACE)
+            await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, sweep.TEMP_GRACE)
     # Before listening: no upload of ours is running, so every unlocked temp file is a dead process's.
-    await sweep_off_loop(0)
+    await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, 0)
     server = make_server(app, settings, idle_timeout, body_timeout, ssl_options)
     server.listen(port, host, backlog=backlog)
     metrics_server = HTTPServer(make_metrics_app(app)) if metrics_at else None

@@ -17,8 +17,7 @@ def reason_label(status, reason):
 
 class ApiMetrics:
     def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.registry = r = CollectorRegistry()
         self.uploads = Counter("ganymede_api_uploads", "Archives received whole (sha256 verified), per agent",
                                ["agent"], registry=r)
         self.upload_bytes = Counter("ganymede_api_upload_bytes", "Bytes of archives received whole, per agent",

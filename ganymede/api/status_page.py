@@ -29,17 +29,16 @@ def cells(row):
     """(stage, text, colour class) for each column of one hour."""
     def ratio(n, d):
         return "done" if d and n == d else ("partial" if n else "pending")
-    arrived = len(row.arrived_expected)
-    agents = ratio(arrived, len(row.expected)) if row.expected else ("done" if row.arrived else "pending")
+    agents = ratio(len(row.arrived_expected), len(row.expected)) if row.expected else (
+        "done" if row.arrived else "pending")
     extract = {"on time": "done", "after deadline": "late", "no data": "no-data"}.get(row.extract, "pending")
     backup = "done" if row.backup == "done" else ("partial" if row.backup.startswith("reopened") else "pending")
-    failed = "failed" if row.failures else None
     return [
         ("agents", row.agents_text(), agents),
         ("staged", f"{row.staged}/{row.transactions}", ratio(row.staged, row.transactions)),
         ("loaded", f"{row.loaded}/{row.transactions}", ratio(row.loaded, row.transactions)),
         ("extract", row.extract + (f" +{row.supplementary}" if row.supplementary else ""), extract),
-        ("backup", row.backup, failed or backup),
+        ("backup", row.backup, "failed" if row.failures else backup),
         ("verdict", row.verdict + (f": {', '.join(row.failures)}" if row.failures else "")
          + (f"; quality {len(row.quality_failures)} failed" if row.quality_failures else ""), css_class(row.verdict)),
     ]
@@ -97,8 +96,7 @@ def hour_facts(root, hour):
 
 
 def render_hour(row, transactions, root, graph, refresh_seconds=30, checks=()):
-    """One hour in detail: agents by name, transactions, failures with reasons, quality checks, extract rounds,
-    bucket, graph."""
+    """One hour in detail: agents, failures, quality checks, transactions, extract rounds, bucket, graph."""
     h = hours.format_hour(row.hour)
     rounds, bucket, objects = hour_facts(root, row.hour)
     missing = [a for a in row.expected if a not in row.arrived]

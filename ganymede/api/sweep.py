@@ -29,11 +29,8 @@ def incoming_dir(state):
 def sweep_temp_files(state, older_than):
     """Remove the upload temp files no process holds, not written to for `older_than` seconds; returns how many."""
     cutoff = time.time() - older_than
-    removed = 0
-    for entry in os.scandir(incoming_dir(state)):
-        if entry.name.endswith(".tmp") and entry.is_file() and entry.stat().st_mtime <= cutoff:
-            removed += _remove_unlocked(entry.path)
-    return removed
+    return sum(_remove_unlocked(e.path) for e in os.scandir(incoming_dir(state))
+               if e.name.endswith(".tmp") and e.is_file() and e.stat().st_mtime <= cutoff)
 
 
 def _remove_unlocked(path):
@@ -71,9 +68,7 @@ def sweep_parts(conn, state):
             with txlog.transaction_lock(conn, transaction_id, 0):
                 tx = txlog.get_transaction(conn, transaction_id)
                 conn.commit()
-                if tx is None or tx["state"] in txlog.OPEN_STATES:
-                    continue
-                if _remove(path):
+                if tx is not None and tx["state"] not in txlog.OPEN_STATES and _remove(path):
                     removed += 1
                     log.info("removed %s: transaction %s is %s", os.path.basename(path), transaction_id, tx["state"])
         except Busy:

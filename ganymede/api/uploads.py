@@ -243,7 +243,7 @@ class ArchiveHandler(BaseHandler):
 
 
 def complete(conn, api, agent_id, geo, transaction_id):
-    """Validate and install (or quarantine) the uploaded archive; returns the answer's body."""
+    """Validate and install (or quarantine) the uploaded archive: (rows, None) or (None, the refusal)."""
     with txlog.transaction_lock(conn, transaction_id, api.lock_wait):
         tx = txlog.get_transaction(conn, transaction_id)
         conn.commit()
@@ -251,9 +251,9 @@ def complete(conn, api, agent_id, geo, transaction_id):
             raise NotFound("no such transaction")
         state = tx["state"]
         if state == "completed":
-            return _completed(tx, completed_rows(txlog.events(conn, transaction_id)))
+            return completed_rows(txlog.events(conn, transaction_id)), None
         if state == "failed":
-            return _failed(tx, tx["error"])
+            return None, tx["error"]
         if state == "superseded":
             raise Conflict(f"transaction {transaction_id} was completed and then superseded", transaction_id)
         if state != "uploaded":
@@ -268,7 +268,7 @@ def complete(conn, api, agent_id, geo, transaction_id):
             if os.path.exists(held):
                 reason = archives.read_reason(held)["reason"]
                 txlog.mark_failed(conn, transaction_id, reason, {"quarantine": held})
-                return _failed(tx, reason)
+                return None, reason
             raise Conflict("the uploaded archive is missing on the server; upload it again", transaction_id)
         try:
             counts, digest = (api.validator or archives).check_file(src, agent_id, geo, hour, api.limits)
@@ -292,25 +292,17 @@ def complete(conn, api, agent_id, geo, transaction_id):
                 raise (QuotaExceeded if _disk_full(exc) else Busy)(
                     "cannot store the refusal on the server; retry later", transaction_id) from None
             txlog.mark_failed(conn, transaction_id, error, {"quarantine": held})
-            return _failed(tx, error)
+            return None, error
         if src != dest:
             archives.install(src, dest)
         txlog.mark_completed(conn, transaction_id, dest, counts)
-        return _completed(tx, counts)
+        return counts, None
 
 
 def completed_rows(events):
     """The row counts of a transaction's last completion (None if it never completed)."""
     completed = [e for e in events if e["event"] == "completed"]
     return (completed[-1]["detail"] or {}).get("rows") if completed else None
-
-
-def _completed(tx, rows):
-    return {"transaction_id": tx["transaction_id"], "state": "completed", "rows": rows}
-
-
-def _failed(tx, reason):
-    return {"transaction_id": tx["transaction_id"], "state": "failed", "error": reason}
 
 
 class CompleteHandler(BaseHandler):
@@ -323,10 +315,10 @@ class CompleteHandler(BaseHandler):
         busy[agent_id] += 1
         try:
             await self.own_transaction(agent, transaction_id)
-            body = await self.db(complete, self.api, agent_id, agent["geo"], transaction_id,
-                                 executor=self.api.validator and self.api.validator.threads)
+            rows, error = await self.db(complete, self.api, agent_id, agent["geo"], transaction_id,
+                                        executor=self.api.validator and self.api.validator.threads)
         finally:
             self.traffic.completes -= Counter({agent_id: 1})  # drops counts that reach 0
-        if body["state"] == "failed":
-            raise ApiError(422, body.pop("error"), **body)
-        self.send_json(200, body)
+        if error is not None:
+            raise ApiError(422, error, transaction_id=transaction_id, state="failed")
+        self.send_json(200, {"transaction_id": transaction_id, "state": "completed", "rows": rows})
