@@ -98,7 +98,8 @@ def metrics_address(text):
     return host.strip("[]"), int(port)
 
 
-async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options, backlog, sweep_minutes, metrics_at):
+async def serve(api, settings, ssl_options, metrics_at):
+    """Serve until SIGTERM/SIGINT; `api` is the [api] section."""
     app = make_app(settings)
     loop = asyncio.get_running_loop()
 
@@ -108,19 +109,19 @@ async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options, b
             await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, sweep.TEMP_GRACE)
     # Before listening: no upload of ours is running, so every unlocked temp file is a dead process's.
     await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, 0)
-    server = make_server(app, settings, idle_timeout, body_timeout, ssl_options)
-    server.listen(port, host, backlog=backlog)
+    server = make_server(app, settings, api.idle_timeout, api.body_timeout, ssl_options)
+    server.listen(api.port, api.host, backlog=api.listen_backlog)
     metrics_server = HTTPServer(make_metrics_app(app)) if metrics_at else None
     if metrics_server:
         metrics_server.listen(metrics_at[1], metrics_at[0])
         log.info("/metrics without credentials on http://%s:%d/metrics", *metrics_at)
     log.info("ganymede-api listening on %s://%s:%d (state root %s, MySQL %s:%s/%s)",
-             "https" if ssl_options else "http", host, port, settings.state.root,
+             "https" if ssl_options else "http", api.host, api.port, settings.state.root,
              settings.mysql.host, settings.mysql.port, settings.mysql.database)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sweeper = asyncio.create_task(sweep_every(sweep_minutes * 60))
+    sweeper = asyncio.create_task(sweep_every(api.sweep_minutes * 60))
     await stop.wait()
     sweeper.cancel()
     log.info("stopping: no new connections, closing open ones")
@@ -153,8 +154,7 @@ def main(argv=None):
         print(f"ganymede-api: {exc}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(serve(api.host, api.port, settings, api.idle_timeout, api.body_timeout, ssl_options,
-                          api.listen_backlog, api.sweep_minutes, metrics_at))
+        asyncio.run(serve(api, settings, ssl_options, metrics_at))
     except OSError as exc:  # the port is taken, the address is not ours
         print(f"ganymede-api: cannot listen on {api.host}:{api.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

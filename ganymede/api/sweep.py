@@ -1,10 +1,8 @@
-"""incoming/ housekeeping, at ganymede-api's start (before it listens) and every `[api] sweep_minutes`.
+"""incoming/ housekeeping (see docs/operations.md), at ganymede-api's start and every `[api] sweep_minutes`.
 
-- `<transaction>.part.<random>.tmp`, an upload being received, is flocked by its process until renamed or
-  removed: one nobody holds was left by a process that died mid-upload, and goes (at start at once, later
-  after a minute's grace: another process may not have locked the file it just opened yet).
-- `<transaction>.part`, an uploaded archive, goes once its transaction is no longer open: nothing reads it
-  again. One the log does not know is kept and logged (a shared state root is not ours to clean).
+An upload's temp file (`<transaction>.part.<random>.tmp`) is flocked by its process until renamed or removed,
+so one nobody holds is a dead process's: it goes at start at once, later after a minute's grace (another
+process may not have locked the file it just opened yet). A `.part` goes once its transaction is not open.
 """
 import contextlib
 
