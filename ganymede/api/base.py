@@ -1,10 +1,5 @@
-"""What every handler shares: settings, JSON in and out, strict request heads, authentication, and
-the one place where errors become HTTP answers (`BaseHandler.write_error`).
-
-Stores raise domain errors (ganymede.errors); handlers raise ApiError for what
-they refuse themselves. Work that blocks (MySQL, disk) runs in an executor,
-never on the event loop.
-"""
+"""What every handler shares: settings, JSON in and out, strict request heads, authentication, and the one
+place where errors (domain errors of the stores, ApiError of the handlers) become HTTP answers (`write_error`)."""
 import json
 import logging
 import math
@@ -58,9 +53,8 @@ class ApiSettings:
 
 
 class Traffic:
-    """What this process has in flight per agent, and wrong tokens per client address (the event loop's
-    alone, so no lock). Wrong tokens count in a one-minute window per address; past the limit every request
-    from the address gets 429 until the window ends, so a right guess could not even be told from a wrong one."""
+    """In flight per agent, and wrong tokens per address in a one-minute window (the event loop's alone, so no
+    lock): past the limit every request from the address gets 429, so a right guess looks like a wrong one."""
 
     def __init__(self, auth_failures_per_minute):
         self.limit, self.failures = auth_failures_per_minute, {}  # address: (window start, wrong tokens)
@@ -85,21 +79,6 @@ class ApiError(tornado.web.HTTPError):
     def __init__(self, status, error, retry_after=None, **extra):
         super().__init__(status, error.replace("%", "%%"))
         self.error, self.extra, self.retry_after = error, extra, retry_after
-
-
-def answer(exc, status):
-    """(status, JSON body) for what left a handler."""
-    if isinstance(exc, ApiError):
-        return exc.status_code, dict(exc.extra, error=exc.error)
-    mapped = next((v for cls, v in ERROR_STATUS.items() if isinstance(exc, cls)), None)
-    if mapped:
-        body = {"error": mapped[1] or str(exc)}
-        if getattr(exc, "transaction_id", None):
-            body["transaction_id"] = exc.transaction_id
-        return mapped[0], body
-    if status >= 500 and not isinstance(exc, tornado.web.HTTPError):
-        return status, {"error": "internal error"}
-    return status, {"error": getattr(exc, "reason", None) or httputil.responses.get(status, "error")}
 
 
 @tornado.web.stream_request_body
@@ -143,17 +122,26 @@ class BaseHandler(tornado.web.RequestHandler):
             raise ApiError(400, "Content-Length is not one plain number")
         return int(value)
 
-    def write_error(self, status_code, **kwargs):
+    def write_error(self, status, **kwargs):
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        status, body = answer(exc, status_code)
+        mapped = next((v for cls, v in ERROR_STATUS.items() if isinstance(exc, cls)), None)
+        if isinstance(exc, ApiError):
+            status, body = exc.status_code, dict(exc.extra, error=exc.error)
+        elif mapped:
+            status, body = mapped[0], {"error": mapped[1] or str(exc)}
+            if getattr(exc, "transaction_id", None):
+                body["transaction_id"] = exc.transaction_id
+        elif status >= 500 and not isinstance(exc, tornado.web.HTTPError):
+            body = {"error": "internal error"}
+        else:
+            body = {"error": getattr(exc, "reason", None) or httputil.responses.get(status, "error")}
         body["status"] = status
-        self.metrics.refused(status, body.get("error"))
-        self.set_status(status)
+        self.metrics.refused(status, body["error"])
         if status in (429, 503):
             self.set_header("Retry-After", str(getattr(exc, "retry_after", None) or self.api.retry_after))
         if status == 401 and "WWW-Authenticate" not in self._headers:
             self.set_header("WWW-Authenticate", 'Bearer realm="ganymede"')
-        self.finish(json.dumps(body, sort_keys=True) + "\n")
+        self.send_json(status, body)
 
     def log_exception(self, typ, value, tb):
         if isinstance(value, StoreUnavailable):
@@ -184,8 +172,6 @@ class BaseHandler(tornado.web.RequestHandler):
                 return fn(conn, *args)
         return await self.run(call, executor=executor)
 
-    # authentication
-
     def bearer(self):
         wait = self.traffic.auth_wait(self.request.remote_ip)
         if wait:
@@ -215,16 +201,11 @@ class BaseHandler(tornado.web.RequestHandler):
             raise self.refuse_token("unknown agent or wrong token")
         return agent
 
-    async def authenticate_admin(self, token=None):
-        if not await self.db(txlog.authenticate_admin, token or self.bearer()):
-            raise self.refuse_token("not an admin token")
-
-    async def authenticate_any(self):
-        """An agent when X-Agent-Id is sent, else an admin: returns the agent row or None for admin."""
-        if "X-Agent-Id" in self.request.headers:
-            return await self.authenticate_agent()
-        await self.authenticate_admin()
-        return None
+    async def authenticate_admin(self, token=None, reason="not an admin token"):
+        """`token` (default: the bearer's) must be a live admin token; 401 with `reason` otherwise."""
+        token = self.bearer() if token is None else token
+        if not token or not await self.db(txlog.authenticate_admin, token):
+            raise self.refuse_token(reason)
 
     async def own_transaction(self, agent, transaction_id):
         """The transaction if it is this agent's; 404 otherwise (never tell whose it is)."""

@@ -1,21 +1,16 @@
-"""The agent API's routes: transactions and the roster here; archives in `uploads`, /healthz in `health`.
-
-Every handler gets its collaborators through `initialize(api, pool, traffic, metrics)`
-(see `base`); the rules of the transaction log live in
-`ganymede.stores.txlog`, archive checks in `ganymede.archives`.
-"""
+"""The agent API's routes: transactions and the roster here; archives in `uploads`, /healthz in `health`."""
 import tornado.web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import hours, paths
 from ..stores import txlog
 from ..stores.pool import MySQLPool
-from .base import ApiError, ApiSettings, BaseHandler, Traffic, hour_arg, transaction_id_arg
+from .base import ApiError, BaseHandler, Traffic, hour_arg, transaction_id_arg
 from .health import HealthHandler
-from .metrics import CONTENT_TYPE, ApiMetrics
+from .metrics import ApiMetrics
 from .status_page import StatusPageHandler
-from .uploads import ArchiveHandler, CompleteHandler
+from .uploads import ArchiveHandler, CompleteHandler, completed_rows
 
-__all__ = ["ApiError", "ApiSettings", "make_app"]
 _STATES = ("created", "uploaded", "completed", "failed", "superseded")
 
 
@@ -38,16 +33,13 @@ def _transaction_body(tx, events, admin):
     body = {k: _jsonable(v) for k, v in tx.items() if admin or k != "archive_path"}
     body["hour"] = hours.format_hour(tx["hour"])
     body["events"] = [dict(e, at=_jsonable(e["at"])) for e in events]
-    completed = [e for e in events if e["event"] == "completed"]
-    body["rows"] = (completed[-1]["detail"] or {}).get("rows") if completed else None
-    return dict(body, **_urls(tx["transaction_id"]))
+    return dict(body, rows=completed_rows(events), **_urls(tx["transaction_id"]))
 
 
 def _roster(conn, hour):
     expected = txlog.expected_agents(conn, hour)
-    txs = sorted(txlog.hour_transactions(conn, hour, states=_STATES), key=lambda t: t["created_at"])
     agents = {a: {"expected": True, "state": "missing", "transactions": []} for a in expected}
-    for tx in txs:
+    for tx in sorted(txlog.hour_transactions(conn, hour, states=_STATES), key=lambda t: t["created_at"]):
         entry = agents.setdefault(tx["agent_id"], {"expected": False, "state": "missing", "transactions": []})
         entry["transactions"].append({k: _jsonable(tx[k]) for k in (
             "transaction_id", "state", "supersedes", "size", "error", "created_at", "completed_at")})
@@ -82,7 +74,9 @@ class TransactionsHandler(BaseHandler):
 class TransactionHandler(BaseHandler):
     async def get(self, transaction_id):
         transaction_id = transaction_id_arg(transaction_id)
-        agent = await self.authenticate_any()
+        agent = await self.authenticate_agent() if "X-Agent-Id" in self.request.headers else None
+        if agent is None:  # an admin sees any transaction
+            await self.authenticate_admin()
 
         def read(conn):
             tx = txlog.get_transaction(conn, transaction_id)
@@ -112,7 +106,7 @@ class MetricsHandler(BaseHandler):
         if self.require_admin:
             await self.authenticate_admin()
         open_transactions = await self.db(txlog.open_count)
-        self.set_header("Content-Type", CONTENT_TYPE)
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(await self.run(self.metrics.exposition, open_transactions, self.api.state.root))
 
 

@@ -16,31 +16,24 @@ from ..archives import Limits
 from ..errors import ConfigError
 from ..paths import StateRoot
 from . import sweep
-from .handlers import ApiSettings, make_app, make_metrics_app
+from .base import ApiSettings
+from .handlers import make_app, make_metrics_app
 from .uploads import Validator
 
 log = logging.getLogger("ganymede.api")
-
-
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def escape_controls(text):
-    """Control characters as \\xNN (\\uNNNN above 0xff): an agent's string cannot forge log lines or
-    drive a terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
-
-
 class EscapingFormatter(logging.Formatter):
-    """Every record's message goes through escape_controls (tracebacks keep their lines)."""
+    """Control characters as \\xNN (\\uNNNN above 0xff): an agent's string cannot forge log lines."""
 
     def formatMessage(self, record):
-        record.message = escape_controls(record.message)
+        record.message = _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
+                                      record.message)
         return super().formatMessage(record)
 
 
 def limits_from_config(api):
-    """The archive limits of an [api] section."""
     return Limits(max_member_bytes=api.max_member_mb << 20, max_total_bytes=api.max_total_mb << 20)
 
 
@@ -88,8 +81,8 @@ def ssl_context(cert, key):
 
 def make_server(app, settings, idle_timeout=75, body_timeout=3600, ssl_options=None):
     """The HTTPServer as production runs it (and the tests). max_body_size is the archive limit, which each
-    handler lowers for its own request before the body is read; chunk_size is both the socket read size and
-    the largest piece of body a handler gets (512 KB: ~2000 loop iterations per GB instead of ~16000)."""
+    handler lowers for its own request; chunk_size is the socket read size and the largest piece of body a
+    handler gets (512 KB: ~2000 loop iterations per GB instead of ~16000)."""
     return HTTPServer(app, xheaders=False, ssl_options=ssl_options, max_body_size=settings.max_archive_bytes,
                       idle_connection_timeout=idle_timeout, body_timeout=body_timeout, decompress_request=False,
                       chunk_size=settings.chunk_bytes)
@@ -105,25 +98,30 @@ def metrics_address(text):
     return host.strip("[]"), int(port)
 
 
-async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options=None, backlog=1024, sweep_minutes=60,
-                metrics_at=None):
+async def serve(api, settings, ssl_options, metrics_at):
+    """Serve until SIGTERM/SIGINT; `api` is the [api] section."""
     app = make_app(settings)
     loop = asyncio.get_running_loop()
+
+    async def sweep_every(interval):  # off the event loop
+        while True:
+            await asyncio.sleep(interval)
+            await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, sweep.TEMP_GRACE)
     # Before listening: no upload of ours is running, so every unlocked temp file is a dead process's.
     await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, 0)
-    server = make_server(app, settings, idle_timeout, body_timeout, ssl_options)
-    server.listen(port, host, backlog=backlog)
+    server = make_server(app, settings, api.idle_timeout, api.body_timeout, ssl_options)
+    server.listen(api.port, api.host, backlog=api.listen_backlog)
     metrics_server = HTTPServer(make_metrics_app(app)) if metrics_at else None
     if metrics_server:
         metrics_server.listen(metrics_at[1], metrics_at[0])
         log.info("/metrics without credentials on http://%s:%d/metrics", *metrics_at)
     log.info("ganymede-api listening on %s://%s:%d (state root %s, MySQL %s:%s/%s)",
-             "https" if ssl_options else "http", host, port, settings.state.root,
+             "https" if ssl_options else "http", api.host, api.port, settings.state.root,
              settings.mysql.host, settings.mysql.port, settings.mysql.database)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sweeper = asyncio.create_task(sweep_every(app, settings, sweep_minutes * 60))
+    sweeper = asyncio.create_task(sweep_every(api.sweep_minutes * 60))
     await stop.wait()
     sweeper.cancel()
     log.info("stopping: no new connections, closing open ones")
@@ -132,14 +130,6 @@ async def serve(host, port, settings, idle_timeout, body_timeout, ssl_options=No
         metrics_server.stop()
     await server.close_all_connections()
     app.pool.clear()
-
-
-async def sweep_every(app, settings, interval):
-    """incoming/ swept every `interval` seconds, off the event loop (see ganymede.api.sweep)."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(interval)
-        await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, sweep.TEMP_GRACE)
 
 
 def main(argv=None):
@@ -164,8 +154,7 @@ def main(argv=None):
         print(f"ganymede-api: {exc}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(serve(api.host, api.port, settings, api.idle_timeout, api.body_timeout, ssl_options,
-                          api.listen_backlog, api.sweep_minutes, metrics_at))
+        asyncio.run(serve(api, settings, ssl_options, metrics_at))
     except OSError as exc:  # the port is taken, the address is not ours
         print(f"ganymede-api: cannot listen on {api.host}:{api.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

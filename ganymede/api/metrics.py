@@ -1,30 +1,23 @@
-"""ganymede-api's Prometheus metrics, served at /metrics (prometheus_client's text format).
-
-One registry per application (passed to handlers, no global): uploads and bytes
-per agent, request latency per endpoint, refusals by reason, and at each scrape
-the open transactions (one MySQL count) and the free disk under the state root.
-A refusal's reason is the answer's own text with numbers and quoted input
-replaced, so a client cannot mint new label values by sending odd requests.
-"""
+"""ganymede-api's Prometheus metrics at /metrics: one registry per application, no global."""
 import re
 import shutil
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 _VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|[0-9a-f]{8}-[0-9a-f-]{27}|[0-9]+(?:[-T:.][0-9]+)*")
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 
 
 def reason_label(status, reason):
-    """'413 body of N bytes is over the limit of N': bounded, whatever the request held."""
+    """'413 body of N bytes is over the limit of N': numbers and quoted input replaced, so a client cannot
+    mint new label values by sending odd requests."""
     return f"{status} {_VARIABLE.sub('N', reason or '')}"[:100]
 
 
 class ApiMetrics:
     def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.registry = r = CollectorRegistry()
         self.uploads = Counter("ganymede_api_uploads", "Archives received whole (sha256 verified), per agent",
                                ["agent"], registry=r)
         self.upload_bytes = Counter("ganymede_api_upload_bytes", "Bytes of archives received whole, per agent",
@@ -56,6 +49,3 @@ class ApiMetrics:
         self.open_transactions.set(open_transactions)
         self.disk_free.set(shutil.disk_usage(state_root).free)
         return generate_latest(self.registry)
-
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST

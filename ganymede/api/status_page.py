@@ -1,11 +1,6 @@
-"""The status page: `ganymede status` as a grid of hours × stages, for admins, and a page per hour.
-
-Same rows as the CLI (ganymede.status), rendered as HTML that refreshes itself;
-`/status?hour=H` is `ganymede status --hour H` with the extract rounds, the
-bucket's objects and a link to the hour's graph in luigid.
-Browsers cannot send a bearer header, so the admin token is also accepted as
-the password of HTTP basic auth (user `admin`).
-"""
+"""The status page for admins: `ganymede status` as a grid of hours × stages that refreshes itself, and
+`/status?hour=H` with the hour's extract rounds, bucket objects and graph in luigid. Browsers cannot send a
+bearer header, so the admin token is also accepted as the password of HTTP basic auth (user `admin`)."""
 import base64
 import binascii
 import glob
@@ -14,9 +9,8 @@ import os
 from datetime import timedelta
 
 from .. import hours, markers, runs, status
-from ..errors import HourError
-from ..stores import quality, txlog
-from .base import ApiError, BaseHandler
+from ..stores import quality
+from .base import ApiError, BaseHandler, hour_arg
 
 # (background, text) per cell class; every pair reaches WCAG AA contrast (4.5:1) for normal text
 COLOURS = {"done": ("#2e7d32", "#ffffff"), "partial": ("#f9a825", "#000000"), "pending": ("#e0e0e0", "#212121"),
@@ -35,17 +29,16 @@ def cells(row):
     """(stage, text, colour class) for each column of one hour."""
     def ratio(n, d):
         return "done" if d and n == d else ("partial" if n else "pending")
-    arrived = len(row.arrived_expected)
-    agents = ratio(arrived, len(row.expected)) if row.expected else ("done" if row.arrived else "pending")
+    agents = ratio(len(row.arrived_expected), len(row.expected)) if row.expected else (
+        "done" if row.arrived else "pending")
     extract = {"on time": "done", "after deadline": "late", "no data": "no-data"}.get(row.extract, "pending")
     backup = "done" if row.backup == "done" else ("partial" if row.backup.startswith("reopened") else "pending")
-    failed = "failed" if row.failures else None
     return [
         ("agents", row.agents_text(), agents),
         ("staged", f"{row.staged}/{row.transactions}", ratio(row.staged, row.transactions)),
         ("loaded", f"{row.loaded}/{row.transactions}", ratio(row.loaded, row.transactions)),
         ("extract", row.extract + (f" +{row.supplementary}" if row.supplementary else ""), extract),
-        ("backup", row.backup, failed or backup),
+        ("backup", row.backup, "failed" if row.failures else backup),
         ("verdict", row.verdict + (f": {', '.join(row.failures)}" if row.failures else "")
          + (f"; quality {len(row.quality_failures)} failed" if row.quality_failures else ""), css_class(row.verdict)),
     ]
@@ -96,15 +89,14 @@ def hour_facts(root, hour):
         m = markers.read_json(path)
         rounds.append((m.get("round"), m.get("file"), sum((m.get("counts") or {}).values()),
                        len(m.get("transactions", [])), "yes" if m.get("delivery") else "no (no data)"))
-    backup = markers.read_json(root.hour_marker(hour, "backup")) if os.path.exists(root.hour_marker(hour, "backup")) \
-        else {}
+    marker = root.hour_marker(hour, "backup")
+    backup = markers.read_json(marker) if os.path.exists(marker) else {}
     objects = [(o["key"], o["size"]) for o in backup.get("objects", [])]
     return sorted(rounds, key=lambda r: r[0]), backup.get("bucket"), objects
 
 
 def render_hour(row, transactions, root, graph, refresh_seconds=30, checks=()):
-    """One hour in detail: agents by name, transactions, failures with reasons, quality checks, extract rounds,
-    bucket, graph."""
+    """One hour in detail: agents, failures, quality checks, transactions, extract rounds, bucket, graph."""
     h = hours.format_hour(row.hour)
     rounds, bucket, objects = hour_facts(root, row.hour)
     missing = [a for a in row.expected if a not in row.arrived]
@@ -153,24 +145,17 @@ class StatusPageHandler(BaseHandler):
         super().write_error(status_code, **kwargs)
 
     async def get(self):
-        token = self.basic_or_bearer()
-        if not token or not await self.db(txlog.authenticate_admin, token):
-            raise self.refuse_token("admin token required (basic auth: user admin, password the token)")
-        hour_arg = self.get_argument("hour", None)
-        if hour_arg is not None:
-            try:
-                hour = hours.parse_hour(hour_arg)
-            except HourError as exc:
-                raise ApiError(400, str(exc)) from None
-            self.set_header("Content-Type", "text/html; charset=UTF-8")
-            self.finish(await self.db(lambda conn: self.hour_page(conn, hour)))
-            return
-        last = hours.last_complete_hour()
-        first = last - timedelta(hours=self.api.status_hours - 1)
-        rows = await self.db(lambda conn: status.hours_status(conn, self.api.state, first, last,
-                                                              self.api.deadline_minutes, self.api.overdue_minutes))
+        await self.authenticate_admin(self.basic_or_bearer(),
+                                      "admin token required (basic auth: user admin, password the token)")
+        hour = self.get_argument("hour", None)
+        if hour is not None:
+            page = await self.db(self.hour_page, hour_arg(hour))
+        else:
+            last = hours.last_complete_hour()
+            page = render(await self.db(status.hours_status, self.api.state, last - timedelta(
+                hours=self.api.status_hours - 1), last, self.api.deadline_minutes, self.api.overdue_minutes))
         self.set_header("Content-Type", "text/html; charset=UTF-8")
-        self.finish(render(rows))
+        self.finish(page)
 
     def hour_page(self, conn, hour):
         (row,) = status.hours_status(conn, self.api.state, hour, hour, self.api.deadline_minutes,

@@ -1,21 +1,11 @@
-"""incoming/ housekeeping: files no upload can use any more are removed.
+"""incoming/ housekeeping (see docs/operations.md), at ganymede-api's start and every `[api] sweep_minutes`.
 
-Two kinds of file live in incoming/:
-- `<transaction>.part.<random>.tmp`, an upload being received. The process
-  receiving it holds an exclusive flock on it until it is renamed or removed,
-  so one nobody holds was left by a process that died mid-upload (a lock dies
-  with its process) and goes: at start-up at once, later after a minute's
-  grace (another process may not have locked the file it just opened yet).
-- `<transaction>.part`, an uploaded archive waiting for /complete. Once its
-  transaction is failed (refused, or abandoned when the agent started a newer
-  one for the hour), completed or superseded, nothing reads it again: a
-  completed archive lives in upload/, and a failed transaction takes no more
-  uploads. A .part whose transaction is still open is kept (the agent can
-  still complete it), and so is one the log does not know (a state root shared
-  with another database is not ours to clean); the sweep logs those.
-
-ganymede-api sweeps at start, before it listens, and then every `[api] sweep_minutes`.
+An upload's temp file (`<transaction>.part.<random>.tmp`) is flocked by its process until renamed or removed,
+so one nobody holds is a dead process's: it goes at start at once, later after a minute's grace (another
+process may not have locked the file it just opened yet). A `.part` goes once its transaction is not open.
 """
+import contextlib
+
 import fcntl
 import logging
 import os
@@ -27,8 +17,7 @@ from ..stores import txlog
 
 log = logging.getLogger("ganymede.api")
 
-_PART = ".part"
-TEMP_GRACE = 60  # seconds: a temp file just opened by another process may not be locked yet
+TEMP_GRACE = 60  # seconds
 
 
 def incoming_dir(state):
@@ -38,11 +27,8 @@ def incoming_dir(state):
 def sweep_temp_files(state, older_than):
     """Remove the upload temp files no process holds, not written to for `older_than` seconds; returns how many."""
     cutoff = time.time() - older_than
-    removed = 0
-    for entry in os.scandir(incoming_dir(state)):
-        if entry.name.endswith(".tmp") and entry.is_file() and entry.stat().st_mtime <= cutoff:
-            removed += _remove_unlocked(entry.path)
-    return removed
+    return sum(_remove_unlocked(e.path) for e in os.scandir(incoming_dir(state))
+               if e.name.endswith(".tmp") and e.is_file() and e.stat().st_mtime <= cutoff)
 
 
 def _remove_unlocked(path):
@@ -59,27 +45,15 @@ def _remove_unlocked(path):
         os.close(fd)
 
 
-def waiting_parts(state):
-    """{transaction id: path} of the uploaded archives in incoming/."""
+def sweep_parts(conn, state):
+    """Remove the .part files of transactions no longer open; returns (removed, unknown ids). Each goes under
+    its transaction's lock, taken without waiting, if still not open then: an upload finishing or a completion
+    moving the file is never raced (a busy transaction is left for the next sweep)."""
     parts = {}
     for entry in os.scandir(incoming_dir(state)):
-        if entry.name.endswith(_PART) and entry.is_file():
-            try:
-                parts[check_id(entry.name[: -len(_PART)], "transaction id")] = entry.path
-            except ValueError:
-                continue  # not a name the API writes
-    return parts
-
-
-def sweep_parts(conn, state):
-    """Remove the .part files of transactions that are no longer open; returns (removed, unknown ids).
-
-    Each file is removed under its transaction's lock, taken without
-    waiting, and only if the transaction is still not open once the lock is
-    held: an upload finishing or a completion moving the file is never raced
-    (a busy transaction is left for the next sweep).
-    """
-    parts = waiting_parts(state)
+        if entry.name.endswith(".part") and entry.is_file():
+            with contextlib.suppress(ValueError):  # not a name the API writes
+                parts[check_id(entry.name[:-5], "transaction id")] = entry.path
     if not parts:
         return 0, []
     conn.rollback()  # read the log as committed now, not as an older snapshot of this connection saw it
@@ -92,9 +66,7 @@ def sweep_parts(conn, state):
             with txlog.transaction_lock(conn, transaction_id, 0):
                 tx = txlog.get_transaction(conn, transaction_id)
                 conn.commit()
-                if tx is None or tx["state"] in txlog.OPEN_STATES:
-                    continue
-                if _remove(path):
+                if tx is not None and tx["state"] not in txlog.OPEN_STATES and _remove(path):
                     removed += 1
                     log.info("removed %s: transaction %s is %s", os.path.basename(path), transaction_id, tx["state"])
         except Busy:
@@ -103,11 +75,8 @@ def sweep_parts(conn, state):
 
 
 def sweep(pool, state, temp_older_than=TEMP_GRACE):
-    """One round of both sweeps (MySQL through `pool`); logs what it did and never raises.
-
-    Returns (temp files removed, .part files removed), None for a sweep that
-    could not run.
-    """
+    """One round of both sweeps, logged, never raising: (temp files removed, .part files removed), None for a
+    sweep that could not run."""
     temps = parts = None
     try:
         temps = sweep_temp_files(state, temp_older_than)

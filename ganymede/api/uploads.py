@@ -1,14 +1,11 @@
-"""An archive's way in: PUT streams it to incoming/, POST …/complete validates it and installs it
-in upload/ (or quarantines it with the reason).
+"""An archive's way in: PUT streams it to incoming/ (within the agent's disk quota), POST …/complete
+validates it and installs it in upload/ or quarantines it with the reason.
 
-Uploads are bounded per agent by a disk quota on incoming/ and quarantine/.
-Completes run on their own threads, at most `completes_per_agent` at once per
-agent, and validate in worker processes (a `Validator`): archive validation
-is CPU and disk heavy, and in threads of the API's own process it would hold
-the GIL the event loop needs, so one agent's flood of large archives would
-slow every other agent's requests and /healthz.
+Validation runs in worker processes (a `Validator`), at most `completes_per_agent` at once per agent: in the
+API's own threads it would hold the GIL the event loop needs, and one agent's large archives would slow all.
 """
 import asyncio
+import contextlib
 import errno
 import fcntl
 import glob
@@ -19,6 +16,7 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from datetime import timedelta
@@ -81,8 +79,7 @@ def _disk_full(exc):
 
 
 def agent_usage(conn, api, agent_id, transaction_id):
-    """Bytes the agent holds in incoming/ (archives of its unfinished transactions, but this one's,
-    which an upload replaces) and in quarantine/."""
+    """Bytes the agent holds in quarantine/ and incoming/ (but this transaction's, which an upload replaces)."""
     ids = txlog.unfinished(conn, agent_id, hours.now() - timedelta(hours=api.retention_hours + 1)) - {transaction_id}
     root = glob.escape(api.state.root)
     held = glob.glob(os.path.join(root, "quarantine", "*", "*", "*", "*", agent_id, "*"))
@@ -112,10 +109,8 @@ def _write(f, digest, chunk):
 
 def _close_and_remove(f, path):
     """Remove the temp file before closing it, so its lock covers it to the end."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass
     f.close()
 
 
@@ -129,7 +124,7 @@ def _finish_upload(conn, api, transaction_id, temp, size, sha256):
 class ArchiveHandler(BaseHandler):
     """PUT the archive: streamed to a private temp file, hashed on the way, then made the transaction's .part."""
 
-    file = None
+    file = writing = None
     reserved = 0
 
     async def prepare(self):
@@ -163,7 +158,6 @@ class ArchiveHandler(BaseHandler):
         self.traffic.uploading[self.agent_id] += length
         self.expected_length, self.announced = length, announced
         self.received, self.digest = 0, hashlib.sha256()
-        self.writing = None
         self.temp = f"{self.api.state.incoming(self.transaction_id)}.{uuid.uuid4().hex[:12]}.tmp"
         try:
             self.file = await self.run(_open_upload, self.temp)
@@ -200,10 +194,8 @@ class ArchiveHandler(BaseHandler):
         f, self.file = self.file, None
         writing, self.writing = self.writing, None
         if writing is not None:
-            try:
+            with contextlib.suppress(OSError):
                 await writing
-            except OSError:
-                pass
         if f is not None:
             await self.run(_close_and_remove, f, self.temp)
         self.release_reserved()
@@ -223,7 +215,7 @@ class ArchiveHandler(BaseHandler):
 
     def release_reserved(self):
         if self.reserved:
-            _release(self.traffic.uploading, self.agent_id, self.reserved)
+            self.traffic.uploading -= Counter({self.agent_id: self.reserved})  # drops counts that reach 0
             self.reserved = 0
 
     async def _discard(self):
@@ -251,7 +243,7 @@ class ArchiveHandler(BaseHandler):
 
 
 def complete(conn, api, agent_id, geo, transaction_id):
-    """Validate and install (or quarantine) the uploaded archive; returns the answer's body."""
+    """Validate and install (or quarantine) the uploaded archive: (rows, None) or (None, the refusal)."""
     with txlog.transaction_lock(conn, transaction_id, api.lock_wait):
         tx = txlog.get_transaction(conn, transaction_id)
         conn.commit()
@@ -259,9 +251,9 @@ def complete(conn, api, agent_id, geo, transaction_id):
             raise NotFound("no such transaction")
         state = tx["state"]
         if state == "completed":
-            return _completed(tx, _completed_rows(conn, transaction_id))
+            return completed_rows(txlog.events(conn, transaction_id)), None
         if state == "failed":
-            return _failed(tx, tx["error"])
+            return None, tx["error"]
         if state == "superseded":
             raise Conflict(f"transaction {transaction_id} was completed and then superseded", transaction_id)
         if state != "uploaded":
@@ -276,7 +268,7 @@ def complete(conn, api, agent_id, geo, transaction_id):
             if os.path.exists(held):
                 reason = archives.read_reason(held)["reason"]
                 txlog.mark_failed(conn, transaction_id, reason, {"quarantine": held})
-                return _failed(tx, reason)
+                return None, reason
             raise Conflict("the uploaded archive is missing on the server; upload it again", transaction_id)
         try:
             counts, digest = (api.validator or archives).check_file(src, agent_id, geo, hour, api.limits)
@@ -300,32 +292,17 @@ def complete(conn, api, agent_id, geo, transaction_id):
                 raise (QuotaExceeded if _disk_full(exc) else Busy)(
                     "cannot store the refusal on the server; retry later", transaction_id) from None
             txlog.mark_failed(conn, transaction_id, error, {"quarantine": held})
-            return _failed(tx, error)
+            return None, error
         if src != dest:
             archives.install(src, dest)
         txlog.mark_completed(conn, transaction_id, dest, counts)
-        return _completed(tx, counts)
+        return counts, None
 
 
-def _release(counter, key, n=1):
-    counter[key] -= n
-    if counter[key] <= 0:
-        del counter[key]
-
-
-def _completed_rows(conn, transaction_id):
-    for event in reversed(txlog.events(conn, transaction_id)):
-        if event["event"] == "completed":
-            return (event["detail"] or {}).get("rows")
-    return None
-
-
-def _completed(tx, rows):
-    return {"transaction_id": tx["transaction_id"], "state": "completed", "rows": rows}
-
-
-def _failed(tx, reason):
-    return {"transaction_id": tx["transaction_id"], "state": "failed", "error": reason}
+def completed_rows(events):
+    """The row counts of a transaction's last completion (None if it never completed)."""
+    completed = [e for e in events if e["event"] == "completed"]
+    return (completed[-1]["detail"] or {}).get("rows") if completed else None
 
 
 class CompleteHandler(BaseHandler):
@@ -338,10 +315,10 @@ class CompleteHandler(BaseHandler):
         busy[agent_id] += 1
         try:
             await self.own_transaction(agent, transaction_id)
-            body = await self.db(complete, self.api, agent_id, agent["geo"], transaction_id,
-                                 executor=self.api.validator and self.api.validator.threads)
+            rows, error = await self.db(complete, self.api, agent_id, agent["geo"], transaction_id,
+                                        executor=self.api.validator and self.api.validator.threads)
         finally:
-            _release(busy, agent_id)
-        if body["state"] == "failed":
-            raise ApiError(422, body.pop("error"), **body)
-        self.send_json(200, body)
+            self.traffic.completes -= Counter({agent_id: 1})  # drops counts that reach 0
+        if error is not None:
+            raise ApiError(422, error, transaction_id=transaction_id, state="failed")
+        self.send_json(200, {"transaction_id": transaction_id, "state": "completed", "rows": rows})
