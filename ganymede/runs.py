@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from contextlib import closing
+from contextlib import closing, suppress
 from datetime import timedelta
 
 import luigi.configuration
@@ -59,8 +59,6 @@ def exit_code_help():
 def stamp():
     return f"{hours.now():%Y-%m-%dT%H:%M:%SZ}"
 
-
-# --- the hour's lock ------------------------------------------------------------
 
 class HourLock:
     """flock on locks/…/HH.lock; the holder's pid, command and start time are written inside for the next one."""
@@ -139,14 +137,10 @@ def remove_leftovers(root, hour):
     if not any(HourLock(root, h).held_by_someone() for h in others):
         found += glob.glob(os.path.join(glob.escape(root.day_extracts(hour)), ".tmp-*"))
     for path in found:
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
     return found
 
-
-# --- checks before anything runs ----------------------------------------------
 
 def check_option_file():
     """A configured MySQL option file that is missing is named as such (not 'Access denied … password: NO')."""
@@ -194,14 +188,12 @@ def luigid_holders(hour):
 def pid_alive(pid):
     try:
         os.kill(int(pid), 0)
+    except PermissionError:  # someone else's process: it exists
+        pass
     except (TypeError, ValueError, ProcessLookupError):
         return False
-    except PermissionError:  # someone else's process: it exists
-        return True
     return True
 
-
-# --- logging ---------------------------------------------------------------------
 
 def setup_logging(verbose):
     """Details to the log file or per [core] logging_conf_file; the terminal only with -v. Luigi's exit codes
@@ -237,8 +229,6 @@ def setup_logging(verbose):
             parser.set(section, key, str(value))
     return conf_file or path
 
-
-# --- one run ------------------------------------------------------------------------
 
 BROKEN = []  # the reason of a scheduling error, which leaves no failure marker
 
