@@ -15,7 +15,7 @@ import time
 import urllib.request
 from contextlib import closing
 
-from . import config, datasets, generator, hours, markers, runs, status
+from . import config, configfile, datasets, generator, hours, markers, runs, status
 from .paths import StateRoot
 from .stores import mongo, mysql, quality, txlog
 from .stores.s3 import bucket_name, connect as s3_connect
@@ -107,14 +107,12 @@ def start_luigid(base):
     shutil.rmtree(state, ignore_errors=True)
     os.makedirs(state)
     repo_cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "luigid.cfg")
-    with open(repo_cfg) as f:
-        text = f.read().replace("/var/lib/ganymede/luigid", state)
-    with open(os.path.join(state, "luigid.cfg"), "w") as f:
-        f.write(text)
+    cfg = os.path.join(state, "luigid.cfg")
+    with open(repo_cfg) as src, open(cfg, "w") as dst:
+        dst.write(src.read().replace("/var/lib/ganymede/luigid", state))
     port = free_port()
     proc = launch([_bin("luigid"), "--address", "127.0.0.1", "--port", str(port), "--logdir", state,
-                   "--state-path", os.path.join(state, "state.pickle")],
-                  dict(os.environ, LUIGI_CONFIG_PATH=os.path.join(state, "luigid.cfg")),
+                   "--state-path", os.path.join(state, "state.pickle")], dict(os.environ, LUIGI_CONFIG_PATH=cfg),
                   os.path.join(state, "luigid.out"), f"http://127.0.0.1:{port}/api/task_list?data={{}}", state)
     with markers.open_atomic(os.path.join(base, "luigid.pid"), text=True) as f:
         f.write(f"{proc.pid}\n")
@@ -124,10 +122,8 @@ def start_luigid(base):
 def reset(base):
     """Start from nothing: what the previous demo of this directory made (databases, buckets, state) goes."""
     named = names(base)
-    with closing(generator.connect()) as conn, conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{named['db']}`")
-    for geo in GEOS:
-        generator.drop_database(geo_db(base, geo))
+    for name in [named["db"]] + [geo_db(base, geo) for geo in GEOS]:
+        generator.drop_database(name)
     client, _ = mongo.connect(config.mongodb())
     with closing(client):
         client.drop_database(named["db"])
@@ -226,7 +222,6 @@ def summary(hour, base, api_port, luigid_port, api_metrics=""):
 
 
 def main(args):
-    from . import configfile
     base = os.path.abspath(args.dir)
     if args.stop:
         stop_own(os.path.join(base, "luigid.pid"), os.path.join(base, "luigid"))
