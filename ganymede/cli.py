@@ -1,11 +1,7 @@
 """`ganymede` (admin) and the old scripts' manual commands.
 
-The manual commands build the very same Luigi tasks cron runs and run them
-through ganymede.runs (Luigi's own run, with the hour's lock, the log file and
-one closing line), so a manual run and a cron run cannot disagree, never run
-a task twice at once and exit with the codes of one table (runs.EXIT_CODES).
-Every command reads exactly one config file: --config FILE, else
-LUIGI_CONFIG_PATH, else /etc/ganymede/luigi.cfg (ganymede.configfile).
+The manual commands run the very tasks cron runs through ganymede.runs, so a manual run and a cron run
+cannot disagree nor run a task twice at once, and exit with the codes of one table (runs.EXIT_CODES).
 """
 import argparse
 import os
@@ -14,8 +10,9 @@ import time
 from contextlib import closing
 from datetime import datetime, timedelta
 
-from . import config, configfile, hours, runs
+from . import config, configfile, hours, runs, status
 from .errors import GanymedeError, HourError
+from .paths import StateRoot
 from .stores import mysql, txlog
 
 
@@ -109,20 +106,13 @@ def _admin_token(args):
 
 
 def _status_rows(args):
-    from . import status
-    from .paths import StateRoot
     last = args.hour or hours.last_complete_hour()
-    first = args.hour or last - timedelta(hours=(args.last or config.alerts().status_hours) - 1)
-    with closing(mysql.connect(config.mysql())) as conn:
-        return status.hours_status(conn, StateRoot(config.state().root), first, last,
-                                   config.extract().deadline_minutes, config.alerts().overdue_minutes)
+    return runs.hours_rows(args.hour or last - timedelta(hours=(args.last or config.alerts().status_hours) - 1), last)
 
 
 def _detailed_lines(rows, all_checks=False):
     """Each hour's status line and its detail (agents by name, failures, transactions, failed quality checks or
     with all_checks every one): --hour, alerts."""
-    from . import status
-    from .paths import StateRoot
     from .stores import quality
     root, lines = StateRoot(config.state().root), []
     with closing(mysql.connect(config.mysql())) as conn:
@@ -154,8 +144,6 @@ def _alerts(args):
 
 
 def _transactions(args):
-    from . import status
-    from .paths import StateRoot
     root = StateRoot(config.state().root)
     with closing(mysql.connect(config.mysql())) as conn:
         rows = status.hour_transactions(conn, root, args.hour)
@@ -166,16 +154,12 @@ def _transactions(args):
 
 
 def _graph(args):
-    from . import status
     print(status.graph_url(runs.scheduler_url(), args.hour))
 
 
 def _demo(args):
     from . import demo
     return demo.main(args)
-
-
-NEEDS_NO_CONFIG = ("demo",)
 
 
 def build_parser():
@@ -227,9 +211,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.command not in NEEDS_NO_CONFIG:
+        if args.command != "demo":
             configfile.use(args.config)
-            if args.command not in ("graph",):
+            if args.command != "graph":
                 runs.check_option_file()
         return args.func(args) or 0
     except GanymedeError as exc:
@@ -316,11 +300,8 @@ def _ended(hour):
 
 
 def glassbeam_extract_main(argv=None):
-    """ganymede-glassbeam-extract [-y YYYY -m M -d D -h H]: the old script's options, hour in UTC.
-
-    Builds the round the hour needs now (the hour's extract, or a
-    supplementary one for late arrivals); --force rebuilds the hour's extract.
-    """
+    """ganymede-glassbeam-extract [-y YYYY -m M -d D -h H]: the round the hour needs now (the hour's extract, or
+    a supplementary one for late arrivals); --force rebuilds the hour's extract."""
     from .tasks.extract import current_round
     parser = Parser(
         prog="ganymede-glassbeam-extract", add_help=False,
@@ -349,12 +330,8 @@ def glassbeam_extract_main(argv=None):
 
 
 def _forget_extract(hour):
-    """--force: set the round-0 manifest aside (kept, renamed) so Luigi builds round 0 again; returns 0.
-
-    The rebuild leaves out what the supplementary rounds hold, so it gives
-    the same file as before unless the data changed since.
-    """
-    from .paths import StateRoot
+    """--force: set the round-0 manifest aside (kept, renamed) so Luigi builds round 0 again; returns 0. The
+    rebuild leaves out what the supplementary rounds hold: the same file as before unless the data changed."""
     manifest = StateRoot(config.state().root).extract_manifest(hour, 0)
     if os.path.exists(manifest):
         os.replace(manifest, manifest + f".replaced-{hours.now():%Y%m%dT%H%M%S%f}")

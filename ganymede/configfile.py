@@ -1,11 +1,7 @@
-"""Which luigi.cfg a `ganymede*` command reads: exactly one file.
+"""Which luigi.cfg a `ganymede*` command reads: exactly one, `--config`, else LUIGI_CONFIG_PATH, else DEFAULT_PATH.
 
-Luigi reads /etc/luigi/luigi.cfg, ./luigi.cfg and then LUIGI_CONFIG_PATH on
-top of each other, so a command started in a checkout picked up the
-checkout's [email] and mailed its receiver. Every command instead reads the
-file named by `--config`, else by LUIGI_CONFIG_PATH, else DEFAULT_PATH, and
-nothing else: Luigi's parser is emptied and filled from that one file (plain
-ConfigParser calls on the object `luigi.configuration.get_config()` returns).
+Luigi layers /etc/luigi/luigi.cfg, ./luigi.cfg and LUIGI_CONFIG_PATH, so a command started in a checkout
+mailed the checkout's [email] receiver; here Luigi's parser is emptied and filled from the one file.
 """
 import configparser
 import os
@@ -18,7 +14,7 @@ DEFAULT_PATH = "/etc/ganymede/luigi.cfg"
 
 
 def chosen_path(option=None, environ=None):
-    """(path, where the name came from) by the rule above."""
+    """(path, where the name came from)."""
     environ = os.environ if environ is None else environ
     if option:
         return option, "--config"
@@ -28,10 +24,8 @@ def chosen_path(option=None, environ=None):
 
 
 def use(option=None):
-    """Make the chosen file the only configuration of this process; returns its path.
-
-    Also exported as LUIGI_CONFIG_PATH, so a command this one starts reads the same file.
-    """
+    """Make the chosen file the only configuration of this process (exported as LUIGI_CONFIG_PATH for the
+    commands this one starts); returns its path."""
     path, source = chosen_path(option)
     if not os.path.isfile(path):
         hint = "" if source != "the default" else "; give --config FILE or set LUIGI_CONFIG_PATH"

@@ -1,16 +1,8 @@
-"""`ganymede demo`: one demo hour end to end on the local services.
+"""`ganymede demo`: one demo hour end to end on the local services (generated GEO stats, the API, the agents,
+then the cron command through the demo's own luigid, left up to show the graph).
 
-Three demo GEOs get generated stats in their own MariaDB databases; the API
-runs as a subprocess; each agent collects its hour and uploads it; then the
-cron command itself (`ganymede-hourly-backup --hour H`) runs the whole graph
-through the demo's own luigid, which stays up afterwards so the graph can be
-looked at.
-
-Every name the demo uses comes from its directory (`--dir`, a hash of its
-absolute path): MySQL and MongoDB databases, buckets, ports, its luigid. Two
-checkouts on one machine never see each other's demo. Each run first removes
-what the previous run of the same directory made, and it never talks to a
-process on its API port that it did not start.
+Every name it uses (databases, buckets, ports, its luigid) comes from a hash of its `--dir`, so two checkouts
+never see each other's demo; each run first removes what the previous one of that directory made.
 """
 import hashlib
 import os
@@ -23,7 +15,7 @@ import time
 import urllib.request
 from contextlib import closing
 
-from . import config, datasets, generator, hours, markers, status
+from . import config, configfile, datasets, generator, hours, markers, runs, status
 from .paths import StateRoot
 from .stores import mongo, mysql, quality, txlog
 from .stores.s3 import bucket_name, connect as s3_connect
@@ -48,14 +40,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def port_answers(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def write_demo_config(base, api_port, luigid_port):
@@ -123,27 +107,23 @@ def start_luigid(base):
     shutil.rmtree(state, ignore_errors=True)
     os.makedirs(state)
     repo_cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "luigid.cfg")
-    with open(repo_cfg) as f:
-        text = f.read().replace("/var/lib/ganymede/luigid", state)
-    with open(os.path.join(state, "luigid.cfg"), "w") as f:
-        f.write(text)
+    cfg = os.path.join(state, "luigid.cfg")
+    with open(repo_cfg) as src, open(cfg, "w") as dst:
+        dst.write(src.read().replace("/var/lib/ganymede/luigid", state))
     port = free_port()
     proc = launch([_bin("luigid"), "--address", "127.0.0.1", "--port", str(port), "--logdir", state,
-                   "--state-path", os.path.join(state, "state.pickle")],
-                  dict(os.environ, LUIGI_CONFIG_PATH=os.path.join(state, "luigid.cfg")),
+                   "--state-path", os.path.join(state, "state.pickle")], dict(os.environ, LUIGI_CONFIG_PATH=cfg),
                   os.path.join(state, "luigid.out"), f"http://127.0.0.1:{port}/api/task_list?data={{}}", state)
     with markers.open_atomic(os.path.join(base, "luigid.pid"), text=True) as f:
         f.write(f"{proc.pid}\n")
     return port
 
 
-def reset(base, agents):
+def reset(base):
     """Start from nothing: what the previous demo of this directory made (databases, buckets, state) goes."""
     named = names(base)
-    with closing(generator.connect()) as conn, conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{named['db']}`")
-    for geo in GEOS:
-        generator.drop_database(geo_db(base, geo))
+    for name in [named["db"]] + [geo_db(base, geo) for geo in GEOS]:
+        generator.drop_database(name)
     client, _ = mongo.connect(config.mongodb())
     with closing(client):
         client.drop_database(named["db"])
@@ -168,7 +148,11 @@ def start_api(env, log_path, port=API_PORT):
 
     A process already answering on the port is not ours: refused, never reused.
     """
-    if port_answers(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        pass
+    else:
         raise SystemExit(f"port {port} is taken by a process this run did not start; stop it or choose another port")
     url = f"http://127.0.0.1:{port}"
     return launch([_bin("ganymede-api")], env, log_path, url + "/healthz", None), url
@@ -194,15 +178,12 @@ def launch(argv, env, log_path, ready_url, cwd):
 def api_metrics_line(url, admin_token):
     """What ganymede-api's /metrics counted in the demo (parsed, as Prometheus reads it)."""
     from prometheus_client.parser import text_string_to_metric_families
-    with urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {admin_token}"}), timeout=10) as resp:
-        text = resp.read().decode("utf-8")
-    totals = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name in ("ganymede_api_uploads_total", "ganymede_api_upload_bytes_total"):
-                totals[s.name] = totals.get(s.name, 0) + s.value
-    return (f"ganymede-api {url}/metrics (admin token): {totals.get('ganymede_api_uploads_total', 0):g} uploads, "
-            f"{totals.get('ganymede_api_upload_bytes_total', 0):g} bytes")
+    request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {admin_token}"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        samples = [s for f in text_string_to_metric_families(resp.read().decode("utf-8")) for s in f.samples]
+    uploads, size = (sum(s.value for s in samples if s.name == f"ganymede_api_{name}_total") for name in
+                     ("uploads", "upload_bytes"))
+    return f"ganymede-api {url}/metrics (admin token): {uploads:g} uploads, {size:g} bytes"
 
 
 def summary(hour, base, api_port, luigid_port, api_metrics=""):
@@ -214,15 +195,15 @@ def summary(hour, base, api_port, luigid_port, api_metrics=""):
     bucket = bucket_name(config.s3().bucket_template, hour)
     objects = s3_connect(config.s3()).list_objects(bucket)
     lines = [f"Demo hour {hours.format_hour(hour)} (UTC) is done.",
-             "MongoDB database %s: %s" % (config.mongodb().database,
-                                          ", ".join(f"{k} {v} documents" for k, v in counts.items())),
-             f"Extract: {root.extract(hour)} ({sum(manifest['counts'].values())} rows, sha256 {manifest['sha256'][:12]}…)",
+             f"MongoDB database {config.mongodb().database}: "
+             + ", ".join(f"{k} {v} documents" for k, v in counts.items()),
+             f"Extract: {root.extract(hour)} ({sum(manifest['counts'].values())} rows, "
+             f"sha256 {manifest['sha256'][:12]}…)",
              f"  delivered to {manifest['delivered_to']}",
              f"Bucket {bucket} at {config.s3().endpoint_url}: {len(objects)} objects"]
     lines += [f"  {o['Key']}  ({o['Size']} bytes)" for o in objects]
+    (row,) = runs.hours_rows(hour, hour)
     with closing(mysql.connect(config.mysql())) as conn:
-        (row,) = status.hours_status(conn, root, hour, hour, config.extract().deadline_minutes,
-                                     config.alerts().overdue_minutes)
         checks = quality.hour_results(conn, hour)
     config_path = os.path.join(base, "luigi.cfg")
     lines += [f"Archives moved to {os.path.join(root.root, 'archives')}",
@@ -241,7 +222,6 @@ def summary(hour, base, api_port, luigid_port, api_metrics=""):
 
 
 def main(args):
-    from . import configfile
     base = os.path.abspath(args.dir)
     if args.stop:
         stop_own(os.path.join(base, "luigid.pid"), os.path.join(base, "luigid"))
@@ -254,7 +234,7 @@ def main(args):
     configfile.use(cfg_path)
     hour = hours.last_complete_hour()
     print(f"Ganymede demo: hour {hours.format_hour(hour)} UTC, {args.agents} agents, state in {base}")
-    reset(base, args.agents)
+    reset(base)
     mysql.upgrade(config.mysql())
     api, url = start_api(env, os.path.join(base, "api.log"), api_port)
     try:

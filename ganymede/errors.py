@@ -1,10 +1,6 @@
-"""Every exception Ganymede raises on purpose, defined once.
+"""Every exception Ganymede raises on purpose, with the context an operator needs and never a secret.
 
-Archive format errors live with the format, in ganymede_agent.archive, since
-the agent must not import the server.
-
-Each carries the context an operator needs to act (which transaction, which
-file, which command and what it printed) and never a secret.
+Archive format errors live in ganymede_agent.archive: the agent must not import the server.
 """
 
 
@@ -72,11 +68,7 @@ class CommandError(GanymedeError):
     """An external command failed; the message carries its stderr tail."""
 
     def __init__(self, argv, returncode, stderr):
-        tail = (stderr or "").strip()[-2000:]
-        super().__init__(f"{argv[0]} exited {returncode}: {tail}")
-        self.argv = argv
-        self.returncode = returncode
-        self.stderr = tail
+        super().__init__(f"{argv[0]} exited {returncode}: {(stderr or '').strip()[-2000:]}")
 
 
 class DeliveryError(GanymedeError):

@@ -1,20 +1,10 @@
-"""Files on the state root: durable renames, hashing, and files that must stay private.
-
-Each of these exists once here; markers, archives, extracts, backups and the
-credential readers use them.
-"""
-import hashlib
+"""Files on the state root: durable renames, hashing (the agent's own functions), files that must stay private."""
 import os
 import stat
 
+from ganymede_agent.archive import fsync_path, sha256_file
 
-def fsync_path(path):
-    """fsync a file or a directory by name (a directory: so a rename in it survives a crash)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["fsync_path", "move_durably", "read_private", "sha256_file"]
 
 
 def move_durably(src, dst):
@@ -26,12 +16,6 @@ def move_durably(src, dst):
     for directory in {os.path.dirname(src), os.path.dirname(dst)}:
         fsync_path(directory)
     return dst
-
-
-def sha256_file(path):
-    """Hex SHA-256 of a file, streamed."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_private(path, error, missing_hint=""):

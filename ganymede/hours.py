@@ -1,9 +1,5 @@
-"""UTC hours: parsing, formatting, windows and deadlines.
-
-Luigi's DateHourParameter and pymongo hand out naive datetimes; here a naive
-datetime always means UTC. `utc()` is the one place aware values are folded
-to that convention.
-"""
+"""UTC hours. A naive datetime always means UTC (as Luigi's DateHourParameter and pymongo hand them out);
+`utc()` is the one place aware values are folded to that convention."""
 from datetime import datetime, timedelta, timezone
 
 from .errors import HourError
@@ -13,9 +9,7 @@ HOUR_FORMAT = "%Y-%m-%dT%H"
 
 def utc(value):
     """Fold an aware datetime to naive UTC; a naive one is taken as UTC already."""
-    if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
-    return value
+    return value if value.tzinfo is None else value.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 def now():

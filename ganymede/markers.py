@@ -1,12 +1,8 @@
-"""Task outputs on the state root (markers, extracts, rejects, dumps), written atomically through Luigi's targets.
+"""Task outputs on the state root, written whole or not at all: `.tmp-<name>-<random>` beside the final path,
+fsync'd and renamed durably (ganymede.files).
 
-A file appears at its final path whole or not at all: DurableTarget writes
-`.tmp-<name>-<random>` beside it, fsyncs it and renames it into place
-durably (ganymede.files). The writer holds an flock on its temporary until
-the rename, so a process killed mid-write (the lock dies with it) leaves one
-nobody holds; the next write of the same file removes those. No clock is
-compared: on a state root shared by several hosts (NFS: flock is a lock of
-the server's), a file's mtime is the server's time, not this host's.
+The writer flocks its temporary until the rename, so one a killed writer left is one nobody holds, and the
+next write of the file removes it. No mtime is compared: on NFS shared by several hosts it is the server's clock.
 """
 import fcntl
 import glob

@@ -1,11 +1,9 @@
-"""The state-root layout, in one place (paths and glob patterns; nothing here touches the disk).
-
-Everything under the root is hour-stamped (…/YYYY/MM/DD/HH/…) so that a range
-of hours can be checked by looking at paths alone.
-"""
+"""The state-root layout in one place: hour-stamped paths (…/YYYY/MM/DD/HH/…) so a range of hours is checked by
+paths alone."""
 import glob
 import os
 import re
+from functools import partialmethod
 
 from . import hours
 
@@ -23,12 +21,8 @@ def hour_dir(hour):
     return hours.floor_hour(hour).strftime("%Y/%m/%d/%H")
 
 
-def day_dir(hour):
-    return hours.floor_hour(hour).strftime("%Y/%m/%d")
-
-
 class StateRoot:
-    """Paths under one state root; nothing here touches the disk."""
+    """Paths and glob patterns under one state root; nothing here touches the disk."""
 
     def __init__(self, root):
         self.root = os.path.abspath(os.path.expanduser(root))
@@ -43,14 +37,9 @@ class StateRoot:
         return self._join(area, hour_dir(hour), check_id(agent_id, "agent id"),
                           check_id(transaction_id, "transaction id") + ".tar.gz")
 
-    def upload(self, hour, agent_id, transaction_id):
-        return self._archive("upload", hour, agent_id, transaction_id)
-
-    def archived(self, hour, agent_id, transaction_id):
-        return self._archive("archives", hour, agent_id, transaction_id)
-
-    def quarantine(self, hour, agent_id, transaction_id):
-        return self._archive("quarantine", hour, agent_id, transaction_id)
+    upload = partialmethod(_archive, "upload")
+    archived = partialmethod(_archive, "archives")
+    quarantine = partialmethod(_archive, "quarantine")
 
     def transaction_marker(self, hour, agent_id, transaction_id, stage):
         """state/…/HH/<agent>/<tx>.<stage>.json, e.g. stage 'staged' or 'loaded'."""
@@ -74,8 +63,8 @@ class StateRoot:
 
     def extract(self, hour, part=0):
         """extracts/YYYY/MM/DD/ganymede-YYYYMMDDHH.jsonl.gz; part N>0 is the Nth supplementary extract."""
-        suffix = "" if part == 0 else f"-s{part}"
-        return self._join("extracts", day_dir(hour), f"ganymede-{hours.compact(hour)}{suffix}.jsonl.gz")
+        name = f"ganymede-{hours.compact(hour)}{'' if part == 0 else f'-s{part}'}.jsonl.gz"
+        return self._join("extracts", os.path.dirname(hour_dir(hour)), name)
 
     def extract_manifest(self, hour, part=0):
         return self.extract(hour, part)[: -len(".jsonl.gz")] + ".manifest.json"

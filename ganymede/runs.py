@@ -1,23 +1,9 @@
-"""A pipeline run for one UTC hour, as cron and every manual command start it.
+"""A pipeline run for one UTC hour, as cron and every manual command start it (docs/operations.md).
 
-Around Luigi's own run (`luigi --module ganymede.tasks …`, the same
-[retcode] exit codes) this adds what an operator needs:
-
-- a per-hour lock in the state root (flock, so the kernel drops it when the
-  run dies, kill -9 included): a run with --local-scheduler holds it alone,
-  so a second run of the hour exits 10 naming the run that holds it; runs
-  through luigid share it, on any number of worker hosts (luigid hands each
-  task to one of them), and exclude only the --local-scheduler ones;
-- the `.tmp-*` files a crashed run left in the hour's folders are removed
-  before the run starts, when it is the hour's only run (nobody else is
-  writing them);
-- when luigid still counts the tasks of a run that died as running, the line
-  says which worker, since when it has been silent, and when luigid gives
-  its tasks back ([scheduler] worker_disconnect_delay);
-- logging: Luigi's details go to the log file with UTC timestamps (or where
-  [core] logging_conf_file says), the terminal gets them only with -v, and
-  every run ends with one line: when, the hour, the outcome and its reason,
-  the exit code and the duration.
+Around Luigi's own run this adds the hour's lock (flock, dropped by the kernel when the run dies:
+--local-scheduler runs hold it alone, runs through luigid share it), the removal of a crashed run's
+`.tmp-*` files when the run is the hour's only one, the name of a dead worker luigid still counts,
+logging to the log file, and the one closing line.
 """
 import fcntl
 import glob
@@ -30,7 +16,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from contextlib import closing
+from contextlib import closing, suppress
 from datetime import timedelta
 
 import luigi.configuration
@@ -74,8 +60,6 @@ def stamp():
     return f"{hours.now():%Y-%m-%dT%H:%M:%SZ}"
 
 
-# --- the hour's lock ------------------------------------------------------------
-
 class HourLock:
     """flock on locks/…/HH.lock; the holder's pid, command and start time are written inside for the next one."""
 
@@ -88,8 +72,7 @@ class HourLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.file = open(self.path, "a+")
         if not self._flock(fcntl.LOCK_SH if shared else fcntl.LOCK_EX):
-            self.file.close()
-            self.file = None
+            self.release()
             return False
         if shared:  # joins a run that holds it: that run's record stays (the hour's first run)
             return True
@@ -120,11 +103,7 @@ class HourLock:
 
     def share(self):
         """Exclusive -> shared (not atomic: a --local-scheduler run may take the hour in between; then False)."""
-        try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
+        return self._flock(fcntl.LOCK_SH)
 
     def release(self):
         if self.file:
@@ -148,10 +127,8 @@ def holder_text(holder):
 
 
 def remove_leftovers(root, hour):
-    """The .tmp-* files of a crashed run of the hour; the day's extract folder only when no hour of the day runs.
-
-    Called with the hour's lock held. Returns the paths removed.
-    """
+    """Remove (with the hour's lock held) and return the .tmp-* files of a crashed run of the hour; in the day's
+    extract folder only when no hour of the day runs."""
     found = []
     for directory in root.hour_work_dirs(hour):
         found += glob.glob(os.path.join(glob.escape(directory), "**", ".tmp-*"), recursive=True)
@@ -160,14 +137,10 @@ def remove_leftovers(root, hour):
     if not any(HourLock(root, h).held_by_someone() for h in others):
         found += glob.glob(os.path.join(glob.escape(root.day_extracts(hour)), ".tmp-*"))
     for path in found:
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
     return found
 
-
-# --- checks before anything runs ----------------------------------------------
 
 def check_option_file():
     """A configured MySQL option file that is missing is named as such (not 'Access denied … password: NO')."""
@@ -192,9 +165,7 @@ def luigid(method, **data):
 
 def luigid_holders(hour):
     """Who luigid says runs the hour's tasks (the worker, whether its process lives, its last contact), or None.
-
-    Asked after this run ended, so any task of the hour still running belongs to another worker.
-    """
+    Asked after this run ended, so any task of the hour still running is another worker's."""
     try:
         running = luigid("task_list", status="RUNNING", search=hours.format_hour(hour))
         workers = {w["name"]: w for w in luigid("worker_list")}
@@ -217,21 +188,16 @@ def luigid_holders(hour):
 def pid_alive(pid):
     try:
         os.kill(int(pid), 0)
+    except PermissionError:  # someone else's process: it exists
+        pass
     except (TypeError, ValueError, ProcessLookupError):
         return False
-    except PermissionError:  # someone else's process: it exists
-        return True
     return True
 
 
-# --- logging ---------------------------------------------------------------------
-
 def setup_logging(verbose):
-    """Details to the log file (UTC timestamps) or per [core] logging_conf_file; the terminal only with -v.
-
-    Luigi is then told not to configure logging itself, and its exit codes are those of EXIT_CODES
-    whatever the file's [retcode] says (Luigi's defaults there are 0 for most outcomes).
-    """
+    """Details to the log file or per [core] logging_conf_file; the terminal only with -v. Luigi's exit codes
+    become those of EXIT_CODES whatever [retcode] says (Luigi's defaults are 0 for most outcomes)."""
     parser = luigi.configuration.get_config()
     conf_file = parser.get("core", "logging_conf_file", "")
     root_logger = logging.getLogger()
@@ -264,32 +230,21 @@ def setup_logging(verbose):
     return conf_file or path
 
 
-# --- one run ------------------------------------------------------------------------
-
-class Broken:
-    """The tasks whose complete() or requires() raised during a run (Luigi's BROKEN_TASK event): the reason of
-    a scheduling error, which leaves no failure marker."""
-
-    def __init__(self):
-        self.tasks = []
-        luigi.Task.event_handler(luigi.Event.BROKEN_TASK)(self.record)
-
-    def record(self, task, exception):
-        self.tasks.append(f"{task.task_family}: {type(exception).__name__}: {' '.join(str(exception).split())}"[:500])
+BROKEN = []  # the reason of a scheduling error, which leaves no failure marker
 
 
-BROKEN = Broken()
+@luigi.Task.event_handler(luigi.Event.BROKEN_TASK)
+def _broken(task, exception):
+    """A task whose complete() or requires() raised during the run."""
+    BROKEN.append(f"{task.task_family}: {type(exception).__name__}: {' '.join(str(exception).split())}"[:500])
 
 
 def luigi_run(task_args, workers=1, local_scheduler=False):
-    """`luigi --module ganymede.tasks <task_args>` in this process; returns Luigi's retcode.
-
-    Luigi's own pid lock (one process per identical command line) is off: the hour's lock replaces it,
-    and a catch-up runs several hours in one process.
-    """
+    """`luigi --module ganymede.tasks <task_args>` in this process; returns Luigi's retcode. Luigi's pid lock is
+    off: the hour's lock replaces it, and a catch-up runs several hours in one process."""
     argv = ["--module", "ganymede.tasks", *task_args, "--workers", str(workers), "--no-lock"]
     argv += ["--local-scheduler"] if local_scheduler else []
-    BROKEN.tasks.clear()
+    BROKEN.clear()
     try:
         luigi.retcodes.run_with_retcodes(argv)
     except SystemExit as done:
@@ -298,11 +253,8 @@ def luigi_run(task_args, workers=1, local_scheduler=False):
 
 
 def outcome(code, hour, local_scheduler):
-    """(exit code, words) for a run that ended with Luigi's `code`: what happened to the hour and why.
-
-    Luigi's code is the highest of its outcomes, so a run that found the hour's tasks run by another worker
-    can end 20 or 25 (the tasks waiting on them were not run); luigid is asked, and the truth is 10.
-    """
+    """(exit code, words) for a run that ended with Luigi's `code`. A run that found the hour's tasks run by
+    another worker can end 20 or 25 (the tasks waiting on them did not run): luigid is asked, the truth is 10."""
     held = None if local_scheduler or code not in (10, 20, 25) else luigid_holders(hour)
     if held or code == 10:
         return 10, "already running: " + (held or "another worker runs its tasks")
@@ -313,7 +265,7 @@ def outcome(code, hour, local_scheduler):
 
 def closed(hour):
     try:
-        return hour_row(hour).verdict == "closed"
+        return hours_rows(hour, hour)[0].verdict == "closed"
     except GanymedeError:
         return False
 
@@ -325,7 +277,7 @@ def outcome_words(code, hour):
         return "failed: " + ("; ".join(f"{f}: {r}" for f, r in sorted(reasons.items())) or "see the log file")
     if code in (0, 20):
         try:
-            row = hour_row(hour)
+            (row,) = hours_rows(hour, hour)
         except GanymedeError as exc:
             return ("done" if code == 0 else "waiting") + f" (status unavailable: {exc})"
         if code == 0:
@@ -340,24 +292,21 @@ def outcome_words(code, hour):
         return ("not run: luigid did not hand this run the hour's tasks (a run of them finished seconds ago: "
                 "[scheduler] stable_done_cooldown_secs); rerun")
     if code == 35:
-        return "scheduling error: " + ("; ".join(dict.fromkeys(BROKEN.tasks)) or "see the log file")
+        return "scheduling error: " + ("; ".join(dict.fromkeys(BROKEN)) or "see the log file")
     return "unhandled exception (the traceback is in the log file)"
 
 
-def hour_row(hour):
+def hours_rows(first, last, now=None):
+    """status.hours_status with the configured store, state root and minutes."""
     from .stores import mysql
     with closing(mysql.connect(config.mysql())) as conn:
-        (row,) = status.hours_status(conn, StateRoot(config.state().root), hour, hour,
-                                     config.extract().deadline_minutes, config.alerts().overdue_minutes)
-    return row
+        return status.hours_status(conn, StateRoot(config.state().root), first, last,
+                                   config.extract().deadline_minutes, config.alerts().overdue_minutes, now)
 
 
 def run_hour(prog, hour, task_args, workers=1, local_scheduler=False):
-    """One hour's run under its lock: (exit code, the outcome words).
-
-    `task_args` is a list, or a function returning one that is called once the lock is held (a task
-    parameter read from the hour's files, such as the extract round).
-    """
+    """One hour's run under its lock: (exit code, words). `task_args` is a list, or a function called once the
+    lock is held (for a parameter read from the hour's files, such as the extract round)."""
     lock = HourLock(StateRoot(config.state().root), hour)
     command = f"{prog} --hour {hours.format_hour(hour)}"
     alone = lock.acquire(command)
@@ -398,22 +347,14 @@ def finish(prog, what, code, words, started):
 
 
 def catch_up_hours(window=None, first=None, last=None):
-    """Hours not closed whose deadline has passed, oldest first: among the last `window`, or first..last.
-
-    Never the current hour nor one still before its deadline (the every-10-minutes run has those);
-    idle hours (no agent expected, nothing sent) have nothing to run.
-    """
-    from .stores import mysql
-    deadline_minutes = config.extract().deadline_minutes
+    """Hours not closed nor idle whose deadline has passed (the every-10-minutes run has the others), oldest
+    first: among the last `window`, or first..last."""
     now = hours.now()
     newest = hours.last_complete_hour(now)
-    while hours.deadline(newest, deadline_minutes) > now:
+    while hours.deadline(newest, config.extract().deadline_minutes) > now:
         newest -= timedelta(hours=1)
     first = first or hours.last_complete_hour(now) - timedelta(hours=window - 1)
     last = min(last or newest, newest)
     if last < first:
         return []
-    with closing(mysql.connect(config.mysql())) as conn:
-        rows = status.hours_status(conn, StateRoot(config.state().root), first, last, deadline_minutes,
-                                   config.alerts().overdue_minutes, now)
-    return sorted(r.hour for r in rows if r.backup != "done" and r.verdict != "idle")
+    return sorted(r.hour for r in hours_rows(first, last, now) if r.backup != "done" and r.verdict != "idle")

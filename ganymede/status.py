@@ -1,23 +1,6 @@
-"""Where each hour stands, from the markers on disk and two queries of the transaction log.
-
-One line per hour: expected and arrived agents, staged, loaded, extract,
-backup, and a verdict:
-
-- `closed`: backed up, nothing pending;
-- `no data`: done (extract and backup) but no agent sent anything, so nothing
-  went to the vendor; it alerts when agents were expected;
-- `waiting`: before the hour's deadline;
-- `open`: past the deadline, not closed yet;
-- `overdue`: not closed [alerts] overdue_minutes after the deadline (alerts);
-- `failed`: a task of the hour failed (alerts; the reason is in `--hour H`);
-- `idle`: no agent was expected and none sent anything: nothing to run.
-
-A failed data-quality check (ganymede.quality) does not change the verdict:
-the line says `quality N failed` and the hour alerts, one line per check.
-
-`hour_detail` adds, for one hour, the failures with their reasons, the
-expected and missing agents by name and every transaction with where its
-archive is now. The CLI prints both; the API renders the same rows.
+"""Where each hour stands, from the markers on disk and the transaction log: one line per hour ending in a
+verdict (the table in docs/operations.md), and `hour_detail` under it. The CLI prints them; the API renders
+the same rows. A failed quality check does not change the verdict: the hour alerts.
 """
 import glob
 import os
@@ -59,20 +42,17 @@ class HourStatus:
         text = f"{len(self.arrived_expected)}/{len(self.expected)}"
         return text + (f" +{len(self.unexpected)}" if self.unexpected else "")
 
-    def extract_text(self):
-        return self.extract + (f" +{self.supplementary} suppl." if self.supplementary else "")
-
     def line(self):
         failed = f"  FAILED: {', '.join(self.failures)}" if self.failures else ""
         bad_tx = f"  failed transactions: {len(self.failed_transactions)}" if self.failed_transactions else ""
         bad_quality = f"  quality {len(self.quality_failures)} failed" if self.quality_failures else ""
+        extract = self.extract + (f" +{self.supplementary} suppl." if self.supplementary else "")
         return (f"{hours.format_hour(self.hour)}  {self.verdict:<8}  agents {self.agents_text():<7}"
                 f"  staged {self.staged}/{self.transactions:<3}  loaded {self.loaded}/{self.transactions:<3}"
-                f"  extract {self.extract_text():<24}  backup {self.backup}{failed}{bad_tx}{bad_quality}")
+                f"  extract {extract:<24}  backup {self.backup}{failed}{bad_tx}{bad_quality}")
 
     def needs_attention(self):
-        """What `ganymede alerts` reports: a failure, an overdue hour, expected agents that sent nothing, a failed
-        quality check."""
+        """What `ganymede alerts` reports."""
         return (self.verdict in ("overdue", "failed") or bool(self.failed_transactions) or bool(self.quality_failures)
                 or (self.verdict == "no data" and bool(self.expected)))
 
@@ -98,8 +78,7 @@ def failure_reasons(root, hour):
 
 
 def hour_status(root, hour, expected, transactions, now, deadline_minutes, overdue_minutes, quality_failures=()):
-    """One hour's status from its transactions (dicts with transaction_id, agent_id, state), its files and its
-    failed quality checks."""
+    """One hour's status from its transactions (dicts), its files and its failed quality checks."""
     live = [t for t in transactions if t["state"] in ("completed", "superseded")]
     arrived = sorted({t["agent_id"] for t in live if t["state"] == "completed"})
     status = HourStatus(hour, list(expected), arrived, transactions=len(live),
@@ -112,9 +91,8 @@ def hour_status(root, hour, expected, transactions, now, deadline_minutes, overd
     if os.path.exists(root.extract_manifest(hour, 0)):
         first = markers.read_json(root.extract_manifest(hour, 0))
         status.missing_agents = first.get("missing_agents", [])
-        # the agents the extract waited for, not those added later with an earlier --since
-        status.expected = sorted(set(first.get("agents", {})) & set(expected) | set(status.missing_agents)) \
-            if "agents" in first else status.expected
+        if "agents" in first:  # those the extract waited for, not those added later with an earlier --since
+            status.expected = sorted(set(first["agents"]) & set(expected) | set(status.missing_agents))
         if not first.get("transactions") and len(rounds) == 1:
             status.extract = "no data"
         else:
@@ -123,9 +101,8 @@ def hour_status(root, hour, expected, transactions, now, deadline_minutes, overd
     status.unexpected = [a for a in arrived if a not in status.expected]
     ok = {t["agent_id"] for t in live}
     status.failed_transactions = [t for t in transactions if t["state"] == "failed" and t["agent_id"] not in ok]
-    pending = glob.glob(root.hour_uploads_glob(hour))
     if os.path.exists(root.hour_marker(hour, "backup")):
-        status.backup = "done" if not pending else "reopened (late arrival)"
+        status.backup = "reopened (late arrival)" if glob.glob(root.hour_uploads_glob(hour)) else "done"
     status.reasons = failure_reasons(root, hour)
     status.failures = sorted(status.reasons)
     deadline = hours.deadline(hour, deadline_minutes)
@@ -162,33 +139,25 @@ def hours_status(conn, root, first, last, deadline_minutes, overdue_minutes, now
             for h in reversed(list(hours.hours_between(first, last)))]
 
 
-def archive_location(root, hour, transaction):
-    """Where the transaction's archive is now (upload/, archives/ or quarantine/), or None."""
-    try:
-        candidates = [where(hour, transaction["agent_id"], transaction["transaction_id"])
-                      for where in (root.upload, root.archived, root.quarantine)]
-    except ValueError:  # an id that cannot name a path has no archive
-        return None
-    return next((p for p in candidates if os.path.exists(p)), None)
-
-
 def hour_transactions(conn, root, hour):
-    """Every transaction of the hour with its agent, state, reason (failed ones) and archive as found on disk."""
+    """Every transaction of the hour with its agent, state, reason (failed ones) and archive as found on disk
+    (in upload/, archives/ or quarantine/, else None)."""
     from .stores import txlog
     rows = txlog.hour_transactions(conn, hour, ALL_STATES)
     for t in rows:
-        t["location"] = archive_location(root, hour, t)
+        places = (where(hour, t["agent_id"], t["transaction_id"]) for where in (root.upload, root.archived,
+                                                                                  root.quarantine))
+        try:
+            t["location"] = next((p for p in places if os.path.exists(p)), None)
+        except ValueError:  # an id that cannot name a path has no archive
+            t["location"] = None
     return sorted(rows, key=lambda t: (t["agent_id"], t["created_at"]))
 
 
-def graph_task_id(hour):
-    """luigid's id of the hour's HourlyBackup (the graph's root), computed as Luigi names tasks."""
-    return luigi.task.task_id_str("HourlyBackup", {"hour": hours.format_hour(hour)})
-
-
 def graph_url(scheduler_url, hour):
-    """The hour's dependency graph in luigid's visualiser."""
-    return f"{scheduler_url.rstrip('/')}/static/visualiser/index.html#tab=graph&taskId={graph_task_id(hour)}"
+    """The hour's dependency graph (its root, HourlyBackup, named as Luigi names tasks) in luigid's visualiser."""
+    task_id = luigi.task.task_id_str("HourlyBackup", {"hour": hours.format_hour(hour)})
+    return f"{scheduler_url.rstrip('/')}/static/visualiser/index.html#tab=graph&taskId={task_id}"
 
 
 def transaction_line(root, t):
