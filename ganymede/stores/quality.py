@@ -1,8 +1,5 @@
-"""The quality_results table: each hour's data-quality checks per agent and dataset (ganymede.quality).
-
-A rerun of an hour's checks replaces its rows, so the table holds one result
-per (hour, agent, dataset, check). The row counts it keeps are also the
-history the next hours' row_count check compares with.
+"""The quality_results table: one result per (hour, agent, dataset, check) of ganymede.quality, a rerun
+replacing it. Its row counts are also the history the next hours' row_count check compares with.
 """
 from datetime import timedelta
 
