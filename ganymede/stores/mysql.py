@@ -26,6 +26,21 @@ def connect(cfg, database=None, autocommit=False):
         raise StoreUnavailable(f"MySQL at {cfg.host}:{cfg.port} (database {name!r}) unreachable: {exc.args[-1]}") from None
 
 
+def select(conn, sql, args=(), dicts=False, commit=False):
+    """All rows of one query (tuples, or dicts); with `commit`, the read's snapshot ends with it."""
+    with conn.cursor(pymysql.cursors.DictCursor if dicts else None) as cur:
+        cur.execute(sql, args)
+        rows = cur.fetchall()
+    if commit:
+        conn.commit()
+    return rows
+
+
+def marks(values):
+    """The `%s, %s, …` of an IN list of `values`."""
+    return ", ".join(["%s"] * len(values))
+
+
 def _staging_table(dataset):
     """A staging table as the catalog draws it now: each column exactly as wide as its parser allows."""
     cols = ",\n  ".join(f"`{c.name}` {c.sql_type} NOT NULL" for c in dataset.columns)

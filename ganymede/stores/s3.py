@@ -1,15 +1,10 @@
 """The backup's S3 side: one bucket per UTC hour, objects uploaded and verified.
 
-Each file is hashed here first and its SHA-256 stored as user metadata (`sha256`). It goes up with boto3's
-managed transfer plus a checksum S3 checks on arrival: below `multipart_threshold_mb` one PutObject with
-ChecksumAlgorithm SHA256; from it up a multipart upload with S3's full-object CRC32 (boto3 >= 1.36 sets
-ChecksumType FULL_OBJECT when given the file's CRC32; S3 has no full-object SHA-256 for multipart objects).
-
-A HEAD (ChecksumMode ENABLED) then reads back what S3 keeps: the copy is verified only when its size, its
-`sha256` metadata and the checksum S3 computed or checked over the stored bytes all match the file. So a file
-that changed between hashing and sending, a damaged transfer or someone else's object at the key all fail. A
-copy that fails is deleted (a rerun sends it again) and the run fails, naming it. An object already in the
-bucket is skipped only when it passes the same test.
+docs/operations-s3.md ("How an object is verified") is the full story: each file goes up with its SHA-256 as
+`sha256` metadata and a checksum S3 checks on arrival (SHA-256 below the multipart threshold, the full-object
+CRC32 above it); a HEAD then proves the copy by size, metadata and the checksum S3 reports. A copy that fails
+is deleted (a rerun sends it again) and the run fails, naming it; an object already there is skipped only
+when it passes the same test.
 
 Every boto3/botocore failure leaves this module as S3BackupError with a message an operator can act on; none
 carries the secret key.

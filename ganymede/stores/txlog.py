@@ -15,6 +15,7 @@ import pymysql
 
 from .. import hours, paths
 from ..errors import AgentError, Busy, Conflict, Forbidden, NotFound
+from .mysql import marks, select
 
 OPEN_STATES = ("created", "uploaded")
 _TX_COLUMNS = ("transaction_id, agent_id, hour, state, supersedes, archive_path, size, sha256, error, "
@@ -50,19 +51,9 @@ def add_agent(conn, agent_id, geo, expected_from=None):
     return token
 
 
-def _select(conn, sql, args=(), dicts=False, commit=False):
-    """All rows of one query (dicts, or tuples); with `commit`, the read's snapshot ends with it."""
-    with conn.cursor(pymysql.cursors.DictCursor if dicts else None) as cur:
-        cur.execute(sql, args)
-        rows = cur.fetchall()
-    if commit:
-        conn.commit()
-    return rows
-
-
 def list_agents(conn):
-    return _select(conn, "SELECT agent_id, geo, active, created_at, expected_from, revoked_at FROM agents "
-                   "ORDER BY agent_id", dicts=True)
+    return select(conn, "SELECT agent_id, geo, active, created_at, expected_from, revoked_at FROM agents "
+                  "ORDER BY agent_id", dicts=True)
 
 
 def revoke_agent(conn, agent_id):
@@ -81,8 +72,8 @@ def authenticate(conn, agent_id, token, tell_revoked=False):
     With `tell_revoked`, a revoked agent presenting its own right token gets Forbidden instead: only the
     token's holder learns it is revoked.
     """
-    row = next(iter(_select(conn, "SELECT agent_id, geo, token_hash, active FROM agents WHERE agent_id = %s",
-                            (agent_id,), dicts=True)), None)
+    row = next(iter(select(conn, "SELECT agent_id, geo, token_hash, active FROM agents WHERE agent_id = %s",
+                           (agent_id,), dicts=True)), None)
     expected = row["token_hash"] if row else hash_token("no-such-agent")
     if not (hmac.compare_digest(expected, hash_token(token or "")) and row):
         return None
@@ -105,15 +96,15 @@ def add_admin_token(conn, name):
 def authenticate_admin(conn, token):
     """True if `token` is a live admin token (compared in constant time against each)."""
     presented = hash_token(token or "")
-    hashes = _select(conn, "SELECT token_hash FROM admin_tokens WHERE revoked_at IS NULL")
+    hashes = select(conn, "SELECT token_hash FROM admin_tokens WHERE revoked_at IS NULL")
     return any([hmac.compare_digest(h, presented) for (h,) in hashes])
 
 
 def expected_agents(conn, hour):
     """Agents active at `hour`: registered before it ended and not revoked before it began."""
     start, end = hours.window(hour)
-    return [r[0] for r in _select(conn, "SELECT agent_id FROM agents WHERE COALESCE(expected_from, created_at) < %s "
-                                  "AND (revoked_at IS NULL OR revoked_at >= %s) ORDER BY agent_id", (end, start))]
+    return [r[0] for r in select(conn, "SELECT agent_id FROM agents WHERE COALESCE(expected_from, created_at) < %s "
+                                 "AND (revoked_at IS NULL OR revoked_at >= %s) ORDER BY agent_id", (end, start))]
 
 
 def _event(cur, transaction_id, event, detail=None):
@@ -126,10 +117,6 @@ def _set_failed(cur, transaction_id, reason, detail=None):
     cur.execute("UPDATE transactions SET state = 'failed', error = %s, updated_at = UTC_TIMESTAMP(6) "
                 "WHERE transaction_id = %s", (reason[:2000], transaction_id))
     _event(cur, transaction_id, "failed", dict(detail or {}, reason=reason[:2000]))
-
-
-def _marks(values):
-    return ", ".join(["%s"] * len(values))
 
 
 def _rows(cur):
@@ -234,40 +221,40 @@ def _locked(conn, cur, transaction_id, states):
 
 def events(conn, transaction_id):
     return [{"at": at, "event": event, "detail": json.loads(detail) if detail else None}
-            for at, event, detail in _select(conn, "SELECT at, event, detail FROM transaction_events "
-                                                   "WHERE transaction_id = %s ORDER BY event_id", (transaction_id,))]
+            for at, event, detail in select(conn, "SELECT at, event, detail FROM transaction_events "
+                                                  "WHERE transaction_id = %s ORDER BY event_id", (transaction_id,))]
 
 
 def hour_transactions(conn, hour, states=("completed",)):
     """The hour's transactions in the given states, oldest completion first: one query per hour."""
-    return _select(conn, f"SELECT {_TX_COLUMNS} FROM transactions WHERE hour = %s AND state IN ({_marks(states)}) "
-                   "ORDER BY completed_at, transaction_id", (hours.floor_hour(hour), *states), dicts=True)
+    return select(conn, f"SELECT {_TX_COLUMNS} FROM transactions WHERE hour = %s AND state IN ({marks(states)}) "
+                  "ORDER BY completed_at, transaction_id", (hours.floor_hour(hour), *states), dicts=True)
 
 
 def agent_windows(conn):
     """(agent_id, expected from, revoked_at) of every agent: one query serves any range of hours."""
-    return _select(conn, "SELECT agent_id, COALESCE(expected_from, created_at), revoked_at FROM agents "
-                   "ORDER BY agent_id")
+    return select(conn, "SELECT agent_id, COALESCE(expected_from, created_at), revoked_at FROM agents "
+                  "ORDER BY agent_id")
 
 
 def transactions_between(conn, first, last):
     """Every transaction of the hours first..last (inclusive), with agent, hour and state: one query."""
-    return _select(conn, "SELECT transaction_id, agent_id, hour, state FROM transactions WHERE hour BETWEEN %s "
-                   "AND %s ORDER BY hour, agent_id, created_at", (hours.floor_hour(first), hours.floor_hour(last)),
-                   dicts=True)
+    return select(conn, "SELECT transaction_id, agent_id, hour, state FROM transactions WHERE hour BETWEEN %s "
+                  "AND %s ORDER BY hour, agent_id, created_at", (hours.floor_hour(first), hours.floor_hour(last)),
+                  dicts=True)
 
 
 def open_count(conn):
     """How many transactions are created or uploaded and not completed yet (any hour)."""
-    return _select(conn, f"SELECT COUNT(*) FROM transactions WHERE state IN ({_marks(OPEN_STATES)})", OPEN_STATES,
-                   commit=True)[0][0]
+    return select(conn, f"SELECT COUNT(*) FROM transactions WHERE state IN ({marks(OPEN_STATES)})", OPEN_STATES,
+                  commit=True)[0][0]
 
 
 def unfinished(conn, agent_id, since):
     """Ids of the agent's transactions of hours from `since` on that never completed (their archive may still be
     in incoming/)."""
-    rows = _select(conn, "SELECT transaction_id FROM transactions WHERE agent_id = %s AND hour >= %s "
-                   "AND state IN ('created', 'uploaded', 'failed')", (agent_id, hours.floor_hour(since)))
+    rows = select(conn, "SELECT transaction_id FROM transactions WHERE agent_id = %s AND hour >= %s "
+                  "AND state IN ('created', 'uploaded', 'failed')", (agent_id, hours.floor_hour(since)))
     return {r[0] for r in rows}
 
 
@@ -276,8 +263,8 @@ def states(conn, transaction_ids):
     found, ids = {}, list(transaction_ids)
     for i in range(0, len(ids), 1000):
         chunk = ids[i:i + 1000]
-        found.update(_select(conn, f"SELECT transaction_id, state FROM transactions WHERE transaction_id IN "
-                             f"({_marks(chunk)})", chunk))
+        found.update(select(conn, f"SELECT transaction_id, state FROM transactions WHERE transaction_id IN "
+                            f"({marks(chunk)})", chunk))
     conn.commit()
     return found
 
