@@ -7,10 +7,9 @@ The file is the one operators already keep for s3curl::
     );
     push @endpoints , 'cloudfiles.example.com';
 
-Only that subset of Perl is understood: string literals, barewords, `=>`,
-commas, braces, parentheses and comments. Anything else is refused with the
-line it is on. Error messages describe tokens by kind and never quote a
-string literal, so a secret key cannot leak through them.
+Only that subset of Perl is understood (literals, barewords, `=>`, commas, brackets, comments); anything else
+is refused with its line. Error messages describe tokens by kind and never quote a string literal, so a secret
+key cannot leak through them.
 """
 import os
 import re

@@ -1,4 +1,4 @@
-"""MySQL: connections and the versioned migrations of the `ganymede` schema.
+"""MySQL: connections, one-query reads and the versioned migrations of the `ganymede` schema.
 
 The password is never in luigi.cfg: it comes from a my.cnf-style option file
 named there (pymysql's read_default_file). Sessions run in UTC.

@@ -9,6 +9,7 @@ import csv
 import pymysql.cursors
 
 from ..errors import DataError, StoreUnavailable
+from .mysql import select
 
 
 def clear(conn, datasets, transaction_id, chunk=50_000):
@@ -62,9 +63,7 @@ def counts(conn, datasets, transaction_id):
     """{dataset name: rows staged} of a transaction, one query for all."""
     selects = " UNION ALL ".join(f"SELECT %s, COUNT(*) FROM `{d.staging_table}` WHERE transaction_id = %s"
                                  for d in datasets)
-    with conn.cursor() as cur:
-        cur.execute(selects, [v for d in datasets for v in (d.name, transaction_id)])
-        return dict(cur.fetchall())
+    return dict(select(conn, selects, [v for d in datasets for v in (d.name, transaction_id)]))
 
 
 SEPARATOR = "\x1f"  # ASCII unit separator: a row holding it is never staged (Dataset.fits_staging)
