@@ -1,14 +1,9 @@
-"""The dataset catalog: what each dataset's columns are, its key, and its transform.
+"""The dataset catalog: each dataset's columns, key, rules and derived fields; pure functions only.
 
-Everything here is a pure function of its arguments. A row arrives as CSV
-strings; `parse_row` types it (or says why it cannot), `documents` turns
-typed rows into MongoDB documents with a deterministic `_id` and the derived
-fields a row gives alone. Two kinds of derived field need more than the row,
-and the worker hands them in: the same key's document one hour earlier
-(`previous_fields` + `from_previous`, e.g. growth of bytes stored, added by
-`with_previous`) and the other documents of the row's group within the
-transaction (`group_by` + `summarize`, e.g. the error rate of an endpoint,
-added by `with_summary`).
+`parse_row` types a row of CSV strings (or says why it cannot), `documents` makes typed rows MongoDB documents
+with a deterministic `_id` and the fields a row gives alone. The worker hands in what the other derived fields
+need: the same key's document one hour earlier (`with_previous`, e.g. growth of bytes stored) and the row's
+group within the transaction (`with_summary`, e.g. the error rate of an endpoint).
 """
 import math
 import operator
@@ -35,8 +30,8 @@ class RowError(ValueError):
 
 
 class RangeError(RowError):
-    """A well-formed value outside what it can be (a negative counter, disk used > total): a GEO's bug, which the
-    `value_ranges` quality check counts."""
+    """A well-formed value outside what it can be (a negative counter, disk used > total): counted by the
+    `value_ranges` quality check."""
 
 
 def _to_str(name, text, max_len):
@@ -105,8 +100,6 @@ def _key_part(value):
     return str(value)
 
 
-# --- row rules and derived fields, per dataset ---------------------------------------
-
 def _non_negative(*names):
     def check(row, hour):
         for name in names:
@@ -118,11 +111,6 @@ def _non_negative(*names):
 def growth(current, previous):
     """How much a counter moved since the previous hour; None when that hour is not known."""
     return None if previous is None else current - previous
-
-
-def error_rate(errors, total):
-    """Share of requests answered with a server error; None when there were no requests."""
-    return round(errors / total, 6) if total else None
 
 
 def _account_usage_derive(doc):
@@ -147,13 +135,9 @@ def _api_requests_derive(doc):
 
 
 def _api_requests_summarize(docs):
-    """Error rate of one (method, endpoint) over the transaction: 5xx requests / all requests."""
-    errors = total = 0
-    for doc in docs:
-        total += doc["count"]
-        if doc["status"] >= 500:
-            errors += doc["count"]
-    return {"error_rate": error_rate(errors, total)}
+    """Error rate of one (method, endpoint) over the transaction: 5xx requests / all requests (None if none)."""
+    errors, total = sum(d["count"] for d in docs if d["status"] >= 500), sum(d["count"] for d in docs)
+    return {"error_rate": round(errors / total, 6) if total else None}
 
 
 def _node_health_check(row, hour):
@@ -172,13 +156,9 @@ def _node_health_derive(doc):
 
 @dataclass(frozen=True)
 class Quality:
-    """The data-quality checks each agent's hour of a dataset gets (ganymede.quality evaluates them).
+    """The thresholds of a dataset's data-quality checks (ganymede.quality; docs/operations.md explains each).
 
-    row_count: rows sent (loaded + rejected) within [median / count_factor, median * count_factor] of the
-    agent's own last `trailing_hours` hours (passes, saying so, while fewer than `min_history` are known);
-    rejected_share: at most `max_rejected_share` of the rows rejected; keys_disappeared: every `watch_key` value
-    of the agent's previous hour is there again; value_ranges: at most `max_out_of_range` rows refused by a
-    range rule. A failed check only reports, unless named in `blocking`: then the extract stops.
+    A failed check only reports, unless named in `blocking`: then the extract stops.
     """
     count_factor: float = 3.0
     trailing_hours: int = 24
@@ -193,11 +173,9 @@ class Quality:
 class Dataset:
     """One dataset: columns in CSV order, key within (agent, hour), rules and derived fields.
 
-    `derive(doc)` adds the fields a row gives alone. `from_previous(doc,
-    previous)` adds those that compare with the same key's document one hour
-    earlier, reduced to `previous_fields` (None when that hour is not
-    loaded). `summarize(docs)` gives the fields shared by every document of
-    one group (`group_by` columns) of a transaction.
+    `derive(doc)` adds the fields a row gives alone; `from_previous(doc, previous)` those that compare with the
+    same key's document one hour earlier, reduced to `previous_fields` (None when that hour is not loaded);
+    `summarize(docs)` those shared by every document of one group (`group_by` columns) of a transaction.
     """
     name: str
     columns: tuple
@@ -244,8 +222,7 @@ class Dataset:
     def document_id(self, agent_id, hour, row):
         """'<agent>|<YYYYMMDDHH>|<key part>|…': the same key in the same hour is always the same document.
 
-        '|' cannot occur inside a part: identifiers exclude it, numbers and
-        date-times are written canonically.
+        '|' cannot occur inside a part: identifiers exclude it, numbers and date-times are written canonically.
         """
         return "|".join([agent_id, hours.compact(hour), *(_key_part(row[name]) for name in self.key)])
 
@@ -266,7 +243,6 @@ class Dataset:
     def documents(self, rows, agent_id, geo, hour, transaction_id):
         """Typed rows become documents (in place) with the row-level derived fields.
 
-        The other derived fields come from `with_previous` and `with_summary`.
         The per-row constants are computed once: this is the load's inner loop.
         """
         hour = hours.floor_hour(hour)
@@ -282,10 +258,8 @@ class Dataset:
         return rows
 
     def with_previous(self, docs, previous_ids, found):
-        """Documents (and their previous-hour `_id`s, same order) given the fields that compare with that hour.
-
-        `found` maps `_id` -> document for the previous-hour documents that exist.
-        """
+        """Documents (and their previous-hour `_id`s, same order) given the fields that compare with that hour;
+        `found` maps `_id` -> document for the previous-hour documents that exist."""
         for doc, previous_id in zip(docs, previous_ids):
             self.from_previous(doc, found.get(previous_id))
         return docs
@@ -310,7 +284,6 @@ CATALOG = {
             derive=_account_usage_derive,
             previous_fields=("bytes_stored",),
             from_previous=_account_usage_from_previous,
-            quality=Quality(),
         ),
         Dataset(
             "api_requests",

@@ -1,13 +1,8 @@
 """Extract delivery: an atomic copy into the vendor's outbox, then an HTTPS POST when an endpoint is set.
 
-The POST goes through urllib3 and its `Retry`: network errors, 408, 425,
-429 and 5xx are retried (`[extract] attempts` in all): the second try at
-once, then after 2x, 4x, ... `retry_wait_seconds` (urllib3's backoff), or a
-numeric Retry-After (429/503), both capped at MAX_RETRY_WAIT_S. Every attempt
-sends the same file, rewound by urllib3, with the same Idempotency-Key, so a
-receiver can drop the copy a lost response made us send again. Any other
-answer (other 4xx, 3xx: no redirects) and a certificate the endpoint cannot
-prove are not retried.
+Retries are urllib3's `Retry` (docs/operations.md, "Extract delivery"), waits capped at MAX_RETRY_WAIT_S.
+Every attempt sends the same file with the same Idempotency-Key, so a receiver can drop the copy a lost
+response made us send again. Other answers (other 4xx, 3xx) and a certificate refused are not retried.
 """
 import os
 import shutil
@@ -30,8 +25,8 @@ MAX_RETRY_WAIT_S = 300
 def copy_to_outbox(path, outbox):
     """Copy a file into the outbox atomically (the vendor's pickup directory); returns where.
 
-    The partial copy has a fixed name (`.<file>.partial`), so the rerun after a
-    crash mid-copy overwrites it instead of leaving a stray file for the vendor.
+    The partial copy has a fixed name, so the rerun after a crash mid-copy overwrites it instead of leaving a
+    stray file for the vendor.
     """
     dest = os.path.join(outbox, os.path.basename(path))
     partial = os.path.join(outbox, f".{os.path.basename(path)}.partial")

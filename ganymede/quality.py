@@ -1,9 +1,7 @@
 """Data-quality checks of one agent's hour, as the catalog declares them per dataset (datasets.Quality).
 
-Pure functions: the extract gathers what they need (the hour's load counts and
-rejects, the agent's trailing row counts from MySQL, the watched keys of this
-hour and the previous one from MongoDB) and stores what they return. A result
-says what was observed and what was expected, so an alert reads on its own.
+Pure functions: the extract gathers their inputs and stores their results. A result says what was observed
+and what was expected, so an alert reads on its own.
 """
 import statistics
 from dataclasses import asdict, dataclass

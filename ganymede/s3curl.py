@@ -7,10 +7,9 @@ The file is the one operators already keep for s3curl::
     );
     push @endpoints , 'cloudfiles.example.com';
 
-Only that subset of Perl is understood: string literals, barewords, `=>`,
-commas, braces, parentheses and comments. Anything else is refused with the
-line it is on. Error messages describe tokens by kind and never quote a
-string literal, so a secret key cannot leak through them.
+Only that subset of Perl is understood (literals, barewords, `=>`, commas, brackets, comments); anything else
+is refused with its line. Error messages describe tokens by kind and never quote a string literal, so a secret
+key cannot leak through them.
 """
 import os
 import re
@@ -20,17 +19,12 @@ from . import files
 from .errors import S3CredentialsError
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True)
 class Credentials:
-    """One profile's access key id and secret key; the repr hides the secret."""
+    """One profile's access key id and secret key; the repr (and str) leaves the secret out."""
 
     id: str
     key: str = field(repr=False)
-
-    def __repr__(self):
-        return f"Credentials(id={self.id!r}, key=<hidden>)"
-
-    __str__ = __repr__
 
 
 @dataclass(frozen=True)
@@ -41,9 +35,7 @@ class S3curlFile:
     endpoints: tuple = ()
 
 
-# --- tokens ----------------------------------------------------------------
-
-_PUNCT = ("=>", "(", ")", "{", "}", ",", ";", "=")
+_PUNCT = re.compile(r"=>|[(){},;=]")
 _BAREWORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _VARIABLE = re.compile(r"[%@$][A-Za-z_][A-Za-z0-9_]*")
 _SINGLE_ESCAPES = {"\\": "\\", "'": "'"}
@@ -58,23 +50,16 @@ class _Token:
 
     def describe(self):
         """Name the token for an error message without quoting a string's value."""
-        if self.kind == "string":
-            return "a quoted string"
-        if self.kind == "word":
-            return "a bare word"
-        if self.kind == "eof":
-            return "the end of the file"
-        return repr(self.text)
+        return {"string": "a quoted string", "word": "a bare word", "eof": "the end of the file"}.get(
+            self.kind, repr(self.text))
 
 
 def _tokens(text):
     pos, line, end = 0, 1, len(text)
     while pos < end:
         char = text[pos]
-        if char == "\n":
-            line += 1
-            pos += 1
-        elif char.isspace():
+        if char.isspace():
+            line += char == "\n"
             pos += 1
         elif char == "#":
             newline = text.find("\n", pos)
@@ -84,17 +69,9 @@ def _tokens(text):
             yield _Token("string", value, line)
             line += text.count("\n", pos, newpos)
             pos = newpos
-        elif text.startswith("=>", pos):
-            yield _Token("punct", "=>", line)
-            pos += 2
-        elif char in "(){},;=":
-            yield _Token("punct", char, line)
-            pos += 1
-        elif match := _VARIABLE.match(text, pos):
-            yield _Token("var", match.group(), line)
-            pos = match.end()
-        elif match := _BAREWORD.match(text, pos):
-            yield _Token("word", match.group(), line)
+        elif match := _PUNCT.match(text, pos) or _VARIABLE.match(text, pos) or _BAREWORD.match(text, pos):
+            kind = {_PUNCT: "punct", _VARIABLE: "var", _BAREWORD: "word"}[match.re]
+            yield _Token(kind, match.group(), line)
             pos = match.end()
         else:
             column = pos - text.rfind("\n", 0, pos)
@@ -127,8 +104,6 @@ def _string(text, start, line):
         pos += 1
     raise S3CredentialsError(f"unterminated quoted string starting at line {line}")
 
-
-# --- grammar ---------------------------------------------------------------
 
 class _Parser:
     """Recursive descent over the token stream; one method per construct."""
@@ -212,7 +187,11 @@ class _Parser:
         profiles = {}
         while not self._accept(")"):
             line = self.tok.line
-            name = self._name()
+            if self.tok.kind not in ("word", "string"):
+                self._fail("expected a profile name")
+            name = self._next().text
+            if not _BAREWORD.fullmatch(name):
+                raise S3CredentialsError(f"invalid profile name at line {line} (letters, digits, _ . - only)")
             if name in profiles:
                 raise S3CredentialsError(f"profile {name!r} defined twice (second at line {line})")
             self._expect("=>", f"after profile name {name!r}")
@@ -221,14 +200,6 @@ class _Parser:
                 self._expect(")", f"after profile {name!r}")
                 break
         return profiles
-
-    def _name(self):
-        if self.tok.kind not in ("word", "string"):
-            self._fail("expected a profile name")
-        token = self._next()
-        if not _BAREWORD.fullmatch(token.text):
-            raise S3CredentialsError(f"invalid profile name at line {token.line} (letters, digits, _ . - only)")
-        return token.text
 
     def _profile(self, name, line):
         self._expect("{", f"to open profile {name!r}")
@@ -250,8 +221,7 @@ class _Parser:
                 break
         missing = [f for f in ("id", "key") if not fields.get(f)]
         if missing:
-            raise S3CredentialsError(
-                f"profile {name!r} (line {line}) lacks a non-empty {' and '.join(missing)}")
+            raise S3CredentialsError(f"profile {name!r} (line {line}) lacks a non-empty {' and '.join(missing)}")
         return Credentials(id=fields["id"], key=fields["key"])
 
 
@@ -260,18 +230,14 @@ def parse(text):
     return _Parser(text).file()
 
 
-# --- the file on disk ------------------------------------------------------
-
 def read(path):
     """Read and parse a .s3curl file, refusing one that others could read."""
     raw = files.read_private(path, S3CredentialsError, ": create it (s3curl format) with mode 600")
     path = os.path.expanduser(path)
     try:
-        text = raw.decode("utf-8")
+        return parse(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise S3CredentialsError(f"{path} is not UTF-8 text") from None
-    try:
-        return parse(text)
     except S3CredentialsError as exc:
         raise S3CredentialsError(f"{path}: {exc}") from None
 

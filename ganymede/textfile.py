@@ -1,16 +1,11 @@
 """The pipeline's Prometheus metrics, as a file for node_exporter's textfile collector.
 
-The pipeline runs from cron: each `ganymede run` lives for minutes, so there is
-no process for Prometheus to scrape, and a Pushgateway would keep a dead run's
-values as if current and needs a daemon of its own. A file instead: every
-Luigi event that changes a figure reads the file, changes the figure and writes
-it again atomically (rename) under a lock, so concurrent runs add up and the
-collector never reads half a file. Counters only grow (rates work across
-runs); gauges hold the latest value.
+Each cron-started run lives for minutes (nothing to scrape), and a Pushgateway would keep a dead run's values
+as if current. So every Luigi event that changes a figure rewrites the file atomically under a lock:
+concurrent runs add up and the collector never reads half a file. Counters only grow; gauges hold the latest.
 """
 import fcntl
 import os
-from contextlib import contextmanager
 
 import luigi
 from prometheus_client.parser import text_string_to_metric_families
@@ -50,24 +45,19 @@ def render(values):
         samples = sorted((labels, v) for (n, labels), v in values.items() if n == name)
         if not samples:
             continue
-        lines += [f"# HELP {sample_name(name)} {help_}", f"# TYPE {sample_name(name)} {kind}"]
+        sample = sample_name(name)
+        lines += [f"# HELP {sample} {help_}", f"# TYPE {sample} {kind}"]
         for labels, value in samples:
             text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-            lines.append(f"{sample_name(name)}{{{text}}} {value!r}" if text else f"{sample_name(name)} {value!r}")
+            lines.append(f"{sample}{{{text}}} {value!r}" if text else f"{sample} {value!r}")
     return "\n".join(lines) + "\n"
-
-
-@contextmanager
-def _locked(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def update(path, inc=(), set_=()):
     """Add to counters and set gauges: each item (metric, {label: value}, number)."""
-    with _locked(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             with open(path, encoding="utf-8") as f:
                 values = read(f.read())

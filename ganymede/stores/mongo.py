@@ -1,9 +1,7 @@
 """MongoDB: one collection per dataset, documents keyed by a deterministic `_id`.
 
-Writes are whole-document upserts by `_id` (ReplaceOne), so loading a
-transaction again overwrites instead of duplicating. Every query the pipeline
-makes is here, each served by an index that `ganymede db upgrade` creates
-(INDEXES; docs/operations.md shows the plans a real mongod gives).
+Writes are whole-document upserts by `_id`, so loading a transaction again overwrites instead of duplicating.
+Every query the pipeline makes is here, each served by an index `ganymede db upgrade` creates (INDEXES).
 """
 from contextlib import contextmanager
 
@@ -34,10 +32,7 @@ def _reaching(what):
 
 
 def create_indexes(db, names):
-    """Create INDEXES on each named collection; idempotent (an index that exists is left as it is).
-
-    Returns {collection: [index names]}.
-    """
+    """Create INDEXES on each named collection (idempotent); returns {collection: [index names]}."""
     with _reaching("index creation"):
         return {name: [db[name].create_index(keys) for keys in INDEXES] for name in names}
 

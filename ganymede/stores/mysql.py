@@ -1,4 +1,4 @@
-"""MySQL: connections and the versioned migrations of the `ganymede` schema.
+"""MySQL: connections, one-query reads and the versioned migrations of the `ganymede` schema.
 
 The password is never in luigi.cfg: it comes from a my.cnf-style option file
 named there (pymysql's read_default_file). Sessions run in UTC.
@@ -10,8 +10,7 @@ from ..errors import SchemaError, StoreUnavailable
 
 
 def connect(cfg, database=None, autocommit=False):
-    """A new connection for `cfg` (a ganymede.config.mysql, or any object with its fields; tls and tls_ca
-    may be absent); database=None uses cfg.database, '' none."""
+    """A new connection for a ganymede.config.mysql (or alike; tls, tls_ca optional); database=None: cfg's, '': none."""
     name = cfg.database if database is None else database
     # Without TLS asked for, pymysql would still build a TLS context per connection (~40 ms each).
     tls = ({"ssl_ca": getattr(cfg, "tls_ca", "") or None, "ssl_verify_cert": True, "ssl_verify_identity": True}
@@ -25,6 +24,21 @@ def connect(cfg, database=None, autocommit=False):
         )
     except pymysql.err.OperationalError as exc:
         raise StoreUnavailable(f"MySQL at {cfg.host}:{cfg.port} (database {name!r}) unreachable: {exc.args[-1]}") from None
+
+
+def select(conn, sql, args=(), dicts=False, commit=False):
+    """All rows of one query (tuples, or dicts); with `commit`, the read's snapshot ends with it."""
+    with conn.cursor(pymysql.cursors.DictCursor if dicts else None) as cur:
+        cur.execute(sql, args)
+        rows = cur.fetchall()
+    if commit:
+        conn.commit()
+    return rows
+
+
+def marks(values):
+    """The `%s, %s, …` of an IN list of `values`."""
+    return ", ".join(["%s"] * len(values))
 
 
 def _staging_table(dataset):
@@ -116,29 +130,29 @@ LATEST = MIGRATIONS[-1][0]
 def upgrade(cfg):
     """Create the schema if needed and apply every migration not yet recorded; returns the versions applied.
 
-    Statements are idempotent (DDL commits implicitly in MySQL, so a crash
-    mid-migration is resumed by running it again); a named lock keeps two
-    upgrades from interleaving.
+    Statements are idempotent (DDL commits implicitly, so a crash mid-migration is resumed by running it
+    again); a named lock keeps two upgrades from interleaving.
     """
     with connect(cfg, database="", autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE IF NOT EXISTS `{_quote_name(cfg.database)}` CHARACTER SET utf8mb4")
+        if not cfg.database or "`" in cfg.database or len(cfg.database) > 64:
+            raise SchemaError(f"invalid database name {cfg.database!r}")
+        cur.execute(f"CREATE DATABASE IF NOT EXISTS `{cfg.database}` CHARACTER SET utf8mb4")
     applied = []
+    lock = f"ganymede-migrate-{cfg.database}"
     with connect(cfg, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute("SELECT GET_LOCK(%s, 60)", (f"ganymede-migrate-{cfg.database}",))
+        cur.execute("SELECT GET_LOCK(%s, 60)", (lock,))
         try:
             cur.execute("""CREATE TABLE IF NOT EXISTS schema_version (
                 version INT NOT NULL PRIMARY KEY, description VARCHAR(200) NOT NULL,
                 applied_at DATETIME(6) NOT NULL) ENGINE=InnoDB""")
             current = _current_version(cur)
-            for version, description, statements in MIGRATIONS:
-                if version <= current:
-                    continue
+            for version, description, statements in (m for m in MIGRATIONS if m[0] > current):
                 for statement in statements:
                     cur.execute(statement)
                 cur.execute("INSERT INTO schema_version VALUES (%s, %s, UTC_TIMESTAMP(6))", (version, description))
                 applied.append(version)
         finally:
-            cur.execute("SELECT RELEASE_LOCK(%s)", (f"ganymede-migrate-{cfg.database}",))
+            cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
     return applied
 
 
@@ -158,8 +172,3 @@ def check_schema(conn):
         raise SchemaError(f"schema version {version}, code expects {LATEST}: run `ganymede db upgrade`")
     return version
 
-
-def _quote_name(name):
-    if not name or "`" in name or len(name) > 64:
-        raise SchemaError(f"invalid database name {name!r}")
-    return name

@@ -1,13 +1,11 @@
-"""The quality_results table: each hour's data-quality checks per agent and dataset (ganymede.quality).
-
-A rerun of an hour's checks replaces its rows, so the table holds one result
-per (hour, agent, dataset, check). The row counts it keeps are also the
-history the next hours' row_count check compares with.
+"""The quality_results table: one result per (hour, agent, dataset, check) of ganymede.quality, a rerun
+replacing it. Its row counts are also the history the next hours' row_count check compares with.
 """
 from datetime import timedelta
 
 from .. import hours
 from ..quality import Result
+from .mysql import marks, select
 
 _COLUMNS = "agent_id, dataset, check_name, passed, observed, expected, detail, blocking"
 
@@ -28,14 +26,12 @@ def trailing_counts(conn, hour, trailing_hours, agent_ids):
     if not agent_ids:
         return {}
     hour = hours.floor_hour(hour)
-    with conn.cursor() as cur:
-        cur.execute("SELECT agent_id, dataset, observed FROM quality_results WHERE check_name = 'row_count' "
-                    f"AND agent_id IN ({', '.join(['%s'] * len(agent_ids))}) AND hour >= %s AND hour < %s "
-                    "ORDER BY hour", (*agent_ids, hour - timedelta(hours=trailing_hours), hour))
-        history = {}
-        for agent_id, dataset, observed in cur.fetchall():
-            history.setdefault((agent_id, dataset), []).append(observed)
-    conn.commit()
+    history = {}
+    for agent_id, dataset, observed in select(
+            conn, f"SELECT agent_id, dataset, observed FROM quality_results WHERE check_name = 'row_count' "
+            f"AND agent_id IN ({marks(agent_ids)}) AND hour >= %s AND hour < %s ORDER BY hour",
+            (*agent_ids, hour - timedelta(hours=trailing_hours), hour), commit=True):
+        history.setdefault((agent_id, dataset), []).append(observed)
     return history
 
 
@@ -46,22 +42,16 @@ def _result(row):
 
 def hour_results(conn, hour):
     """Every result of the hour, failures first."""
-    with conn.cursor() as cur:
-        cur.execute(f"SELECT {_COLUMNS} FROM quality_results WHERE hour = %s "
-                    "ORDER BY passed, agent_id, dataset, check_name", (hours.floor_hour(hour),))
-        rows = cur.fetchall()
-    conn.commit()
+    rows = select(conn, f"SELECT {_COLUMNS} FROM quality_results WHERE hour = %s "
+                  "ORDER BY passed, agent_id, dataset, check_name", (hours.floor_hour(hour),), commit=True)
     return [_result(r) for r in rows]
 
 
 def failures_between(conn, first, last):
     """{hour: [failed results]} of the hours first..last: one query."""
-    with conn.cursor() as cur:
-        cur.execute(f"SELECT hour, {_COLUMNS} FROM quality_results WHERE passed = 0 AND hour BETWEEN %s AND %s "
-                    "ORDER BY hour, agent_id, dataset, check_name", (hours.floor_hour(first), hours.floor_hour(last)))
-        rows = cur.fetchall()
-    conn.commit()
     by_hour = {}
-    for row in rows:
+    for row in select(conn, f"SELECT hour, {_COLUMNS} FROM quality_results WHERE passed = 0 AND hour BETWEEN %s "
+                      "AND %s ORDER BY hour, agent_id, dataset, check_name",
+                      (hours.floor_hour(first), hours.floor_hour(last)), commit=True):
         by_hour.setdefault(row[0], []).append(_result(row[1:]))
     return by_hour

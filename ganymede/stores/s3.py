@@ -1,33 +1,13 @@
 """The backup's S3 side: one bucket per UTC hour, objects uploaded and verified.
 
-What proves a copy. Each file is hashed here first: its SHA-256 goes into
-the object's user metadata (`sha256`). It is then sent with boto3's managed
-transfer (`upload_file` and the [s3] TransferConfig) together with a
-checksum that S3 checks when the bytes arrive:
+docs/operations-s3.md ("How an object is verified") is the full story: each file goes up with its SHA-256 as
+`sha256` metadata and a checksum S3 checks on arrival (SHA-256 below the multipart threshold, the full-object
+CRC32 above it); a HEAD then proves the copy by size, metadata and the checksum S3 reports. A copy that fails
+is deleted (a rerun sends it again) and the run fails, naming it; an object already there is skipped only
+when it passes the same test.
 
-- below `multipart_threshold_mb`: one PutObject with ChecksumAlgorithm
-  SHA256. botocore hashes the bytes it sends, S3 refuses a body that does not
-  match, and keeps that SHA-256 as the object's checksum.
-- from the threshold up: a multipart upload with S3's full-object CRC32
-  (boto3 >= 1.36 sets ChecksumType FULL_OBJECT when given the file's CRC32,
-  read here). Each part carries the CRC32 of its own bytes, which S3 checks on
-  receipt; CompleteMultipartUpload carries the whole file's CRC32, which S3
-  checks against the parts it put together. (S3 has no full-object SHA-256
-  for multipart objects, and a composite one would have to be rebuilt here
-  from the part layout.)
-
-After the upload a HEAD (ChecksumMode ENABLED) reads back what S3 keeps, and
-the copy counts as verified only when its size is the file's, its `sha256`
-metadata is ours, and the checksum S3 reports (which S3 computed or checked
-over the bytes it stored) equals the one we computed from the file: the
-SHA-256, or the full-object CRC32 of a multipart copy. A file that changed
-between hashing and sending, a damaged transfer or someone else's object at
-the key all fail that test. A copy that fails is deleted (so a rerun sends it
-again instead of skipping it) and the run fails, naming it. An object
-already in the bucket is skipped only when it passes the same test.
-
-Every boto3/botocore failure leaves this module as S3BackupError with a message
-an operator can act on; none of them carries the secret key.
+Every boto3/botocore failure leaves this module as S3BackupError with a message an operator can act on; none
+carries the secret key.
 """
 import base64
 import logging
@@ -63,8 +43,7 @@ _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 
 @dataclass(frozen=True)
 class LocalFile:
-    """A file to back up and what proves a copy of it: size, hex SHA-256 and, for a file that goes up
-    multipart, its CRC32 as S3 writes it (base64 of the 4 big-endian bytes)."""
+    """A file to back up and what proves a copy: size, hex SHA-256 and, if it goes up multipart, its CRC32."""
     path: str
     size: int
     sha256: str
@@ -74,8 +53,7 @@ class LocalFile:
 class S3Store:
     """A configured S3 client plus the transfer settings backups use.
 
-    `profile` and `s3curl_path` are only names for error messages: they tell
-    the operator which credentials to fix, without ever holding the secret.
+    `profile` and `s3curl_path` only name the credentials to fix in error messages; never the secret.
     """
 
     def __init__(self, client, transfer, endpoint_url, profile="", s3curl_path=""):
@@ -88,22 +66,21 @@ class S3Store:
     def __repr__(self):
         return f"S3Store({self.endpoint_url!r}, profile={self.profile!r})"
 
-    # --- buckets -----------------------------------------------------------
-
     def ensure_bucket(self, name):
         """Create the bucket, or accept it if it exists and is ours; refuse someone else's.
 
         (Success does not mean it is empty: us-east-1 answers 200 to creating a bucket one already owns.)
         """
+        region = self.client.meta.region_name
+        where = {} if region in (None, "", "us-east-1") else {
+            "CreateBucketConfiguration": {"LocationConstraint": region}}
         try:
             with self._errors(f"creating bucket {name}"):
-                self.client.create_bucket(Bucket=name, **self._location())
+                self.client.create_bucket(Bucket=name, **where)
             log.info("bucket %s ready", name)
         except S3BackupError as exc:
             code = _code(exc.__cause__)
-            if code == "BucketAlreadyOwnedByYou":
-                return
-            if code == "BucketAlreadyExists" and self._owns(name):
+            if code == "BucketAlreadyOwnedByYou" or code == "BucketAlreadyExists" and self._owns(name):
                 return
             if code == "BucketAlreadyExists":
                 raise S3BackupError(
@@ -121,19 +98,11 @@ class S3Store:
         except S3BackupError:
             return False
 
-    def _location(self):
-        region = self.client.meta.region_name
-        if region and region != "us-east-1":
-            return {"CreateBucketConfiguration": {"LocationConstraint": region}}
-        return {}
-
     def _owns(self, name):
         """ListBuckets lists exactly the buckets the caller owns: the one reliable ownership test."""
         with self._errors(f"checking who owns bucket {name}"):
             pages = self.client.get_paginator("list_buckets").paginate(Prefix=name)
             return any(bucket["Name"] == name for page in pages for bucket in page.get("Buckets", []))
-
-    # --- objects -----------------------------------------------------------
 
     def local(self, path):
         """What will verify a copy of `path` (a LocalFile): its SHA-256, and its CRC32 if it goes up multipart."""
@@ -146,14 +115,10 @@ class S3Store:
         return self.put_all(bucket, {key: path}, {key: local} if local else None, listed)[key][0]
 
     def put_all(self, bucket, paths, known=None, listed=None):
-        """Upload {key: path} unless a verified copy is there, verifying every copy sent.
+        """Upload {key: path} unless a verified copy is there, `max_concurrency` at a time, verifying each copy.
 
-        Returns {key: (action, LocalFile)}, action "skipped" or "uploaded".
-        `listed` ({key: size}, from `listed()`) says what is already there;
-        without it, one listing of the keys' common prefix is taken. Objects
-        go up `max_concurrency` at a time, each verified right after it is
-        sent. Copies that fail verification are deleted and the error names
-        them. `known` {key: LocalFile} spares reading those files again.
+        Returns {key: (action, LocalFile)}. `listed` ({key: size}, from `listed()`) says what is already there
+        (default: one listing of the keys' common prefix); `known` {key: LocalFile} spares hashing those again.
         """
         known = known or {}
         listed = self.listed(bucket, os.path.commonprefix(list(paths))) if listed is None else listed
@@ -170,7 +135,7 @@ class S3Store:
         with ThreadPoolExecutor(self.transfer.max_concurrency, thread_name_prefix="s3-put") as pool:
             done = list(pool.map(send, paths.items()))
         problems = [(key, local, problem) for key, _, local, problem in done if problem]
-        for key, local, _ in problems:
+        for key, _, _ in problems:
             with self._errors(f"removing unverified s3://{bucket}/{key}"):
                 self.client.delete_object(Bucket=bucket, Key=key)
         if problems:
@@ -184,11 +149,9 @@ class S3Store:
 
     def _upload(self, bucket, key, local):
         """boto3's managed transfer with the checksum S3 checks on receipt (see the module docstring)."""
-        extra = {"Metadata": {"sha256": local.sha256}}
-        if local.crc32:
-            extra["ChecksumCRC32"] = local.crc32  # full-object CRC32, each part with its own
-        else:
-            extra["ChecksumAlgorithm"] = "SHA256"
+        # multipart: the full-object CRC32 (and each part with its own); else S3 checks the SHA-256 it computes
+        checksum = {"ChecksumCRC32": local.crc32} if local.crc32 else {"ChecksumAlgorithm": "SHA256"}
+        extra = {"Metadata": {"sha256": local.sha256}, **checksum}
         with self._errors(f"uploading {local.path} to s3://{bucket}/{key}"):
             self.client.upload_file(local.path, bucket, key, ExtraArgs=extra, Config=self.transfer)
 
@@ -221,14 +184,12 @@ class S3Store:
                 return None
             raise
         return {
-            "Key": key,
             "Size": head["ContentLength"],
             "ETag": head.get("ETag", "").strip('"'),
             "sha256": head.get("Metadata", {}).get("sha256"),
             "ChecksumSHA256": head.get("ChecksumSHA256"),
             "ChecksumCRC32": head.get("ChecksumCRC32"),
             "ChecksumType": head.get("ChecksumType"),
-            "LastModified": head.get("LastModified"),
         }
 
     def list_objects(self, bucket, prefix=""):
@@ -241,8 +202,6 @@ class S3Store:
     def listed(self, bucket, prefix=""):
         """{key: size} of the bucket's objects under `prefix`."""
         return {o["Key"]: o["Size"] for o in self.list_objects(bucket, prefix)}
-
-    # --- errors ------------------------------------------------------------
 
     @contextmanager
     def _errors(self, action):
@@ -276,10 +235,9 @@ class S3Store:
 
 def _root(exc):
     """The botocore error behind boto3's S3UploadFailedError, which keeps it only as context."""
-    seen = exc
-    while isinstance(seen, S3UploadFailedError) and (seen.__cause__ or seen.__context__):
-        seen = seen.__cause__ or seen.__context__
-    return seen
+    while isinstance(exc, S3UploadFailedError) and (exc.__cause__ or exc.__context__):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 def _code(exc):
@@ -306,9 +264,8 @@ def crc32_file(path):
 def make_client(cfg, creds):
     """An S3Store for a `ganymede.config.s3` section and the Credentials from .s3curl.
 
-    Path-style addressing because hourly bucket names are not DNS entries of
-    Cloud Files; checksum mode from the config because boto3's default CRC32
-    headers are rejected by some S3-compatible stores.
+    Path-style addressing: hourly bucket names are not DNS entries of Cloud Files. Checksum mode from the
+    config: some S3-compatible stores reject boto3's default CRC32 headers.
     """
     if cfg.multipart_chunk_mb < MIN_PART_MB:
         raise ConfigError(f"[s3] multipart_chunk_mb must be at least {MIN_PART_MB} (S3's smallest part)")
@@ -351,10 +308,8 @@ _HYPHENS = re.compile(r"-{2,}")
 def bucket_name(template, hour, prefix=""):
     """The bucket for one UTC hour: `prefix` + template with {yyyymmddhh} filled, made S3-valid.
 
-    Invalid characters become '-' rather than an error, so a template like
-    'Ganymede_Backups.{yyyymmddhh}' just works; a name that cannot be valid
-    (too long, too short, no hour in it) is a ConfigError, never truncated,
-    because truncation could map two hours to one bucket.
+    Invalid characters become '-' ('Ganymede_Backups.{yyyymmddhh}' just works); a name that cannot be valid is
+    a ConfigError, never truncated, because truncation could map two hours to one bucket.
     """
     if "{yyyymmddhh}" not in template:
         raise ConfigError(f"[s3] bucket_template {template!r} must contain {{yyyymmddhh}}: one bucket per hour")

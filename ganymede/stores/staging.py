@@ -1,25 +1,22 @@
 """Staging tables: one per dataset, every row tagged with its transaction.
 
-Rows go in with LOAD DATA LOCAL INFILE (the fastest path MySQL has) from a
-CSV the server wrote itself (write_csv: every field quoted, so MySQL reads no
-value differently from Python's csv module, not even the word NULL), and
-come out through a server-side cursor in batches. Staging holds text exactly
-as sent; a load that would change a value is refused (DataError) rather than
-staged silently altered.
+Rows go in with LOAD DATA LOCAL INFILE (MySQL's fastest path) from a CSV the server wrote itself, every field
+quoted so MySQL reads no value differently from Python's csv module (not even NULL), and come out through a
+server-side cursor. Staging holds text exactly as sent: a load that would change a value is a DataError.
 """
 import csv
 
 import pymysql.cursors
 
 from ..errors import DataError, StoreUnavailable
+from .mysql import select
 
 
 def clear(conn, datasets, transaction_id, chunk=50_000):
     """Remove a transaction's staged rows of `datasets` (a rerun starts from nothing), `chunk` rows per commit.
 
-    Small commits keep undo logs, lock times and replication lag small for
-    big transactions; a clear cut short leaves fewer rows, which the load
-    notices (it restages). A small transaction's rows go in one commit.
+    Small commits keep undo logs, lock times and replication lag small; a clear cut short leaves fewer rows,
+    which the load notices (it restages).
     """
     with conn.cursor() as cur:
         for dataset in datasets:
@@ -38,9 +35,8 @@ def write_csv(out, rows):
 def load_csv(conn, dataset, path, transaction_id):
     """LOAD DATA one CSV of write_csv (no header) for a transaction in one commit; returns the rows loaded.
 
-    LOAD DATA LOCAL turns errors into warnings (truncated values, missing or
-    extra fields), so any warning rolls the load back: DataError. A lost
-    connection is StoreUnavailable (a rerun may pass).
+    LOAD DATA LOCAL turns errors (truncated values, missing or extra fields) into warnings, so any warning
+    rolls the load back: DataError. A lost connection is StoreUnavailable (a rerun may pass).
     """
     columns = ", ".join(f"`{c}`" for c in dataset.column_names)
     sql = (f"LOAD DATA LOCAL INFILE %s INTO TABLE `{dataset.staging_table}` CHARACTER SET utf8mb4 "
@@ -67,31 +63,23 @@ def counts(conn, datasets, transaction_id):
     """{dataset name: rows staged} of a transaction, one query for all."""
     selects = " UNION ALL ".join(f"SELECT %s, COUNT(*) FROM `{d.staging_table}` WHERE transaction_id = %s"
                                  for d in datasets)
-    with conn.cursor() as cur:
-        cur.execute(selects, [v for d in datasets for v in (d.name, transaction_id)])
-        return dict(cur.fetchall())
+    return dict(select(conn, selects, [v for d in datasets for v in (d.name, transaction_id)]))
 
 
 SEPARATOR = "\x1f"  # ASCII unit separator: a row holding it is never staged (Dataset.fits_staging)
 
 
 def iter_batches(conn, dataset, transaction_id, batch_size):
-    """Lists of staged rows `[record, value, …]` (strings, in catalog column order), read with a server-side cursor.
+    """Lists of staged rows `[record, value, …]` (strings, in catalog column order), from a server-side cursor.
 
-    Each row travels as one text field joined with SEPARATOR: pymysql decodes
-    fields in Python, so one field instead of n halves the cost per row.
-    Rows come in staging order, except for a dataset with a `group_by`: then
-    grouped (by exact bytes, so 'GET' and 'get', 'a' and 'a ' stay apart) and
-    in staging order within each group, so a group's rows arrive together.
+    Each row travels as one text field joined with SEPARATOR: pymysql decodes fields in Python, so one field
+    instead of n halves the cost per row. Rows come in staging order, for a dataset with a `group_by` within
+    their group (grouped by exact bytes, so 'GET' and 'get' stay apart), so a group's rows arrive together.
     """
     columns = ", ".join(f"`{c}`" for c in dataset.column_names)
     order = "".join(f"CAST(`{c}` AS BINARY), " for c in dataset.group_by) + "row_id"
     with conn.cursor(pymysql.cursors.SSCursor) as cur:
         cur.execute(f"SELECT CONCAT_WS(CHAR(31), record, {columns}) FROM `{dataset.staging_table}` "
                     f"WHERE transaction_id = %s ORDER BY {order}", (transaction_id,))
-        split = str.split
-        while True:
-            batch = cur.fetchmany(batch_size)
-            if not batch:
-                return
-            yield [split(row[0], SEPARATOR) for row in batch]
+        while batch := cur.fetchmany(batch_size):
+            yield [row[0].split(SEPARATOR) for row in batch]

@@ -1,21 +1,21 @@
 """The transaction log: agents, transactions and their append-only events.
 
-Every function takes an open pymysql connection and commits what it changed
-together with the matching event row, so the log never disagrees with the
-state. Rules (one accepted transaction per agent and hour, replacements,
-idempotent retries) live here, not in the HTTP handlers.
+Every function takes an open pymysql connection and commits what it changed together with the matching event
+row, so the log never disagrees with the state. The rules (one accepted transaction per agent and hour,
+replacements, idempotent retries) live here, not in the HTTP handlers.
 """
 import hashlib
 import hmac
 import json
 import secrets
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import pymysql
 
 from .. import hours, paths
 from ..errors import AgentError, Busy, Conflict, Forbidden, NotFound
+from .mysql import marks, select
 
 OPEN_STATES = ("created", "uploaded")
 _TX_COLUMNS = ("transaction_id, agent_id, hour, state, supersedes, archive_path, size, sha256, error, "
@@ -27,25 +27,18 @@ def hash_token(token):
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def new_token():
-    return secrets.token_urlsafe(32)
-
-
-# --- agents -----------------------------------------------------------------
-
 def add_agent(conn, agent_id, geo, expected_from=None):
     """Register an agent; returns its token, which is shown once and stored only hashed.
 
-    The agent is expected for every hour from `expected_from` (default: the
-    hour it is registered in), so an agent installed to backfill past hours
-    holds those hours' extracts until it has sent them or their deadline passed.
+    The agent is expected for every hour from `expected_from` (default: the hour it is registered in), so an
+    agent installed to backfill past hours holds those hours' extracts until it sent them or their deadline passed.
     """
     for value, what in ((agent_id, "agent id"), (geo, "geo")):
         try:
             paths.check_id(value, what)  # both become paths, document fields and extract lines
         except ValueError as exc:
             raise AgentError(f"{exc}: use letters, digits, '.', '_' or '-' (at most 64)") from None
-    token = new_token()
+    token = secrets.token_urlsafe(32)
     with conn.cursor() as cur:
         try:
             cur.execute("INSERT INTO agents (agent_id, geo, token_hash, active, created_at, expected_from) "
@@ -59,9 +52,8 @@ def add_agent(conn, agent_id, geo, expected_from=None):
 
 
 def list_agents(conn):
-    with conn.cursor(pymysql.cursors.DictCursor) as cur:
-        cur.execute("SELECT agent_id, geo, active, created_at, expected_from, revoked_at FROM agents ORDER BY agent_id")
-        return cur.fetchall()
+    return select(conn, "SELECT agent_id, geo, active, created_at, expected_from, revoked_at FROM agents "
+                  "ORDER BY agent_id", dicts=True)
 
 
 def revoke_agent(conn, agent_id):
@@ -77,12 +69,11 @@ def revoke_agent(conn, agent_id):
 def authenticate(conn, agent_id, token, tell_revoked=False):
     """The agent row if `token` is this agent's and it is active; None otherwise (never says which).
 
-    With `tell_revoked`, a revoked agent presenting its own right token gets
-    Forbidden instead: only the token's holder learns it is revoked.
+    With `tell_revoked`, a revoked agent presenting its own right token gets Forbidden instead: only the
+    token's holder learns it is revoked.
     """
-    with conn.cursor(pymysql.cursors.DictCursor) as cur:
-        cur.execute("SELECT agent_id, geo, token_hash, active FROM agents WHERE agent_id = %s", (agent_id,))
-        row = cur.fetchone()
+    row = next(iter(select(conn, "SELECT agent_id, geo, token_hash, active FROM agents WHERE agent_id = %s",
+                           (agent_id,), dicts=True)), None)
     expected = row["token_hash"] if row else hash_token("no-such-agent")
     if not (hmac.compare_digest(expected, hash_token(token or "")) and row):
         return None
@@ -93,7 +84,7 @@ def authenticate(conn, agent_id, token, tell_revoked=False):
 
 def add_admin_token(conn, name):
     """A token for the roster and status endpoints; shown once, stored hashed."""
-    token = new_token()
+    token = secrets.token_urlsafe(32)
     with conn.cursor() as cur:
         cur.execute("INSERT INTO admin_tokens (name, token_hash, created_at) VALUES (%s, %s, UTC_TIMESTAMP(6)) "
                     "ON DUPLICATE KEY UPDATE token_hash = VALUES(token_hash), created_at = VALUES(created_at), "
@@ -104,47 +95,50 @@ def add_admin_token(conn, name):
 
 def authenticate_admin(conn, token):
     """True if `token` is a live admin token (compared in constant time against each)."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT token_hash FROM admin_tokens WHERE revoked_at IS NULL")
-        hashes = [r[0] for r in cur.fetchall()]
     presented = hash_token(token or "")
-    return any([hmac.compare_digest(h, presented) for h in hashes])
+    hashes = select(conn, "SELECT token_hash FROM admin_tokens WHERE revoked_at IS NULL")
+    return any([hmac.compare_digest(h, presented) for (h,) in hashes])
 
 
 def expected_agents(conn, hour):
     """Agents active at `hour`: registered before it ended and not revoked before it began."""
     start, end = hours.window(hour)
-    with conn.cursor() as cur:
-        cur.execute("SELECT agent_id FROM agents WHERE COALESCE(expected_from, created_at) < %s "
-                    "AND (revoked_at IS NULL OR revoked_at >= %s) ORDER BY agent_id", (end, start))
-        return [r[0] for r in cur.fetchall()]
+    return [r[0] for r in select(conn, "SELECT agent_id FROM agents WHERE COALESCE(expected_from, created_at) < %s "
+                                 "AND (revoked_at IS NULL OR revoked_at >= %s) ORDER BY agent_id", (end, start))]
 
-
-# --- transactions -------------------------------------------------------------
 
 def _event(cur, transaction_id, event, detail=None):
-    cur.execute("INSERT INTO transaction_events (transaction_id, at, event, detail) VALUES (%s, UTC_TIMESTAMP(6), %s, %s)",
-                (transaction_id, event, json.dumps(detail, sort_keys=True, default=str) if detail is not None else None))
+    cur.execute("INSERT INTO transaction_events (transaction_id, at, event, detail) "
+                "VALUES (%s, UTC_TIMESTAMP(6), %s, %s)",
+                (transaction_id, event, None if detail is None else json.dumps(detail, sort_keys=True, default=str)))
+
+
+def _set_failed(cur, transaction_id, reason, detail=None):
+    cur.execute("UPDATE transactions SET state = 'failed', error = %s, updated_at = UTC_TIMESTAMP(6) "
+                "WHERE transaction_id = %s", (reason[:2000], transaction_id))
+    _event(cur, transaction_id, "failed", dict(detail or {}, reason=reason[:2000]))
 
 
 def _rows(cur):
     return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
 
 
+def _transaction(cur, transaction_id, for_update=False):
+    cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE transaction_id = %s"
+                + (" FOR UPDATE" if for_update else ""), (transaction_id,))
+    return next(iter(_rows(cur)), None)
+
+
 def get_transaction(conn, transaction_id, for_update=False):
     with conn.cursor() as cur:
-        cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE transaction_id = %s"
-                    + (" FOR UPDATE" if for_update else ""), (transaction_id,))
-        rows = _rows(cur)
-    return rows[0] if rows else None
+        return _transaction(cur, transaction_id, for_update)
 
 
 def create_transaction(conn, agent_id, hour, replace=False):
     """(transaction row, created?) for agent and hour.
 
-    A retry gets the open transaction it created before. A completed hour
-    answers 409 unless `replace`; a replacement supersedes the completed one
-    once it completes itself.
+    A retry gets the open transaction it created before. A completed hour answers 409 unless `replace`; a
+    replacement supersedes the completed one once it completes itself.
     """
     hour = hours.floor_hour(hour)
     with conn.cursor() as cur:
@@ -166,13 +160,11 @@ def create_transaction(conn, agent_id, hour, replace=False):
                            f"(transaction {completed[0]['transaction_id']}); send replace=true to replace it",
                            completed[0]["transaction_id"])
         for stale in open_:
-            cur.execute("UPDATE transactions SET state = 'failed', error = %s, updated_at = UTC_TIMESTAMP(6) "
-                        "WHERE transaction_id = %s", ("abandoned for a newer request", stale["transaction_id"]))
-            _event(cur, stale["transaction_id"], "failed", {"reason": "abandoned for a newer request"})
+            _set_failed(cur, stale["transaction_id"], "abandoned for a newer request")
         transaction_id = str(uuid.uuid4())
         supersedes = completed[0]["transaction_id"] if completed else None
-        cur.execute("INSERT INTO transactions (transaction_id, agent_id, hour, state, supersedes, created_at, updated_at) "
-                    "VALUES (%s, %s, %s, 'created', %s, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+        cur.execute("INSERT INTO transactions (transaction_id, agent_id, hour, state, supersedes, created_at, "
+                    "updated_at) VALUES (%s, %s, %s, 'created', %s, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
                     (transaction_id, agent_id, hour, supersedes))
         _event(cur, transaction_id, "created", {"agent_id": agent_id, "hour": hours.format_hour(hour),
                                                 "supersedes": supersedes})
@@ -212,93 +204,67 @@ def mark_completed(conn, transaction_id, archive_path, counts):
 def mark_failed(conn, transaction_id, reason, detail=None):
     with conn.cursor() as cur:
         _locked(conn, cur, transaction_id, OPEN_STATES)
-        cur.execute("UPDATE transactions SET state = 'failed', error = %s, updated_at = UTC_TIMESTAMP(6) "
-                    "WHERE transaction_id = %s", (reason[:2000], transaction_id))
-        _event(cur, transaction_id, "failed", dict(detail or {}, reason=reason[:2000]))
+        _set_failed(cur, transaction_id, reason, detail)
     conn.commit()
     return get_transaction(conn, transaction_id)
 
 
 def _locked(conn, cur, transaction_id, states):
-    cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE transaction_id = %s FOR UPDATE", (transaction_id,))
-    rows = _rows(cur)
-    if not rows:
+    tx = _transaction(cur, transaction_id, for_update=True)
+    if tx is None or tx["state"] not in states:
         conn.rollback()
-        raise NotFound(f"no transaction {transaction_id}", transaction_id)
-    if rows[0]["state"] not in states:
-        conn.rollback()
-        raise Conflict(f"transaction {transaction_id} is {rows[0]['state']}, not {' or '.join(states)}",
-                       transaction_id)
-    return rows[0]
-
-
-def append_event(conn, transaction_id, event, detail=None):
-    """A pipeline step (staged, loaded, backed_up, …) finished for this transaction."""
-    with conn.cursor() as cur:
-        _event(cur, transaction_id, event, detail)
-    conn.commit()
+        if tx is None:
+            raise NotFound(f"no transaction {transaction_id}", transaction_id)
+        raise Conflict(f"transaction {transaction_id} is {tx['state']}, not {' or '.join(states)}", transaction_id)
+    return tx
 
 
 def events(conn, transaction_id):
-    with conn.cursor() as cur:
-        cur.execute("SELECT at, event, detail FROM transaction_events WHERE transaction_id = %s ORDER BY event_id",
-                    (transaction_id,))
-        return [{"at": at, "event": event, "detail": json.loads(detail) if detail else None}
-                for at, event, detail in cur.fetchall()]
+    return [{"at": at, "event": event, "detail": json.loads(detail) if detail else None}
+            for at, event, detail in select(conn, "SELECT at, event, detail FROM transaction_events "
+                                                  "WHERE transaction_id = %s ORDER BY event_id", (transaction_id,))]
 
 
 def hour_transactions(conn, hour, states=("completed",)):
     """The hour's transactions in the given states, oldest completion first: one query per hour."""
-    marks = ", ".join(["%s"] * len(states))
-    with conn.cursor() as cur:
-        cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE hour = %s AND state IN ({marks}) "
-                    "ORDER BY completed_at, transaction_id", (hours.floor_hour(hour), *states))
-        return _rows(cur)
+    return select(conn, f"SELECT {_TX_COLUMNS} FROM transactions WHERE hour = %s AND state IN ({marks(states)}) "
+                  "ORDER BY completed_at, transaction_id", (hours.floor_hour(hour), *states), dicts=True)
 
 
 def agent_windows(conn):
     """(agent_id, expected from, revoked_at) of every agent: one query serves any range of hours."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT agent_id, COALESCE(expected_from, created_at), revoked_at FROM agents ORDER BY agent_id")
-        return cur.fetchall()
+    return select(conn, "SELECT agent_id, COALESCE(expected_from, created_at), revoked_at FROM agents "
+                  "ORDER BY agent_id")
 
 
 def transactions_between(conn, first, last):
     """Every transaction of the hours first..last (inclusive), with agent, hour and state: one query."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT transaction_id, agent_id, hour, state FROM transactions WHERE hour BETWEEN %s AND %s "
-                    "ORDER BY hour, agent_id, created_at", (hours.floor_hour(first), hours.floor_hour(last)))
-        return _rows(cur)
+    return select(conn, "SELECT transaction_id, agent_id, hour, state FROM transactions WHERE hour BETWEEN %s "
+                  "AND %s ORDER BY hour, agent_id, created_at", (hours.floor_hour(first), hours.floor_hour(last)),
+                  dicts=True)
 
 
 def open_count(conn):
     """How many transactions are created or uploaded and not completed yet (any hour)."""
-    with conn.cursor() as cur:
-        cur.execute(f"SELECT COUNT(*) FROM transactions WHERE state IN ({', '.join(['%s'] * len(OPEN_STATES))})",
-                    OPEN_STATES)
-        (count,) = cur.fetchone()
-    conn.commit()
-    return count
+    return select(conn, f"SELECT COUNT(*) FROM transactions WHERE state IN ({marks(OPEN_STATES)})", OPEN_STATES,
+                  commit=True)[0][0]
 
 
 def unfinished(conn, agent_id, since):
-    """Ids of the agent's transactions of hours from `since` on that never completed (their archive may
-    still be in incoming/): one indexed query."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT transaction_id FROM transactions WHERE agent_id = %s AND hour >= %s "
-                    "AND state IN ('created', 'uploaded', 'failed')", (agent_id, hours.floor_hour(since)))
-        return {r[0] for r in cur.fetchall()}
+    """Ids of the agent's transactions of hours from `since` on that never completed (their archive may still be
+    in incoming/)."""
+    rows = select(conn, "SELECT transaction_id FROM transactions WHERE agent_id = %s AND hour >= %s "
+                  "AND state IN ('created', 'uploaded', 'failed')", (agent_id, hours.floor_hour(since)))
+    return {r[0] for r in rows}
 
 
 def states(conn, transaction_ids):
     """{transaction id: state} of those of `transaction_ids` the log holds."""
     found, ids = {}, list(transaction_ids)
-    with conn.cursor() as cur:
-        for i in range(0, len(ids), 1000):
-            chunk = ids[i:i + 1000]
-            cur.execute(f"SELECT transaction_id, state FROM transactions WHERE transaction_id IN "
-                        f"({', '.join(['%s'] * len(chunk))})", chunk)
-            found.update(cur.fetchall())
+    for i in range(0, len(ids), 1000):
+        chunk = ids[i:i + 1000]
+        found.update(select(conn, f"SELECT transaction_id, state FROM transactions WHERE transaction_id IN "
+                            f"({marks(chunk)})", chunk))
     conn.commit()
     return found
 
@@ -315,11 +281,8 @@ def transaction_lock(conn, transaction_id, wait):
     try:
         yield
     finally:
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT RELEASE_LOCK(%s)", (name,))
-        except pymysql.err.Error:
-            pass  # a lost connection releases the lock by itself
+        with suppress(pymysql.err.Error), conn.cursor() as cur:  # a lost connection releases the lock by itself
+            cur.execute("SELECT RELEASE_LOCK(%s)", (name,))
 
 
 def set_archive_path(conn, transaction_id, path):
@@ -334,22 +297,18 @@ def set_archive_path(conn, transaction_id, path):
 def mark_isolated(conn, transaction_id, reason, detail=None):
     """A completed transaction whose data cannot be staged or loaded becomes failed, with its reason and event.
 
-    Idempotent: a transaction already failed is left as it is (no second
-    event). Returns the row, or None when the log does not hold it.
+    Idempotent (a failed one gets no second event). Returns the row, or None when the log does not hold it.
     """
     with conn.cursor() as cur:
-        cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE transaction_id = %s FOR UPDATE", (transaction_id,))
-        rows = _rows(cur)
-        if rows and rows[0]["state"] == "completed":
-            cur.execute("UPDATE transactions SET state = 'failed', error = %s, updated_at = UTC_TIMESTAMP(6) "
-                        "WHERE transaction_id = %s", (reason[:2000], transaction_id))
-            _event(cur, transaction_id, "failed", dict(detail or {}, reason=reason[:2000]))
+        tx = _transaction(cur, transaction_id, for_update=True)
+        if tx and tx["state"] == "completed":
+            _set_failed(cur, transaction_id, reason, detail)
     conn.commit()
-    return get_transaction(conn, transaction_id) if rows else None
+    return tx and get_transaction(conn, transaction_id)
 
 
 def append_event_once(conn, transaction_id, event, detail=None):
-    """append_event unless the transaction already has this event: a step rerun after a crash logs it once."""
+    """A pipeline step (staged, loaded, backed_up, …) finished; logged once however often a crashed step reruns."""
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM transaction_events WHERE transaction_id = %s AND event = %s LIMIT 1",
                     (transaction_id, event))
