@@ -1,16 +1,9 @@
 """Realistic GEO statistics in a GEO database, for tests, the demo and benchmarks.
 
-A GEO keeps its own stats in three tables, indexed by time first:
-
-    account_usage_hourly  one row per account and hour
-    api_request_stats     one row per (method, endpoint, status) and hour
-    node_samples          one row per storage node and minute
-
-The agent reads them with the SQL in `ganymede_agent/agent.cfg.sample` (one
-definition, also used by `write_agent_config`). Values are drawn from a PRNG
-seeded by (seed, hour), so the same call gives the same rows, and they satisfy
-`datasets.CATALOG`'s row rules. Rows go in with LOAD DATA LOCAL INFILE (the
-connection needs `local_infile=True`, as `connect()` sets).
+Three tables, indexed by time first, read by the SQL in
+`ganymede_agent/agent.cfg.sample`. Values come from a PRNG seeded by (seed,
+hour), so the same call gives the same rows, and satisfy `datasets.CATALOG`'s
+row rules. Rows go in with LOAD DATA LOCAL INFILE (`connect()` allows it).
 """
 import configparser
 import os
@@ -19,6 +12,8 @@ import tempfile
 from datetime import timedelta
 
 import pymysql
+
+import ganymede_agent
 
 from . import hours
 
@@ -93,39 +88,29 @@ def _ident(name):
     return name
 
 
-def split_rows(rows):
-    """R rows spread over the datasets: 60% accounts, 20% API stats, 20% node samples."""
-    accounts = rows * 6 // 10
-    api = rows // 5
-    nodes = rows - accounts - api
-    return accounts, api, nodes
-
-
 def generate_hour(conn, hour, *, accounts=200, endpoints=len(BASE_ENDPOINTS), nodes=8, seed=0, rows=None):
     """Fill one UTC hour of stats; returns {table: rows inserted}.
 
-    `rows=R` overrides the shape and writes R rows in all (see `split_rows`);
-    API rows are then (method, endpoint, status) combinations over as many
-    endpoints as needed and node rows minute samples over as many nodes.
-    Existing rows of that hour are replaced, so a rerun gives the same table.
+    `rows=R` overrides the shape and writes R rows in all: 60% accounts, 20%
+    API rows (over as many endpoints as needed), 20% node minute samples (over
+    as many nodes). Existing rows of that hour are replaced, so a rerun gives the same table.
     """
     start, end = hours.window(hours.parse_hour(hour) if isinstance(hour, str) else hour)
     rng = random.Random(f"{seed}:{hours.format_hour(start)}")
     if rows is not None:
-        n_accounts, n_api, n_nodes = split_rows(rows)
-        accounts = n_accounts
+        accounts, n_api = rows * 6 // 10, rows // 5
+        n_nodes = rows - accounts - n_api
     else:
         n_api = len(METHODS) * endpoints * len(STATUSES)
         n_nodes = nodes * SAMPLES_PER_NODE
     stamp = start.strftime("%Y-%m-%d %H:%M:%S")
-    counts = {}
+    rows = {"account_usage_hourly": _accounts(rng, stamp, accounts), "api_request_stats": _api(rng, stamp, n_api),
+            "node_samples": _nodes(rng, start, n_nodes)}  # generators: each draws from rng as it is loaded, in order
     with conn.cursor() as cur:
         cur.execute("DELETE FROM account_usage_hourly WHERE hour_start = %s", (start,))
         cur.execute("DELETE FROM api_request_stats WHERE hour_start = %s", (start,))
         cur.execute("DELETE FROM node_samples WHERE sampled_at >= %s AND sampled_at < %s", (start, end))
-        counts["account_usage_hourly"] = _load(cur, "account_usage_hourly", _accounts(rng, stamp, accounts))
-        counts["api_request_stats"] = _load(cur, "api_request_stats", _api(rng, stamp, n_api))
-        counts["node_samples"] = _load(cur, "node_samples", _nodes(rng, start, n_nodes))
+        counts = {table: _load(cur, table, table_rows) for table, table_rows in rows.items()}
     conn.commit()
     return counts
 
@@ -185,11 +170,8 @@ def _load(cur, table, rows):
     return count
 
 
-# --- agent configuration -----------------------------------------------------------
-
 def sample_config_path():
-    from ganymede_agent import archive
-    return os.path.join(os.path.dirname(archive.__file__), "agent.cfg.sample")
+    return os.path.join(os.path.dirname(ganymede_agent.__file__), "agent.cfg.sample")
 
 
 def sample_datasets():

@@ -1,10 +1,6 @@
-"""Talking to ganymede-api over HTTP (urllib): retries, and the delivery protocol.
+"""Talking to ganymede-api over HTTP (urllib): retries within one budget per run, and the delivery protocol.
 
-Transient failures (connection refused or reset, timeouts, 5xx, 408, 429)
-are retried with exponential backoff, full jitter and a cap, honouring
-Retry-After, inside one time budget per run: once it is spent the run gives
-up and what is unsent stays in the spool. Any other 4xx is permanent. Every
-call is safe to repeat, because the API is idempotent per (agent, hour).
+Every call is safe to repeat, because the API is idempotent per (agent, hour).
 """
 import email.utils
 import http.client
@@ -172,11 +168,9 @@ class Api:
             body = b""
         request = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
-            with self._opener.open(request, timeout=self.timeout) as resp:
-                return Response(resp.status, _json(resp.read()), {k.lower(): v for k, v in resp.headers.items()})
+            resp = self._opener.open(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            with exc:
-                return Response(exc.code, _json(exc.read()), {k.lower(): v for k, v in exc.headers.items()})
+            resp = exc
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, ssl.SSLCertVerificationError):
                 raise exc.reason from None
@@ -184,22 +178,19 @@ class Api:
         finally:
             if hasattr(body, "close"):
                 body.close()
+        with resp:
+            return Response(resp.status, _json(resp.read()), {k.lower(): v for k, v in resp.headers.items()})
 
-    # --- the delivery protocol -----------------------------------------------------
     def deliver(self, hour, path, sha256, replace=False):
-        """Create (or resume) the hour's transaction, upload the archive, complete it.
+        """Create (or resume) the hour's transaction, upload the archive, complete it; returns Delivered.
 
-        Returns Delivered once the API confirms completion; raises Refused for a
-        permanent refusal and Unavailable when the retry budget runs out. A
-        replacement is asked for only when the server holds a different archive
+        A replacement is asked for only when the server holds a different archive
         for the hour, so retrying a replacement that already completed is a no-op.
         """
         for _ in range(_PROTOCOL_RESTARTS):
             r = self.call("POST", "/v1/transactions", {"agent_id": self.agent_id, "hour": hour, "replace": False})
-            if r.status == 409:
-                done = self._completed_with(r.body.get("transaction_id"), sha256)
-                if done:
-                    return done
+            if r.status == 409 and (done := self._completed_with(r.body.get("transaction_id"), sha256)):
+                return done
             if r.status == 409 and replace:
                 r = self.call("POST", "/v1/transactions", {"agent_id": self.agent_id, "hour": hour, "replace": True})
             if r.status == 409:
@@ -214,8 +205,7 @@ class Api:
             if not (tx.get("state") == "uploaded" and tx.get("sha256") == sha256):
                 r = self.call("PUT", tx["upload_url"], file_path=path, headers={"X-Archive-SHA256": sha256})
                 if r.status == 409:
-                    done = self._completed_with(tx["transaction_id"], sha256)
-                    if done:
+                    if done := self._completed_with(tx["transaction_id"], sha256):
                         return done
                     continue  # the transaction moved on (abandoned, failed): start again
                 _expect(r, f"PUT {tx['upload_url']}", 200, 201)
@@ -223,8 +213,7 @@ class Api:
             if r.status == 200:
                 return Delivered(tx["transaction_id"], r.body.get("rows") or {})
             if r.status == 409:
-                done = self._completed_with(tx["transaction_id"], sha256)
-                if done:
+                if done := self._completed_with(tx["transaction_id"], sha256):
                     return done
                 continue
             _expect(r, f"POST {tx['complete_url']}", 200)

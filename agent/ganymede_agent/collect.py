@@ -1,21 +1,11 @@
-"""Reading an hour's datasets from the GEO database, every value exactly as stored.
+"""Reading an hour's datasets from the GEO database, every value exactly as stored (docs/agent.md).
 
-One reader: pymysql's server-side cursor (SSCursor), fetched in batches, so an
-hour is never all in memory. The connection keeps pymysql's encoders but no
-decoders (its public `conv` argument), so each value arrives as the server's
-own text for the column and nothing is parsed and printed again: integers as
-digits, DOUBLE/DECIMAL as the server prints them, text exactly as stored (the
-text 'NULL', '\\N', '', tabs, newlines, quotes, backslashes, any UTF-8). Besides:
-
-- DATETIME/TIMESTAMP become 'YYYY-MM-DDTHH:MM:SS[.ffffff]', in UTC (the
-  session's time_zone is '+00:00').
-- SQL NULL is None, which the archive writes as an empty field.
-- Binary strings (BINARY, VARBINARY, BLOB, BIT) arrive as bytes. A value that
-  is valid UTF-8 is that text; any other stops the hour with a CollectError
-  naming the dataset and the column. It is not encoded into something else: the
-  archive would then carry a value the database never held. The hour stays
-  due, the log says which column to convert in the dataset's SQL (HEX(col),
-  CONVERT(col USING utf8mb4)), and the first run after the fix collects it.
+pymysql's server-side cursor, fetched in batches, so an hour is never all in
+memory. The connection keeps pymysql's encoders but no decoders (its `conv`
+argument): each value is the server's own text, never parsed and printed
+again; only DATETIME/TIMESTAMP become ISO text, in UTC. A binary value that is
+not UTF-8 stops the hour (CollectError naming dataset and column) rather than
+being encoded into a value the database never held.
 """
 from datetime import datetime, timedelta
 from operator import itemgetter
