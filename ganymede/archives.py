@@ -273,47 +273,35 @@ def _read_manifest(stream, name, size, limits):
     return validate_manifest(manifest)
 
 
-class _Lines:
-    """A CSV member's lines for csv.reader, each read with a bounded readline and checked before it is parsed.
-
-    A record (several lines when a quoted field holds newlines) longer than
-    `limit` bytes is refused as soon as it passes the limit: never held whole.
-    csv_rows resets `record` whenever csv.reader completes a row.
-    """
-
-    def __init__(self, raw, limit, name):
-        self.raw, self.limit, self.name, self.record, self.number = raw, limit, name, 0, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        line = self.raw.readline(self.limit - self.record + 1)
-        if not line:
-            raise StopIteration
-        self.number += 1
-        self.record += len(line)
-        if self.record > self.limit:
-            raise ArchiveError(f"line {self.number}: a line longer than {self.limit} bytes", self.name)
-        if b"\r" in line:  # the format ends lines with '\n' alone: a '\r' would not survive LOAD DATA unchanged
-            raise ArchiveError(f"line {self.number}: carriage return in the CSV (lines must end with \\n only)",
-                               self.name)
-        try:
-            return line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ArchiveError(f"line {self.number}: invalid UTF-8 ({exc.reason} at byte {exc.start})",
-                               self.name) from None
-
-
 def csv_rows(member, limits=Limits(), name=None):
-    """Rows of a CSV member (header included): strict UTF-8, '\\n' line ends, records of at most max_line_bytes."""
-    lines = _Lines(io.BufferedReader(member, _CHUNK), limits.max_line_bytes, name)
+    """Rows of a CSV member (header included): strict UTF-8, '\\n' line ends, records of at most max_line_bytes.
+
+    Each line is read with a bounded readline and checked before csv parses it: a record (several lines when
+    a quoted field holds newlines) is refused as soon as it passes the limit, never held whole.
+    """
+    raw, limit, record, number = io.BufferedReader(member, _CHUNK), limits.max_line_bytes, 0, 0
+
+    def lines():
+        nonlocal record, number
+        while line := raw.readline(limit - record + 1):
+            number += 1
+            record += len(line)
+            if record > limit:
+                raise ArchiveError(f"line {number}: a line longer than {limit} bytes", name)
+            if b"\r" in line:  # the format ends lines with '\n' alone: a '\r' would not survive LOAD DATA unchanged
+                raise ArchiveError(f"line {number}: carriage return in the CSV (lines must end with \\n only)", name)
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ArchiveError(f"line {number}: invalid UTF-8 ({exc.reason} at byte {exc.start})", name) from None
+            yield text
+
     try:
-        for row in csv.reader(lines, strict=True):
-            lines.record = 0
+        for row in csv.reader(lines(), strict=True):
+            record = 0
             yield row
     except csv.Error as exc:
-        raise ArchiveError(f"line {lines.number}: CSV does not parse ({exc})", name) from None
+        raise ArchiveError(f"line {number}: CSV does not parse ({exc})", name) from None
 
 
 def validate(fileobj, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):

@@ -126,7 +126,8 @@ def _accounts(rng, stamp, n):
 def _api(rng, stamp, n):
     produced, i = 0, 0
     while produced < n:
-        endpoint = BASE_ENDPOINTS[i % len(BASE_ENDPOINTS)] + ("" if i < len(BASE_ENDPOINTS) else f"/{i // len(BASE_ENDPOINTS)}")
+        rounds, base = divmod(i, len(BASE_ENDPOINTS))
+        endpoint = BASE_ENDPOINTS[base] + (f"/{rounds}" if rounds else "")
         for method in METHODS:
             for status in STATUSES:
                 if produced == n:
@@ -187,14 +188,14 @@ def write_agent_config(path, *, api_url, agent_id, token, geo, database, spool_d
                        retry_budget_seconds=300, retry_base_seconds=1.0, retry_cap_seconds=60,
                        request_timeout_seconds=60, datasets=None):
     """Write an agent config (mode 0600) for the demo and tests; the SQL comes from the sample."""
-    parser = configparser.ConfigParser(interpolation=None)
+    parser = configparser.ConfigParser(interpolation=None)  # it writes each value with str()
     parser["agent"] = {"agent_id": agent_id, "geo": geo}
-    parser["api"] = {"url": api_url, "token": token, "timeout_seconds": str(request_timeout_seconds)}
-    parser["database"] = {"host": db_host, "port": str(db_port), "user": db_user, "password": db_password,
+    parser["api"] = {"url": api_url, "token": token, "timeout_seconds": request_timeout_seconds}
+    parser["database"] = {"host": db_host, "port": db_port, "user": db_user, "password": db_password,
                           "database": database}
-    parser["spool"] = {"dir": spool_dir, "max_mb": str(spool_max_mb)}
-    parser["retry"] = {"budget_seconds": str(retry_budget_seconds), "base_seconds": str(retry_base_seconds),
-                       "cap_seconds": str(retry_cap_seconds)}
+    parser["spool"] = {"dir": spool_dir, "max_mb": spool_max_mb}
+    parser["retry"] = {"budget_seconds": retry_budget_seconds, "base_seconds": retry_base_seconds,
+                       "cap_seconds": retry_cap_seconds}
     parser["datasets"] = datasets if datasets is not None else sample_datasets()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)

@@ -123,8 +123,8 @@ def sha256_file(path):
 def validate_manifest(manifest):
     """The manifest's own shape; the server checks agent and hour against its transaction."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        raise ArchiveError(f"unsupported manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r}",
-                           MANIFEST_NAME)
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ArchiveError(f"unsupported manifest format {found!r}", MANIFEST_NAME)
     for field in ("agent_id", "geo", "hour"):
         if not isinstance(manifest.get(field), str):
             raise ArchiveError(f"missing or invalid {field!r}", MANIFEST_NAME)
@@ -136,7 +136,7 @@ def validate_manifest(manifest):
         if not _DATASET_NAME.match(name) or not isinstance(entry, dict) or entry.get("file") != name + ".csv":
             raise ArchiveError(f"invalid dataset entry {name!r}", MANIFEST_NAME)
         for field in ("rows", "bytes"):
-            if not isinstance(entry.get(field), int) or isinstance(entry.get(field), bool) or entry[field] < 0:
+            if type(entry.get(field)) is not int or entry[field] < 0:  # bool is an int, but not a count
                 raise ArchiveError(f"dataset {name!r}: invalid {field!r}", MANIFEST_NAME)
         if not isinstance(entry.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
             raise ArchiveError(f"dataset {name!r}: invalid 'sha256'", MANIFEST_NAME)

@@ -12,7 +12,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from collections import namedtuple
 from datetime import datetime, timezone
 from urllib.parse import urljoin, urlsplit
 
@@ -25,19 +25,15 @@ AUTH_STATUSES = frozenset({401, 403})
 _PROTOCOL_RESTARTS = 3
 
 
-class ApiError(Exception):
-    """Base of what the API or the network did to a call."""
-
-
-class Unavailable(ApiError):
+class Unavailable(Exception):
     """Transient failures outlasted the run's retry budget (or cannot be retried, like a bad certificate)."""
 
 
-class Misdirected(ApiError):
+class Misdirected(Exception):
     """[api] url does not lead to the API: a redirect, or no transactions endpoint there. Nothing is rejected."""
 
 
-class Refused(ApiError):
+class Refused(Exception):
     """The API refused a call for good (a 4xx other than 408/429): `status`, the server's `error`, `body`."""
 
     def __init__(self, call, status, body):
@@ -54,18 +50,9 @@ class Refused(ApiError):
         return {"call": self.call, "status": self.status, "error": self.error, "response": self.body}
 
 
-@dataclass
-class Response:
-    status: int
-    body: dict
-    headers: dict = field(default_factory=dict)
-
-
-@dataclass
-class Delivered:
-    transaction_id: str
-    rows: dict
-    already: bool = False  # the server had completed this very archive before (a lost answer)
+Response = namedtuple("Response", "status body headers")
+# already: the server had completed this very archive before (a lost answer)
+Delivered = namedtuple("Delivered", "transaction_id rows already", defaults=(False,))
 
 
 class RetryBudget:
