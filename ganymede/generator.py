@@ -6,6 +6,7 @@ hour), so the same call gives the same rows, and satisfy `datasets.CATALOG`'s
 row rules. Rows go in with LOAD DATA LOCAL INFILE (`connect()` allows it).
 """
 import configparser
+import itertools
 import os
 import random
 import tempfile
@@ -104,8 +105,9 @@ def generate_hour(conn, hour, *, accounts=200, endpoints=len(BASE_ENDPOINTS), no
         n_api = len(METHODS) * endpoints * len(STATUSES)
         n_nodes = nodes * SAMPLES_PER_NODE
     stamp = start.strftime("%Y-%m-%d %H:%M:%S")
-    rows = {"account_usage_hourly": _accounts(rng, stamp, accounts), "api_request_stats": _api(rng, stamp, n_api),
-            "node_samples": _nodes(rng, start, n_nodes)}  # generators: each draws from rng as it is loaded, in order
+    rows = {"account_usage_hourly": _accounts(rng, stamp, accounts),  # generators: each draws from rng as loaded
+            "api_request_stats": itertools.islice(_api(rng, stamp), n_api),
+            "node_samples": itertools.islice(_nodes(rng, start, n_nodes), n_nodes)}
     with conn.cursor() as cur:
         cur.execute("DELETE FROM account_usage_hourly WHERE hour_start = %s", (start,))
         cur.execute("DELETE FROM api_request_stats WHERE hour_start = %s", (start,))
@@ -123,39 +125,30 @@ def _accounts(rng, stamp, n):
         yield (stamp, f"acct-{i:07d}", stored, objects, int(lognorm(16, 3)), int(lognorm(17, 3)), randint(0, 50000))
 
 
-def _api(rng, stamp, n):
-    produced, i = 0, 0
-    while produced < n:
+def _api(rng, stamp):
+    for i in itertools.count():
         rounds, base = divmod(i, len(BASE_ENDPOINTS))
         endpoint = BASE_ENDPOINTS[base] + (f"/{rounds}" if rounds else "")
         for method in METHODS:
             for status in STATUSES:
-                if produced == n:
-                    return
                 count = int(rng.lognormvariate(8 if status < 400 else 4, 1.5)) + 1
                 p50 = round(rng.lognormvariate(3, 0.6), 3)
                 p95 = round(p50 * (1 + rng.lognormvariate(0.5, 0.5)), 3)
                 if status in _SERVER_ERRORS:
                     p95 = round(p95 * 3, 3)
                 yield (stamp, method, endpoint, status, count, count * int(rng.lognormvariate(10, 2)), p50, p95)
-                produced += 1
-        i += 1
 
 
 def _nodes(rng, start, n):
     node_count = max(1, -(-n // SAMPLES_PER_NODE))
     totals = [rng.choice((48, 96, 192, 384)) * TB for _ in range(node_count)]
     fill = [rng.uniform(0.2, 0.95) for _ in range(node_count)]
-    produced = 0
     for minute in range(SAMPLES_PER_NODE):
         at = (start + timedelta(minutes=minute, seconds=rng.randrange(60))).strftime("%Y-%m-%d %H:%M:%S")
         for node in range(node_count):
-            if produced == n:
-                return
             used = int(totals[node] * min(1.0, fill[node] + minute * 0.0001))
             errors = rng.choice((0, 0, 0, 0, 1, 2)) if rng.random() < 0.1 else 0
             yield (at, f"node-{node:04d}", totals[node], used, round(rng.uniform(0.05, 24.0), 2), errors)
-            produced += 1
 
 
 def _load(cur, table, rows):

@@ -1,9 +1,5 @@
 """`ganymede-agent`: collect this GEO's stats for UTC hours and deliver them to ganymede-api.
 
-Runs hourly from the `stats` user's cron; manual runs are safe (a lock keeps
-runs apart). Each run: collect the hours due into the spool, then deliver
-every spooled hour, oldest first.
-
 Exit codes:
   0  everything collected and delivered (or, with --dry-run, shown)
   1  something was kept for a later run: the API or the GEO database was
@@ -125,9 +121,9 @@ def main(argv=None):
     except config.ConfigError as exc:
         usage_error(str(exc))
     source = collect.Source(cfg.database, cfg.datasets)
-    if args.dry_run:
-        return dry_run(cfg, source, hours)
     spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
+    if args.dry_run:
+        return dry_run(cfg, source, spool, hours)
     try:
         with spool.locked():
             return Run(cfg, source, spool).run(hours, replace=args.replace)
@@ -143,9 +139,7 @@ class Run:
 
     def __init__(self, cfg, source, spool):
         self.cfg, self.source, self.spool = cfg, source, spool
-        self.api = Api(cfg.api_url, cfg.agent_id, cfg.token, cfg.timeout,
-                       RetryBudget(cfg.retry.budget_seconds, cfg.retry.base_seconds, cfg.retry.cap_seconds),
-                       ca_file=cfg.ca_file)
+        self.api = Api(cfg.api_url, cfg.agent_id, cfg.token, cfg.timeout, RetryBudget(*cfg.retry), ca_file=cfg.ca_file)
 
     def run(self, hours=None, replace=False):
         state = self.spool.read_state()
@@ -226,9 +220,8 @@ def build(cfg, source, hour, dest, workdir):
         return archive.build_archive(dest, fields, datasets, workdir)
 
 
-def dry_run(cfg, source, hours):
+def dry_run(cfg, source, spool, hours):
     """Show what a run would send: the spooled hours, then the hours it would collect, built aside."""
-    spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
     spooled = os.path.isdir(spool.dir)
     for hour in spool.hours() if spooled else []:
         print(f"would deliver spooled hour {hour}: {os.path.getsize(spool.path_for(hour))} bytes")

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections import namedtuple
 from datetime import datetime, timezone
+from itertools import count
 from urllib.parse import urljoin, urlsplit
 
 from . import __version__
@@ -119,8 +120,7 @@ class Api:
     def call(self, method, path, json_body=None, file_path=None, headers=None):
         """One API call, retried while transient; returns the Response for any other status."""
         url, call = self.url(path), f"{method} {urlsplit(self.url(path)).path}"
-        attempt = 0
-        while True:
+        for attempt in count():
             try:
                 response = self._once(method, url, json_body, file_path, headers or {})
             except ssl.SSLCertVerificationError as exc:
@@ -137,7 +137,6 @@ class Api:
                 failure = f"{call}: HTTP {response.status} {response.body.get('error', '')}".rstrip()
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
             self.budget.wait(attempt, retry_after, failure)
-            attempt += 1
 
     def _once(self, method, url, json_body, file_path, extra_headers):
         headers = {"Authorization": f"Bearer {self._token}", "X-Agent-Id": self.agent_id,

@@ -55,10 +55,11 @@ class Source:
     def __init__(self, db, sql_by_dataset):
         self.db, self.sql_by_dataset = db, sql_by_dataset
 
-    def connect(self):
-        db = self.db
+    def datasets(self, hour):
+        """The hour's datasets, each streamed when build_archive reaches it."""
+        db, start = self.db, parse_hour(hour) if isinstance(hour, str) else hour
         try:
-            return pymysql.connect(
+            conn = pymysql.connect(
                 host=db.host, port=db.port, user=db.user, password=db.password, database=db.database,
                 unix_socket=db.unix_socket or None, connect_timeout=db.connect_timeout, charset="utf8mb4",
                 conv=_CONVERSIONS, autocommit=True, init_command="SET time_zone = '+00:00'",
@@ -67,17 +68,11 @@ class Source:
         except pymysql.MySQLError as exc:
             raise CollectError(f"GEO database {db.database!r} at {db.unix_socket or f'{db.host}:{db.port}'}: "
                                f"{_mysql_reason(exc)}") from None
-
-    def datasets(self, hour):
-        """The hour's datasets, each streamed when build_archive reaches it."""
-        start = parse_hour(hour) if isinstance(hour, str) else hour
-        params = {"start": start, "end": start + timedelta(hours=1)}
-        conn = self.connect()
         try:
             for name, sql in self.sql_by_dataset.items():
                 cur = conn.cursor(pymysql.cursors.SSCursor)
                 try:
-                    cur.execute(sql, params)
+                    cur.execute(sql, {"start": start, "end": start + timedelta(hours=1)})
                 except pymysql.MySQLError as exc:
                     raise CollectError(f"dataset {name!r}: {_mysql_reason(exc)}") from None
                 if cur.description is None:

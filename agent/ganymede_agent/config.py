@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import stat
+from collections import namedtuple
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -23,11 +24,7 @@ class ConfigError(Exception):
     """A config problem, said in one line (the CLI prints it and exits 2)."""
 
 
-@dataclass(frozen=True)
-class Retry:
-    budget_seconds: float = 300.0
-    base_seconds: float = 1.0
-    cap_seconds: float = 60.0
+Retry = namedtuple("Retry", "budget_seconds base_seconds cap_seconds")  # RetryBudget's arguments, in order
 
 
 @dataclass(frozen=True)
