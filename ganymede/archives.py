@@ -381,8 +381,7 @@ def _fit_for_a_log(exc):
 
 def reason_path(quarantine_path):
     """quarantine/…/<tx>.tar.gz -> quarantine/…/<tx>.reason.json"""
-    base = quarantine_path[: -len(".tar.gz")] if quarantine_path.endswith(".tar.gz") else quarantine_path
-    return base + ".reason.json"
+    return quarantine_path.removesuffix(".tar.gz") + ".reason.json"
 
 
 def install(src, dest):
