@@ -140,8 +140,7 @@ class Api:
 
     def _once(self, method, url, json_body, file_path, extra_headers):
         headers = {"Authorization": f"Bearer {self._token}", "X-Agent-Id": self.agent_id,
-                   "Accept": "application/json", "User-Agent": f"ganymede-agent/{__version__}"}
-        headers.update(extra_headers)
+                   "Accept": "application/json", "User-Agent": f"ganymede-agent/{__version__}", **extra_headers}
         body = None
         if json_body is not None:
             body = json.dumps(json_body).encode()

@@ -107,5 +107,4 @@ def _text(value, dataset, column):
 
 
 def _mysql_reason(exc):
-    args = getattr(exc, "args", ())
-    return " ".join(str(args[-1] if args else exc).split()) or type(exc).__name__
+    return " ".join(str(exc.args[-1] if exc.args else exc).split()) or type(exc).__name__
