@@ -3,25 +3,15 @@
 The stream is read here, not by `tarfile`: tarfile holds a whole pax or GNU
 long-name header in memory before any limit of ours can run (a ~1 MB upload
 of a pax header of hundreds of MB of zeros took the API to 3 GB), and it never
-checks what follows the tar's end. So, byte by byte under limits that apply
-before anything is held:
-- gzip: one zlib inflater (wbits=31) fed and drained 1 MiB at a time; zlib
-  checks the CRC32 and ISIZE, and exactly one gzip member with nothing after
-  it is accepted (no second member, no trailing garbage, no truncation);
-- tar: 512-byte ustar headers parsed here (checksum, octal or base-256
-  size). The agent writes plain ustar, so only regular files with plain names
-  are accepted; every other kind (pax 'x'/'g', GNU 'L'/'K'/'S', contiguous
-  '7', links, devices, directories) is refused from its header alone, its
-  body never read; after the end-of-archive blocks, zero padding only;
-- CSV: each line read with a bounded readline before csv parses it.
-What is held at once is a few MiB of buffers, one CSV record and the manifest,
-whatever the archive declares.
+checks what follows the tar's end. So gzip is inflated 1 MiB at a time (one
+member, nothing after it, CRC32 and ISIZE checked by zlib), ustar headers are
+parsed here and only regular files with plain names accepted (any other kind
+refused from its 512-byte header, its body never read), and each CSV line is
+read with a bounded readline: a few MiB are held, whatever the archive declares.
 
-On top of the format, the archive is checked against what the server knows:
-the transaction's agent and hour, the dataset catalog, and every row parsed
-as the pipeline will parse it. An archive that passes is installed under
-upload/, one that does not is quarantined with the reason beside it. Plain
-functions over paths; the API runs them off its loop.
+On top of the format, the archive is checked against the transaction's agent
+and hour and the dataset catalog, every row parsed as the pipeline will parse
+it; then it is installed under upload/ or quarantined with the reason beside it.
 """
 import csv
 import hashlib
@@ -57,15 +47,12 @@ def printable(text):
 
 
 class _HashingReader:
-    """A read-only file wrapper that hashes every byte the reader takes."""
-
     def __init__(self, raw):
-        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+        self.raw, self.sha256 = raw, hashlib.sha256()
 
     def read(self, n=-1):
         data = self.raw.read(n)
         self.sha256.update(data)
-        self.size += len(data)
         return data
 
     def drain(self):
@@ -73,8 +60,6 @@ class _HashingReader:
             pass
         return self.sha256.hexdigest()
 
-
-# --- reading an archive stream -------------------------------------------------
 
 @dataclass(frozen=True)
 class Limits:
@@ -87,11 +72,7 @@ class Limits:
 
 
 class _Gzip:
-    """The inflated bytes of exactly one gzip member, at most _CHUNK held at a time.
-
-    zlib checks the member's CRC32 and ISIZE as it reaches the end; `finish()`
-    checks that nothing follows it.
-    """
+    """The inflated bytes of exactly one gzip member, at most _CHUNK held at a time."""
 
     def __init__(self, raw):
         self.raw, self.inflater, self.seen = raw, zlib.decompressobj(16 + zlib.MAX_WBITS), 0
@@ -123,14 +104,12 @@ class _Gzip:
         start, self.offset = self.offset, min(self.offset + n, len(self.buffer))
         return self.buffer if start == 0 and self.offset == len(self.buffer) else self.buffer[start:self.offset]
 
-    def read_exact(self, n):
-        if not n:
-            return b""
-        data = self.read(n)
+    def read_exact(self, n, name=None, truncated="truncated: the stream ends inside this member"):
+        data = self.read(n) if n else b""
         while len(data) < n:
             more = self.read(n - len(data))
             if not more:
-                break
+                raise ArchiveError(truncated, name)
             data += more
         return data
 
@@ -161,8 +140,8 @@ class _CheckedMember(io.RawIOBase):
     """Reads one tar member's `size` bytes, hashing as it goes; `verify()` checks it against the manifest."""
 
     def __init__(self, stream, size, entry, name):
-        self.stream, self.remaining, self.entry, self.name = stream, size, entry, name
-        self.sha256, self.size = hashlib.sha256(), 0
+        self.stream, self.remaining, self.size, self.entry, self.name = stream, size, size, entry, name
+        self.sha256 = hashlib.sha256()
 
     def readable(self):
         return True
@@ -175,18 +154,13 @@ class _CheckedMember(io.RawIOBase):
             raise ArchiveError("truncated: the stream ends inside this member", self.name)
         self.remaining -= len(data)
         self.sha256.update(data)
-        self.size += len(data)
         buffer[: len(data)] = data
         return len(data)
 
-    def drain(self):
-        """Read what the consumer left (it may have closed its wrapper around us)."""
-        buffer = bytearray(min(_CHUNK, self.remaining))
+    def verify(self):
+        buffer = bytearray(min(_CHUNK, self.remaining))  # what the consumer left (it may have closed its wrapper)
         while self.readinto(buffer):
             pass
-
-    def verify(self):
-        self.drain()
         if self.size != self.entry["bytes"]:
             raise ArchiveError(f"size {self.size} != manifest {self.entry['bytes']}", self.name)
         if self.sha256.hexdigest() != self.entry["sha256"]:
@@ -196,10 +170,9 @@ class _CheckedMember(io.RawIOBase):
 def read_archive(fileobj, limits=Limits()):
     """Stream an archive: yields ('manifest.json', manifest, None) then (name, entry, member) per dataset.
 
-    The caller reads each member (a binary stream) before asking for the next
-    and calls `member.verify()` to check size and sha256; unread members are
-    verified here. The generator ends only after the whole gzip stream was
-    read and checked. Raises ArchiveError for anything malformed or unsafe.
+    The caller reads each member (a binary stream) before asking for the next;
+    each is verified against the manifest here. The generator ends only after
+    the whole gzip stream was read and checked; ArchiveError for anything else.
     """
     stream = _Gzip(fileobj)
     manifest, seen, total, count = None, set(), 0, 0
@@ -230,23 +203,16 @@ def read_archive(fileobj, limits=Limits()):
     stream.finish()
     if manifest is None:
         raise ArchiveError("empty archive: no manifest")
-    missing = set(manifest["datasets"]) - seen
-    if missing:
+    if missing := set(manifest["datasets"]) - seen:
         raise ArchiveError(f"datasets in the manifest but not in the archive: {sorted(missing)}")
 
 
 def _read_block(stream):
-    block = stream.read_exact(_BLOCK)
-    if len(block) < _BLOCK:
-        raise ArchiveError("truncated tar: the stream ends without the end-of-archive blocks")
-    return block
+    return stream.read_exact(_BLOCK, truncated="truncated tar: the stream ends without the end-of-archive blocks")
 
 
 def _read_header(stream):
-    """The next member's (printable name, size), or None at the end-of-archive; refuses all but regular files.
-
-    Only the 512 bytes of the header are read: a refused kind's body never is.
-    """
+    """The next member's (printable name, size), or None at the end; refuses all but regular files, from the header."""
     block = _read_block(stream)
     if block == _ZERO_BLOCK:
         return None
@@ -285,9 +251,7 @@ def _number(field, name=None):
 
 
 def _skip_padding(stream, size, name):
-    padding = stream.read_exact(-size % _BLOCK)
-    if len(padding) != -size % _BLOCK:
-        raise ArchiveError("truncated: the stream ends inside this member", name)
+    padding = stream.read_exact(-size % _BLOCK, name)
     if padding.count(0) != len(padding):
         raise ArchiveError("data hidden in the padding after this member", name)
 
@@ -298,9 +262,7 @@ def _read_manifest(stream, name, size, limits):
     if size > limits.max_manifest_bytes:
         raise ArchiveError(f"manifest larger than the configured limit ({limits.max_manifest_bytes} bytes)",
                            MANIFEST_NAME)
-    data = stream.read_exact(size)
-    if len(data) < size:
-        raise ArchiveError("truncated: the stream ends inside this member", MANIFEST_NAME)
+    data = stream.read_exact(size, MANIFEST_NAME)
     _skip_padding(stream, size, MANIFEST_NAME)
     try:
         manifest = json.loads(data.decode("utf-8"))
@@ -311,58 +273,39 @@ def _read_manifest(stream, name, size, limits):
     return validate_manifest(manifest)
 
 
-class _Lines:
-    """A CSV member's lines for csv.reader, each read with a bounded readline and checked before it is parsed.
-
-    A record (several lines when a quoted field holds newlines) longer than
-    `limit` bytes is refused as soon as it passes the limit: never held whole.
-    csv_rows resets `record` whenever csv.reader completes a row.
-    """
-
-    def __init__(self, raw, limit, name):
-        self.raw, self.limit, self.name, self.record, self.number = raw, limit, name, 0, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        line = self.raw.readline(self.limit - self.record + 1)
-        if not line:
-            raise StopIteration
-        self.number += 1
-        self.record += len(line)
-        if self.record > self.limit:
-            raise ArchiveError(f"line {self.number}: a line longer than {self.limit} bytes", self.name)
-        if b"\r" in line:  # the format ends lines with '\n' alone: a '\r' would not survive LOAD DATA unchanged
-            raise ArchiveError(f"line {self.number}: carriage return in the CSV (lines must end with \\n only)",
-                               self.name)
-        try:
-            return line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ArchiveError(f"line {self.number}: invalid UTF-8 ({exc.reason} at byte {exc.start})",
-                               self.name) from None
-
-
 def csv_rows(member, limits=Limits(), name=None):
-    """Rows of a CSV member (header included): strict UTF-8, '\\n' line ends, records of at most max_line_bytes."""
-    lines = _Lines(io.BufferedReader(member, _CHUNK), limits.max_line_bytes, name)
+    """Rows of a CSV member (header included): strict UTF-8, '\\n' line ends, records of at most max_line_bytes.
+
+    Each line is read with a bounded readline and checked before csv parses it: a record (several lines when
+    a quoted field holds newlines) is refused as soon as it passes the limit, never held whole.
+    """
+    raw, limit, record, number = io.BufferedReader(member, _CHUNK), limits.max_line_bytes, 0, 0
+
+    def lines():
+        nonlocal record, number
+        while line := raw.readline(limit - record + 1):
+            number += 1
+            record += len(line)
+            if record > limit:
+                raise ArchiveError(f"line {number}: a line longer than {limit} bytes", name)
+            if b"\r" in line:  # the format ends lines with '\n' alone: a '\r' would not survive LOAD DATA unchanged
+                raise ArchiveError(f"line {number}: carriage return in the CSV (lines must end with \\n only)", name)
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ArchiveError(f"line {number}: invalid UTF-8 ({exc.reason} at byte {exc.start})", name) from None
+            yield text
+
     try:
-        for row in csv.reader(lines, strict=True):
-            lines.record = 0
+        for row in csv.reader(lines(), strict=True):
+            record = 0
             yield row
     except csv.Error as exc:
-        raise ArchiveError(f"line {lines.number}: CSV does not parse ({exc})", name) from None
+        raise ArchiveError(f"line {number}: CSV does not parse ({exc})", name) from None
 
-
-# --- checks against what the server knows ----------------------------------------
 
 def validate(fileobj, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
-    """Check a whole archive stream; returns {dataset: row count} or raises ArchiveError.
-
-    On top of the format's own checks: the manifest names this agent, its registered geo and the hour,
-    its datasets are exactly the catalog's, every header is the catalog's and
-    every row parses (Dataset.parse_row) and row counts match the manifest.
-    """
+    """Check a whole archive stream against the transaction and the catalog; returns {dataset: row count}."""
     hour = hours.floor_hour(hour)
     counts = {}
     for name, entry, member in read_archive(fileobj, limits):
@@ -376,18 +319,16 @@ def validate(fileobj, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
 def _check_manifest(manifest, agent_id, geo, hour, catalog):
     if manifest["agent_id"] != agent_id:
         raise ArchiveError(f"agent_id {manifest['agent_id'][:80]!r} is not the transaction's agent {agent_id!r}",
-                           "manifest.json")
+                           MANIFEST_NAME)
     if manifest["geo"] != geo:  # it reaches every document and extract line: only the registered value may
-        raise ArchiveError(f"geo {manifest['geo'][:80]!r} is not the agent's registered geo {geo!r}", "manifest.json")
+        raise ArchiveError(f"geo {manifest['geo'][:80]!r} is not the agent's registered geo {geo!r}", MANIFEST_NAME)
     if manifest["hour"] != hours.format_hour(hour):
         raise ArchiveError(f"hour {manifest['hour']!r} is not the transaction's hour {hours.format_hour(hour)!r}",
-                           "manifest.json")
-    unknown = sorted(set(manifest["datasets"]) - set(catalog))
-    if unknown:
-        raise ArchiveError(f"unknown datasets {unknown[:10]}", "manifest.json")
-    missing = sorted(set(catalog) - set(manifest["datasets"]))
-    if missing:
-        raise ArchiveError(f"missing datasets {missing}", "manifest.json")
+                           MANIFEST_NAME)
+    if unknown := sorted(set(manifest["datasets"]) - set(catalog)):
+        raise ArchiveError(f"unknown datasets {unknown[:10]}", MANIFEST_NAME)
+    if missing := sorted(set(catalog) - set(manifest["datasets"])):
+        raise ArchiveError(f"missing datasets {missing}", MANIFEST_NAME)
 
 
 def _check_rows(dataset, entry, member, hour, limits):
@@ -414,9 +355,8 @@ def _check_rows(dataset, entry, member, hour, limits):
 def check_file(path, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
     """Validate the archive at `path`: returns (counts, sha256 of the file's bytes).
 
-    An ArchiveError raised here carries `file_sha256` too, so the caller can
-    tell an agent's bad archive from a server copy that no longer matches
-    what was uploaded.
+    An ArchiveError carries `file_sha256` too, so the caller can tell an agent's
+    bad archive from a server copy that no longer matches what was uploaded.
     """
     with open(path, "rb") as raw:
         reader = _HashingReader(raw)
@@ -441,8 +381,7 @@ def _fit_for_a_log(exc):
 
 def reason_path(quarantine_path):
     """quarantine/…/<tx>.tar.gz -> quarantine/…/<tx>.reason.json"""
-    base = quarantine_path[: -len(".tar.gz")] if quarantine_path.endswith(".tar.gz") else quarantine_path
-    return base + ".reason.json"
+    return quarantine_path.removesuffix(".tar.gz") + ".reason.json"
 
 
 def install(src, dest):
@@ -451,10 +390,7 @@ def install(src, dest):
 
 
 def quarantine(src, dest, reason, detail=None):
-    """Keep a rejected archive at `dest` with `<tx>.reason.json` beside it; returns the reason file's path.
-
-    The reason is written first, so an archive in quarantine always has one.
-    """
+    """Keep a rejected archive at `dest`, its `<tx>.reason.json` written first beside it; returns that path."""
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     why = reason_path(dest)
     record = dict(detail or {}, reason=reason,

@@ -1,24 +1,20 @@
 """Realistic GEO statistics in a GEO database, for tests, the demo and benchmarks.
 
-A GEO keeps its own stats in three tables, indexed by time first:
-
-    account_usage_hourly  one row per account and hour
-    api_request_stats     one row per (method, endpoint, status) and hour
-    node_samples          one row per storage node and minute
-
-The agent reads them with the SQL in `ganymede_agent/agent.cfg.sample` (one
-definition, also used by `write_agent_config`). Values are drawn from a PRNG
-seeded by (seed, hour), so the same call gives the same rows, and they satisfy
-`datasets.CATALOG`'s row rules. Rows go in with LOAD DATA LOCAL INFILE (the
-connection needs `local_infile=True`, as `connect()` sets).
+Three tables, indexed by time first, read by the SQL in
+`ganymede_agent/agent.cfg.sample`. Values come from a PRNG seeded by (seed,
+hour), so the same call gives the same rows, and satisfy `datasets.CATALOG`'s
+row rules. Rows go in with LOAD DATA LOCAL INFILE (`connect()` allows it).
 """
 import configparser
+import itertools
 import os
 import random
 import tempfile
 from datetime import timedelta
 
 import pymysql
+
+import ganymede_agent
 
 from . import hours
 
@@ -93,39 +89,30 @@ def _ident(name):
     return name
 
 
-def split_rows(rows):
-    """R rows spread over the datasets: 60% accounts, 20% API stats, 20% node samples."""
-    accounts = rows * 6 // 10
-    api = rows // 5
-    nodes = rows - accounts - api
-    return accounts, api, nodes
-
-
 def generate_hour(conn, hour, *, accounts=200, endpoints=len(BASE_ENDPOINTS), nodes=8, seed=0, rows=None):
     """Fill one UTC hour of stats; returns {table: rows inserted}.
 
-    `rows=R` overrides the shape and writes R rows in all (see `split_rows`);
-    API rows are then (method, endpoint, status) combinations over as many
-    endpoints as needed and node rows minute samples over as many nodes.
-    Existing rows of that hour are replaced, so a rerun gives the same table.
+    `rows=R` overrides the shape and writes R rows in all: 60% accounts, 20%
+    API rows (over as many endpoints as needed), 20% node minute samples (over
+    as many nodes). Existing rows of that hour are replaced, so a rerun gives the same table.
     """
     start, end = hours.window(hours.parse_hour(hour) if isinstance(hour, str) else hour)
     rng = random.Random(f"{seed}:{hours.format_hour(start)}")
     if rows is not None:
-        n_accounts, n_api, n_nodes = split_rows(rows)
-        accounts = n_accounts
+        accounts, n_api = rows * 6 // 10, rows // 5
+        n_nodes = rows - accounts - n_api
     else:
         n_api = len(METHODS) * endpoints * len(STATUSES)
         n_nodes = nodes * SAMPLES_PER_NODE
     stamp = start.strftime("%Y-%m-%d %H:%M:%S")
-    counts = {}
+    rows = {"account_usage_hourly": _accounts(rng, stamp, accounts),  # generators: each draws from rng as loaded
+            "api_request_stats": itertools.islice(_api(rng, stamp), n_api),
+            "node_samples": itertools.islice(_nodes(rng, start, n_nodes), n_nodes)}
     with conn.cursor() as cur:
         cur.execute("DELETE FROM account_usage_hourly WHERE hour_start = %s", (start,))
         cur.execute("DELETE FROM api_request_stats WHERE hour_start = %s", (start,))
         cur.execute("DELETE FROM node_samples WHERE sampled_at >= %s AND sampled_at < %s", (start, end))
-        counts["account_usage_hourly"] = _load(cur, "account_usage_hourly", _accounts(rng, stamp, accounts))
-        counts["api_request_stats"] = _load(cur, "api_request_stats", _api(rng, stamp, n_api))
-        counts["node_samples"] = _load(cur, "node_samples", _nodes(rng, start, n_nodes))
+        counts = {table: _load(cur, table, table_rows) for table, table_rows in rows.items()}
     conn.commit()
     return counts
 
@@ -138,38 +125,30 @@ def _accounts(rng, stamp, n):
         yield (stamp, f"acct-{i:07d}", stored, objects, int(lognorm(16, 3)), int(lognorm(17, 3)), randint(0, 50000))
 
 
-def _api(rng, stamp, n):
-    produced, i = 0, 0
-    while produced < n:
-        endpoint = BASE_ENDPOINTS[i % len(BASE_ENDPOINTS)] + ("" if i < len(BASE_ENDPOINTS) else f"/{i // len(BASE_ENDPOINTS)}")
+def _api(rng, stamp):
+    for i in itertools.count():
+        rounds, base = divmod(i, len(BASE_ENDPOINTS))
+        endpoint = BASE_ENDPOINTS[base] + (f"/{rounds}" if rounds else "")
         for method in METHODS:
             for status in STATUSES:
-                if produced == n:
-                    return
                 count = int(rng.lognormvariate(8 if status < 400 else 4, 1.5)) + 1
                 p50 = round(rng.lognormvariate(3, 0.6), 3)
                 p95 = round(p50 * (1 + rng.lognormvariate(0.5, 0.5)), 3)
                 if status in _SERVER_ERRORS:
                     p95 = round(p95 * 3, 3)
                 yield (stamp, method, endpoint, status, count, count * int(rng.lognormvariate(10, 2)), p50, p95)
-                produced += 1
-        i += 1
 
 
 def _nodes(rng, start, n):
     node_count = max(1, -(-n // SAMPLES_PER_NODE))
     totals = [rng.choice((48, 96, 192, 384)) * TB for _ in range(node_count)]
     fill = [rng.uniform(0.2, 0.95) for _ in range(node_count)]
-    produced = 0
     for minute in range(SAMPLES_PER_NODE):
         at = (start + timedelta(minutes=minute, seconds=rng.randrange(60))).strftime("%Y-%m-%d %H:%M:%S")
         for node in range(node_count):
-            if produced == n:
-                return
             used = int(totals[node] * min(1.0, fill[node] + minute * 0.0001))
             errors = rng.choice((0, 0, 0, 0, 1, 2)) if rng.random() < 0.1 else 0
             yield (at, f"node-{node:04d}", totals[node], used, round(rng.uniform(0.05, 24.0), 2), errors)
-            produced += 1
 
 
 def _load(cur, table, rows):
@@ -185,11 +164,8 @@ def _load(cur, table, rows):
     return count
 
 
-# --- agent configuration -----------------------------------------------------------
-
 def sample_config_path():
-    from ganymede_agent import archive
-    return os.path.join(os.path.dirname(archive.__file__), "agent.cfg.sample")
+    return os.path.join(os.path.dirname(ganymede_agent.__file__), "agent.cfg.sample")
 
 
 def sample_datasets():
@@ -205,14 +181,14 @@ def write_agent_config(path, *, api_url, agent_id, token, geo, database, spool_d
                        retry_budget_seconds=300, retry_base_seconds=1.0, retry_cap_seconds=60,
                        request_timeout_seconds=60, datasets=None):
     """Write an agent config (mode 0600) for the demo and tests; the SQL comes from the sample."""
-    parser = configparser.ConfigParser(interpolation=None)
+    parser = configparser.ConfigParser(interpolation=None)  # it writes each value with str()
     parser["agent"] = {"agent_id": agent_id, "geo": geo}
-    parser["api"] = {"url": api_url, "token": token, "timeout_seconds": str(request_timeout_seconds)}
-    parser["database"] = {"host": db_host, "port": str(db_port), "user": db_user, "password": db_password,
+    parser["api"] = {"url": api_url, "token": token, "timeout_seconds": request_timeout_seconds}
+    parser["database"] = {"host": db_host, "port": db_port, "user": db_user, "password": db_password,
                           "database": database}
-    parser["spool"] = {"dir": spool_dir, "max_mb": str(spool_max_mb)}
-    parser["retry"] = {"budget_seconds": str(retry_budget_seconds), "base_seconds": str(retry_base_seconds),
-                       "cap_seconds": str(retry_cap_seconds)}
+    parser["spool"] = {"dir": spool_dir, "max_mb": spool_max_mb}
+    parser["retry"] = {"budget_seconds": retry_budget_seconds, "base_seconds": retry_base_seconds,
+                       "cap_seconds": retry_cap_seconds}
     parser["datasets"] = datasets if datasets is not None else sample_datasets()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)

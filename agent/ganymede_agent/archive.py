@@ -1,18 +1,11 @@
 """The archive format, written here once; the server reads it (ganymede.archives).
 
-An archive is a gzip'd ustar file: `manifest.json` first, then one CSV per
-dataset (`<dataset>.csv`, UTF-8, header row, '\\n' line ends, the csv module's
-minimal quoting, and quotes around any field holding a '\\r' too). Values are
-the GEO database's text, exactly. SQL NULL is an empty field, so the format
-cannot tell NULL from '': it need not, because the server's catalog refuses an
-empty value in every column, so neither is ever silently turned into the other.
-
+A gzip'd ustar file: `manifest.json` first, then one `<dataset>.csv` per
+dataset (UTF-8, header row, '\\n' line ends, minimal quoting plus quotes around
+any field holding a '\\r'; SQL NULL is an empty field, see docs/agent.md).
 Everything that could vary between two builds of the same rows is pinned
-(member order; member times = the hour's start, uid/gid 0, no owner names,
-mode 0644; gzip header time 0 and no file name; the compression level), so the
-same rows give byte-identical archives. Rows stream to CSV files in a
-temporary directory, then the tar.gz is written from them on this one thread:
-the agent shares its machine with the GEO's database.
+(member order, times, owners, modes, gzip header, compression level), so the
+same rows give byte-identical archives.
 """
 import csv
 import gzip
@@ -76,9 +69,8 @@ def _tarinfo(name, size, mtime):
 def build_archive(dest, manifest_fields, datasets, workdir=None, compresslevel=1):
     """Write an archive atomically at `dest` and return its manifest.
 
-    `datasets` yields (name, header, rows); rows stream to CSV files in a
-    temporary directory under `workdir` (never memory). `manifest_fields` must
-    hold agent_id, geo and hour ('YYYY-MM-DDTHH').
+    `datasets` yields (name, header, rows), streamed to CSV files under `workdir`
+    (never memory); `manifest_fields` holds agent_id, geo and hour ('YYYY-MM-DDTHH').
     """
     workdir = workdir or os.path.dirname(os.path.abspath(dest))
     os.makedirs(workdir, exist_ok=True)
@@ -131,8 +123,8 @@ def sha256_file(path):
 def validate_manifest(manifest):
     """The manifest's own shape; the server checks agent and hour against its transaction."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        raise ArchiveError(f"unsupported manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r}",
-                           MANIFEST_NAME)
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ArchiveError(f"unsupported manifest format {found!r}", MANIFEST_NAME)
     for field in ("agent_id", "geo", "hour"):
         if not isinstance(manifest.get(field), str):
             raise ArchiveError(f"missing or invalid {field!r}", MANIFEST_NAME)
@@ -144,7 +136,7 @@ def validate_manifest(manifest):
         if not _DATASET_NAME.match(name) or not isinstance(entry, dict) or entry.get("file") != name + ".csv":
             raise ArchiveError(f"invalid dataset entry {name!r}", MANIFEST_NAME)
         for field in ("rows", "bytes"):
-            if not isinstance(entry.get(field), int) or isinstance(entry.get(field), bool) or entry[field] < 0:
+            if type(entry.get(field)) is not int or entry[field] < 0:  # bool is an int, but not a count
                 raise ArchiveError(f"dataset {name!r}: invalid {field!r}", MANIFEST_NAME)
         if not isinstance(entry.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
             raise ArchiveError(f"dataset {name!r}: invalid 'sha256'", MANIFEST_NAME)

@@ -1,9 +1,5 @@
 """`ganymede-agent`: collect this GEO's stats for UTC hours and deliver them to ganymede-api.
 
-Runs hourly from the `stats` user's cron; manual runs are safe (a lock keeps
-runs apart). Each run: collect the hours due into the spool, then deliver
-every spooled hour, oldest first.
-
 Exit codes:
   0  everything collected and delivered (or, with --dry-run, shown)
   1  something was kept for a later run: the API or the GEO database was
@@ -125,9 +121,9 @@ def main(argv=None):
     except config.ConfigError as exc:
         usage_error(str(exc))
     source = collect.Source(cfg.database, cfg.datasets)
-    if args.dry_run:
-        return dry_run(cfg, source, hours)
     spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
+    if args.dry_run:
+        return dry_run(cfg, source, spool, hours)
     try:
         with spool.locked():
             return Run(cfg, source, spool).run(hours, replace=args.replace)
@@ -143,9 +139,7 @@ class Run:
 
     def __init__(self, cfg, source, spool):
         self.cfg, self.source, self.spool = cfg, source, spool
-        self.api = Api(cfg.api_url, cfg.agent_id, cfg.token, cfg.timeout,
-                       RetryBudget(cfg.retry.budget_seconds, cfg.retry.base_seconds, cfg.retry.cap_seconds),
-                       ca_file=cfg.ca_file)
+        self.api = Api(cfg.api_url, cfg.agent_id, cfg.token, cfg.timeout, RetryBudget(*cfg.retry), ca_file=cfg.ca_file)
 
     def run(self, hours=None, replace=False):
         state = self.spool.read_state()
@@ -160,7 +154,6 @@ class Run:
 
     def collect(self, hours, default, state):
         """Build each hour's archive into the spool; returns the hours that could not be collected."""
-        uncollected = set(state.get("uncollected", []))
         failed = []
         for hour in hours:
             try:
@@ -168,13 +161,11 @@ class Run:
             except collect.CollectError as exc:
                 log.error("hour %s kept for the next run: not collected: %s", hour, exc)
                 failed.append(hour)
-                uncollected.add(hour)
                 continue
-            uncollected.discard(hour)
             log.debug("hour %s built: %s", hour, _rows(manifest))
             self.spool.count("built")
             self.spool.enforce_limit(keep=hour)
-        changes = {"uncollected": sorted(uncollected)}
+        changes = {"uncollected": sorted(set(state.get("uncollected", [])).difference(hours).union(failed))}
         if default:
             done = [h for h in hours if h not in failed]
             if done and done[-1] > state.get("last_collected", ""):
@@ -198,24 +189,20 @@ class Run:
             replace = hour in self.spool.read_state().get("replace", [])
             try:
                 result = self.api.deliver(hour, path, archive.sha256_file(path), replace=replace)
-            except Unavailable as exc:
+            except (Unavailable, Misdirected, Refused) as exc:
+                if isinstance(exc, Refused) and not exc.auth:
+                    self.spool.reject(hour, exc.reason())
+                    self.spool.count("rejected")
+                    log.error("hour %s REJECTED by the API, moved to %s: %s", hour, self.spool.rejected_dir, exc)
+                    code = EXIT_REJECTED
+                    continue
+                level, why, stop = {Unavailable: (logging.WARNING, "API unavailable: ", EXIT_KEPT),
+                                    Misdirected: (logging.ERROR, "", EXIT_USAGE),
+                                    Refused: (logging.ERROR, "the API refused this agent's credentials: ", EXIT_AUTH)
+                                    }[type(exc)]
                 for kept in pending[i:]:
-                    log.warning("hour %s kept in the spool: API unavailable: %s", kept, exc)
-                return max(code, EXIT_KEPT)
-            except Misdirected as exc:
-                for kept in pending[i:]:
-                    log.error("hour %s kept in the spool: %s", kept, exc)
-                return max(code, EXIT_USAGE)
-            except Refused as exc:
-                if exc.auth:
-                    for kept in pending[i:]:
-                        log.error("hour %s kept in the spool: the API refused this agent's credentials: %s", kept, exc)
-                    return EXIT_AUTH
-                self.spool.reject(hour, exc.reason())
-                self.spool.count("rejected")
-                log.error("hour %s REJECTED by the API, moved to %s: %s", hour, self.spool.rejected_dir, exc)
-                code = EXIT_REJECTED
-                continue
+                    log.log(level, "hour %s kept in the spool: %s%s", kept, why, exc)
+                return max(code, stop)
             self.spool.remove(hour)
             if replace:
                 self.spool.update_state(replace=[h for h in self.spool.read_state().get("replace", []) if h != hour])
@@ -233,14 +220,12 @@ def build(cfg, source, hour, dest, workdir):
         return archive.build_archive(dest, fields, datasets, workdir)
 
 
-def dry_run(cfg, source, hours):
+def dry_run(cfg, source, spool, hours):
     """Show what a run would send: the spooled hours, then the hours it would collect, built aside."""
-    spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
-    spooled = spool.hours() if os.path.isdir(spool.dir) else []
-    state = spool.read_state() if os.path.isdir(spool.dir) else {}
-    for hour in spooled:
+    spooled = os.path.isdir(spool.dir)
+    for hour in spool.hours() if spooled else []:
         print(f"would deliver spooled hour {hour}: {os.path.getsize(spool.path_for(hour))} bytes")
-    hours = due_hours(state, cfg.catch_up_hours) if hours is None else hours
+    hours = due_hours(spool.read_state() if spooled else {}, cfg.catch_up_hours) if hours is None else hours
     code = EXIT_OK
     with tempfile.TemporaryDirectory(prefix="ganymede-agent-dry-run-") as tmp:
         for hour in hours:

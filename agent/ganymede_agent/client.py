@@ -1,10 +1,6 @@
-"""Talking to ganymede-api over HTTP (urllib): retries, and the delivery protocol.
+"""Talking to ganymede-api over HTTP (urllib): retries within one budget per run, and the delivery protocol.
 
-Transient failures (connection refused or reset, timeouts, 5xx, 408, 429)
-are retried with exponential backoff, full jitter and a cap, honouring
-Retry-After, inside one time budget per run: once it is spent the run gives
-up and what is unsent stays in the spool. Any other 4xx is permanent. Every
-call is safe to repeat, because the API is idempotent per (agent, hour).
+Every call is safe to repeat, because the API is idempotent per (agent, hour).
 """
 import email.utils
 import http.client
@@ -16,8 +12,9 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from collections import namedtuple
 from datetime import datetime, timezone
+from itertools import count
 from urllib.parse import urljoin, urlsplit
 
 from . import __version__
@@ -29,19 +26,15 @@ AUTH_STATUSES = frozenset({401, 403})
 _PROTOCOL_RESTARTS = 3
 
 
-class ApiError(Exception):
-    """Base of what the API or the network did to a call."""
-
-
-class Unavailable(ApiError):
+class Unavailable(Exception):
     """Transient failures outlasted the run's retry budget (or cannot be retried, like a bad certificate)."""
 
 
-class Misdirected(ApiError):
+class Misdirected(Exception):
     """[api] url does not lead to the API: a redirect, or no transactions endpoint there. Nothing is rejected."""
 
 
-class Refused(ApiError):
+class Refused(Exception):
     """The API refused a call for good (a 4xx other than 408/429): `status`, the server's `error`, `body`."""
 
     def __init__(self, call, status, body):
@@ -58,18 +51,9 @@ class Refused(ApiError):
         return {"call": self.call, "status": self.status, "error": self.error, "response": self.body}
 
 
-@dataclass
-class Response:
-    status: int
-    body: dict
-    headers: dict = field(default_factory=dict)
-
-
-@dataclass
-class Delivered:
-    transaction_id: str
-    rows: dict
-    already: bool = False  # the server had completed this very archive before (a lost answer)
+Response = namedtuple("Response", "status body headers")
+# already: the server had completed this very archive before (a lost answer)
+Delivered = namedtuple("Delivered", "transaction_id rows already", defaults=(False,))
 
 
 class RetryBudget:
@@ -136,8 +120,7 @@ class Api:
     def call(self, method, path, json_body=None, file_path=None, headers=None):
         """One API call, retried while transient; returns the Response for any other status."""
         url, call = self.url(path), f"{method} {urlsplit(self.url(path)).path}"
-        attempt = 0
-        while True:
+        for attempt in count():
             try:
                 response = self._once(method, url, json_body, file_path, headers or {})
             except ssl.SSLCertVerificationError as exc:
@@ -154,12 +137,10 @@ class Api:
                 failure = f"{call}: HTTP {response.status} {response.body.get('error', '')}".rstrip()
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
             self.budget.wait(attempt, retry_after, failure)
-            attempt += 1
 
     def _once(self, method, url, json_body, file_path, extra_headers):
         headers = {"Authorization": f"Bearer {self._token}", "X-Agent-Id": self.agent_id,
-                   "Accept": "application/json", "User-Agent": f"ganymede-agent/{__version__}"}
-        headers.update(extra_headers)
+                   "Accept": "application/json", "User-Agent": f"ganymede-agent/{__version__}", **extra_headers}
         body = None
         if json_body is not None:
             body = json.dumps(json_body).encode()
@@ -172,11 +153,9 @@ class Api:
             body = b""
         request = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
-            with self._opener.open(request, timeout=self.timeout) as resp:
-                return Response(resp.status, _json(resp.read()), {k.lower(): v for k, v in resp.headers.items()})
+            resp = self._opener.open(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            with exc:
-                return Response(exc.code, _json(exc.read()), {k.lower(): v for k, v in exc.headers.items()})
+            resp = exc
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, ssl.SSLCertVerificationError):
                 raise exc.reason from None
@@ -184,22 +163,19 @@ class Api:
         finally:
             if hasattr(body, "close"):
                 body.close()
+        with resp:
+            return Response(resp.status, _json(resp.read()), {k.lower(): v for k, v in resp.headers.items()})
 
-    # --- the delivery protocol -----------------------------------------------------
     def deliver(self, hour, path, sha256, replace=False):
-        """Create (or resume) the hour's transaction, upload the archive, complete it.
+        """Create (or resume) the hour's transaction, upload the archive, complete it; returns Delivered.
 
-        Returns Delivered once the API confirms completion; raises Refused for a
-        permanent refusal and Unavailable when the retry budget runs out. A
-        replacement is asked for only when the server holds a different archive
+        A replacement is asked for only when the server holds a different archive
         for the hour, so retrying a replacement that already completed is a no-op.
         """
         for _ in range(_PROTOCOL_RESTARTS):
             r = self.call("POST", "/v1/transactions", {"agent_id": self.agent_id, "hour": hour, "replace": False})
-            if r.status == 409:
-                done = self._completed_with(r.body.get("transaction_id"), sha256)
-                if done:
-                    return done
+            if r.status == 409 and (done := self._completed_with(r.body.get("transaction_id"), sha256)):
+                return done
             if r.status == 409 and replace:
                 r = self.call("POST", "/v1/transactions", {"agent_id": self.agent_id, "hour": hour, "replace": True})
             if r.status == 409:
@@ -214,8 +190,7 @@ class Api:
             if not (tx.get("state") == "uploaded" and tx.get("sha256") == sha256):
                 r = self.call("PUT", tx["upload_url"], file_path=path, headers={"X-Archive-SHA256": sha256})
                 if r.status == 409:
-                    done = self._completed_with(tx["transaction_id"], sha256)
-                    if done:
+                    if done := self._completed_with(tx["transaction_id"], sha256):
                         return done
                     continue  # the transaction moved on (abandoned, failed): start again
                 _expect(r, f"PUT {tx['upload_url']}", 200, 201)
@@ -223,8 +198,7 @@ class Api:
             if r.status == 200:
                 return Delivered(tx["transaction_id"], r.body.get("rows") or {})
             if r.status == 409:
-                done = self._completed_with(tx["transaction_id"], sha256)
-                if done:
+                if done := self._completed_with(tx["transaction_id"], sha256):
                     return done
                 continue
             _expect(r, f"POST {tx['complete_url']}", 200)

@@ -1,21 +1,11 @@
-"""Reading an hour's datasets from the GEO database, every value exactly as stored.
+"""Reading an hour's datasets from the GEO database, every value exactly as stored (docs/agent.md).
 
-One reader: pymysql's server-side cursor (SSCursor), fetched in batches, so an
-hour is never all in memory. The connection keeps pymysql's encoders but no
-decoders (its public `conv` argument), so each value arrives as the server's
-own text for the column and nothing is parsed and printed again: integers as
-digits, DOUBLE/DECIMAL as the server prints them, text exactly as stored (the
-text 'NULL', '\\N', '', tabs, newlines, quotes, backslashes, any UTF-8). Besides:
-
-- DATETIME/TIMESTAMP become 'YYYY-MM-DDTHH:MM:SS[.ffffff]', in UTC (the
-  session's time_zone is '+00:00').
-- SQL NULL is None, which the archive writes as an empty field.
-- Binary strings (BINARY, VARBINARY, BLOB, BIT) arrive as bytes. A value that
-  is valid UTF-8 is that text; any other stops the hour with a CollectError
-  naming the dataset and the column. It is not encoded into something else: the
-  archive would then carry a value the database never held. The hour stays
-  due, the log says which column to convert in the dataset's SQL (HEX(col),
-  CONVERT(col USING utf8mb4)), and the first run after the fix collects it.
+pymysql's server-side cursor, fetched in batches, so an hour is never all in
+memory. The connection keeps pymysql's encoders but no decoders (its `conv`
+argument): each value is the server's own text, never parsed and printed
+again; only DATETIME/TIMESTAMP become ISO text, in UTC. A binary value that is
+not UTF-8 stops the hour (CollectError naming dataset and column) rather than
+being encoded into a value the database never held.
 """
 from datetime import datetime, timedelta
 from operator import itemgetter
@@ -65,10 +55,11 @@ class Source:
     def __init__(self, db, sql_by_dataset):
         self.db, self.sql_by_dataset = db, sql_by_dataset
 
-    def connect(self):
-        db = self.db
+    def datasets(self, hour):
+        """The hour's datasets, each streamed when build_archive reaches it."""
+        db, start = self.db, parse_hour(hour) if isinstance(hour, str) else hour
         try:
-            return pymysql.connect(
+            conn = pymysql.connect(
                 host=db.host, port=db.port, user=db.user, password=db.password, database=db.database,
                 unix_socket=db.unix_socket or None, connect_timeout=db.connect_timeout, charset="utf8mb4",
                 conv=_CONVERSIONS, autocommit=True, init_command="SET time_zone = '+00:00'",
@@ -77,17 +68,11 @@ class Source:
         except pymysql.MySQLError as exc:
             raise CollectError(f"GEO database {db.database!r} at {db.unix_socket or f'{db.host}:{db.port}'}: "
                                f"{_mysql_reason(exc)}") from None
-
-    def datasets(self, hour):
-        """The hour's datasets, each streamed when build_archive reaches it."""
-        start = parse_hour(hour) if isinstance(hour, str) else hour
-        params = {"start": start, "end": start + timedelta(hours=1)}
-        conn = self.connect()
         try:
             for name, sql in self.sql_by_dataset.items():
                 cur = conn.cursor(pymysql.cursors.SSCursor)
                 try:
-                    cur.execute(sql, params)
+                    cur.execute(sql, {"start": start, "end": start + timedelta(hours=1)})
                 except pymysql.MySQLError as exc:
                     raise CollectError(f"dataset {name!r}: {_mysql_reason(exc)}") from None
                 if cur.description is None:
@@ -122,5 +107,4 @@ def _text(value, dataset, column):
 
 
 def _mysql_reason(exc):
-    args = getattr(exc, "args", ())
-    return " ".join(str(args[-1] if args else exc).split()) or type(exc).__name__
+    return " ".join(str(exc.args[-1] if exc.args else exc).split()) or type(exc).__name__

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import stat
+from collections import namedtuple
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -15,6 +16,7 @@ DEFAULT_PATH = "/etc/ganymede/agent.cfg"
 OBSOLETE = ("reader", "client_path")  # [database] keys of the removed command-line client reader
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_REQUIRED = object()
 log = logging.getLogger("ganymede_agent")
 
 
@@ -22,11 +24,7 @@ class ConfigError(Exception):
     """A config problem, said in one line (the CLI prints it and exits 2)."""
 
 
-@dataclass(frozen=True)
-class Retry:
-    budget_seconds: float = 300.0
-    base_seconds: float = 1.0
-    cap_seconds: float = 60.0
+Retry = namedtuple("Retry", "budget_seconds base_seconds cap_seconds")  # RetryBudget's arguments, in order
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,25 @@ def load(path=DEFAULT_PATH, agent_id=None):
             parser.read_file(f)
     except (OSError, UnicodeDecodeError, configparser.Error) as exc:
         raise ConfigError(f"cannot parse config file {path}: {' '.join(str(exc).split())}") from None
-    get = _Getter(parser, path)
+
+    def get(section, key, default=_REQUIRED, kind=None):
+        """A stripped value, or `kind` of it (a non-negative number); one-line errors name the key."""
+        value = parser.get(section, key, fallback=None)
+        if value is None or (value.strip() == "" and default is _REQUIRED):
+            if default is _REQUIRED:
+                raise ConfigError(f"{path}: [{section}] {key} is required")
+            value = str(default)
+        value = value.strip()
+        if kind is None:
+            return value
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ConfigError(f"{path}: [{section}] {key} must be a number, not {value!r}") from None
+        if number < 0:
+            raise ConfigError(f"{path}: [{section}] {key} must not be negative")
+        return number
+
     agent_id = agent_id or get("agent", "agent_id", "")
     if not agent_id:
         raise ConfigError(f"{path}: no agent id ([agent] agent_id or --agent-id)")
@@ -92,10 +108,10 @@ def load(path=DEFAULT_PATH, agent_id=None):
     if urlsplit(api_url).scheme not in ("http", "https") or not urlsplit(api_url).netloc:
         raise ConfigError(f"{path}: [api] url must be an http:// or https:// URL, not {api_url!r}")
     db = Database(
-        host=get("database", "host", "127.0.0.1"), port=get.int("database", "port", 3306),
+        host=get("database", "host", "127.0.0.1"), port=get("database", "port", 3306, int),
         user=get("database", "user", "root"), password=get("database", "password", ""),
         database=get("database", "database"), unix_socket=get("database", "unix_socket", ""),
-        connect_timeout=get.float("database", "connect_timeout_seconds", 10),
+        connect_timeout=get("database", "connect_timeout_seconds", 10, float),
     )
     obsolete = [key for key in OBSOLETE if parser.has_option("database", key)]
     if obsolete:
@@ -104,16 +120,16 @@ def load(path=DEFAULT_PATH, agent_id=None):
     ca_file = get("api", "ca_file", "")
     if ca_file and not os.access(ca_file, os.R_OK):
         raise ConfigError(f"{path}: [api] ca_file {ca_file} is not a readable file")
-    retry = Retry(budget_seconds=get.float("retry", "budget_seconds", 300),
-                  base_seconds=get.float("retry", "base_seconds", 1),
-                  cap_seconds=get.float("retry", "cap_seconds", 60))
+    retry = Retry(budget_seconds=get("retry", "budget_seconds", 300, float),
+                  base_seconds=get("retry", "base_seconds", 1, float),
+                  cap_seconds=get("retry", "cap_seconds", 60, float))
     return Config(
         path=path, agent_id=agent_id, geo=get("agent", "geo"), api_url=api_url, token=get("api", "token"),
-        timeout=get.float("api", "timeout_seconds", 60), ca_file=ca_file,
+        timeout=get("api", "timeout_seconds", 60, float), ca_file=ca_file,
         database=db, spool_dir=get("spool", "dir"),
-        spool_max_bytes=int(get.float("spool", "max_mb", 1024) * 1024 * 1024),
+        spool_max_bytes=int(get("spool", "max_mb", 1024, float) * 1024 * 1024),
         retry=retry, datasets=_datasets(parser, path),
-        catch_up_hours=get.int("agent", "catch_up_hours", 24),
+        catch_up_hours=get("agent", "catch_up_hours", 24, int),
     )
 
 
@@ -129,36 +145,3 @@ def _datasets(parser, path):
             raise ConfigError(f"{path}: the SQL of dataset {name!r} must use %(start)s and %(end)s")
         datasets[name] = sql
     return datasets
-
-
-class _Getter:
-    """Typed reads with one-line errors naming the file, section and key."""
-
-    _MISSING = object()
-
-    def __init__(self, parser, path):
-        self.parser, self.path = parser, path
-
-    def __call__(self, section, key, default=_MISSING):
-        value = self.parser.get(section, key, fallback=None)
-        if value is None or (value.strip() == "" and default is self._MISSING):
-            if default is self._MISSING:
-                raise ConfigError(f"{self.path}: [{section}] {key} is required")
-            return default
-        return value.strip()
-
-    def _number(self, kind, section, key, default):
-        text = self(section, key, str(default))
-        try:
-            value = kind(text)
-        except ValueError:
-            raise ConfigError(f"{self.path}: [{section}] {key} must be a number, not {text!r}") from None
-        if value < 0:
-            raise ConfigError(f"{self.path}: [{section}] {key} must not be negative")
-        return value
-
-    def int(self, section, key, default):
-        return self._number(int, section, key, default)
-
-    def float(self, section, key, default):
-        return self._number(float, section, key, default)

@@ -1,14 +1,8 @@
-"""The spool: archives waiting for the API, on local disk, crash-safe.
+"""The spool: archives waiting for the API, on local disk (layout in docs/agent.md).
 
-    <dir>/lock                      flock'd by the running agent (holds its pid)
-    <dir>/state.json                counters and collection progress
-    <dir>/<YYYYMMDDHH>.tar.gz       one archive per hour, delivered oldest first
-    <dir>/rejected/<YYYYMMDDHH>.tar.gz + <YYYYMMDDHH>.reason.json
-                                    archives the API refused for good
-
-Archives arrive by build_archive (fsync, then an atomic rename) and leave only
-once the API has confirmed the hour complete. Everything else written here
-(state, reasons) goes through a temporary file, fsync and rename too.
+Crash-safe: archives arrive by build_archive (fsync, atomic rename) and leave
+only once the API has confirmed the hour; state and reasons are written the
+same way.
 """
 import errno
 import fcntl
@@ -41,23 +35,21 @@ def hour_key(hour):
     return hour.replace("-", "").replace("T", "")
 
 
-def key_hour(key):
-    return f"{key[0:4]}-{key[4:6]}-{key[6:8]}T{key[8:10]}"
-
-
 class Spool:
     def __init__(self, directory, agent_id, max_bytes):
         self.dir = os.path.abspath(directory)
         self.rejected_dir = os.path.join(self.dir, "rejected")
         self.agent_id, self.max_bytes = agent_id, max_bytes
         self.state_path = os.path.join(self.dir, "state.json")
-        self._lock_fd = None
 
-    # --- lock ---------------------------------------------------------------
     @contextmanager
     def locked(self):
         """Hold the spool's lock for the block; SpoolLocked if another run has it."""
-        self._ensure_dirs()
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            os.makedirs(self.rejected_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool directory {self.dir}: {exc.strerror}") from None
         path = os.path.join(self.dir, "lock")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -73,54 +65,33 @@ class Spool:
                 raise SpoolLocked(f"another ganymede-agent run (pid {holder}) holds {path}") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self._lock_fd = fd
-            self._check_owner()
-            self._clean_leftovers()
+            owner = self.read_state().get("agent_id")
+            if owner and owner != self.agent_id:
+                raise SpoolError(f"spool {self.dir} belongs to agent {owner!r}, not {self.agent_id!r}; "
+                                 "give each agent id its own [spool] dir")
+            if not owner:
+                self.update_state(agent_id=self.agent_id)
+            for name in os.listdir(self.dir):  # half-built archives of a crashed run: never delivered
+                if name.startswith(".build-") and os.path.isdir(os.path.join(self.dir, name)):
+                    shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+                elif name.endswith(".tmp"):
+                    os.unlink(os.path.join(self.dir, name))
             yield self
         finally:
-            self._lock_fd = None
             os.close(fd)  # closing releases the flock
 
-    def _ensure_dirs(self):
-        try:
-            os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            os.makedirs(self.rejected_dir, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise SpoolError(f"cannot create spool directory {self.dir}: {exc.strerror}") from None
-
-    def _check_owner(self):
-        owner = self.read_state().get("agent_id")
-        if owner and owner != self.agent_id:
-            raise SpoolError(f"spool {self.dir} belongs to agent {owner!r}, not {self.agent_id!r}; "
-                             "give each agent id its own [spool] dir")
-        if not owner:
-            self.update_state(agent_id=self.agent_id)
-
-    def _clean_leftovers(self):
-        """Half-built archives of a run that crashed: never delivered, safe to remove."""
-        for name in os.listdir(self.dir):
-            path = os.path.join(self.dir, name)
-            if name.startswith(".build-") and os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif name.endswith(".tmp"):
-                os.unlink(path)
-
-    # --- archives -------------------------------------------------------------
     def path_for(self, hour):
         return os.path.join(self.dir, hour_key(hour) + ".tar.gz")
 
     def hours(self):
         """Spooled hours, oldest first."""
         keys = sorted(m.group(1) for m in map(_ARCHIVE.match, os.listdir(self.dir)) if m)
-        return [key_hour(k) for k in keys]
-
-    def size(self):
-        return sum(os.path.getsize(self.path_for(h)) for h in self.hours())
+        return [f"{k[0:4]}-{k[4:6]}-{k[6:8]}T{k[8:10]}" for k in keys]
 
     def enforce_limit(self, keep):
         """Drop the oldest hours while the spool is over its limit, never `keep` (the hour just built)."""
         dropped = []
-        total = self.size()
+        total = sum(os.path.getsize(self.path_for(h)) for h in self.hours())
         for hour in self.hours():
             if total <= self.max_bytes:
                 break
@@ -153,7 +124,6 @@ class Spool:
         fsync_path(self.rejected_dir)
         fsync_path(self.dir)
 
-    # --- state -----------------------------------------------------------------
     def read_state(self):
         try:
             with open(self.state_path, encoding="utf-8") as f:
@@ -165,14 +135,10 @@ class Spool:
             return {}
 
     def update_state(self, **changes):
-        state = self.read_state()
-        state.update(changes)
-        _write_json(self.state_path, state)
-        return state
+        _write_json(self.state_path, dict(self.read_state(), **changes))
 
-    def count(self, counter, n=1):
-        state = self.read_state()
-        self.update_state(**{counter: state.get(counter, 0) + n})
+    def count(self, counter):
+        self.update_state(**{counter: self.read_state().get(counter, 0) + 1})
 
 
 def utc_now():
@@ -188,4 +154,3 @@ def _write_json(path, data):
         os.fsync(f.fileno())
     os.replace(part, path)
     fsync_path(os.path.dirname(path))
-
