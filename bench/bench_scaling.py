@@ -32,11 +32,6 @@ import common
 DEADLINE_S = 45 * 60
 
 
-def luigid_rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def run_point(n, rows, workers, load_tasks):
     """One hour of `n` transactions of `rows` rows per dataset; returns its figures."""
     from ganymede import hours, markers
@@ -66,7 +61,7 @@ def run_point(n, rows, workers, load_tasks):
             raise SystemExit(f"N={n}: the extract holds {len(extract['transactions'])} transactions and "
                              f"{sum(extract['counts'].values())} rows, expected {n} and {3 * n * rows}")
         return {"n": n, "rows": rows, "wall": wall, "created": created, "luigid_cpu": luigid_cpu,
-                "luigid_rss": luigid_rss_mb(luigid.proc.pid), "luigi_cpu": usage["cpu_s"], "luigi_rss": maxrss,
+                "luigid_rss": common.vmhwm_mb(luigid.proc.pid), "luigi_cpu": usage["cpu_s"], "luigi_rss": maxrss,
                 "load_tasks": {f: stats[f]["tasks"] for f in ("LoadTransaction", "LoadBatch") if f in stats}}
     finally:
         luigid.stop()

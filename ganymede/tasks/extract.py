@@ -329,22 +329,22 @@ class GlassbeamExtract(luigi.Task):
         yield load_tasks(self.hour, [t for t in plan.transactions if not LoadTransaction(
             transaction_id=t["transaction_id"], hour=self.hour, agent_id=t["agent_id"]).complete()])
         client, db = mongo.connect(config.mongodb())
-        with closing(client), closing(mysql.connect(config.mysql())) as conn:
-            # a load may have isolated its transaction meanwhile
-            states = txlog.states(conn, [t["transaction_id"] for t in plan.transactions])
-            transactions = [t for t in plan.transactions if states.get(t["transaction_id"]) != "failed"]
-            if self.round and not transactions:
-                raise GanymedeError(f"extract round {self.round} of {hours.format_hour(self.hour)}: no completed "
-                                    "transaction that another round does not hold; an empty supplementary is not "
-                                    "written")
-            results = check_quality(conn, db, self.hour, self.round, transactions, plan.expected)
-        blocking = [r.line() for r in quality.failed(results) if r.blocking]
-        if blocking:
-            raise QualityError(f"{hours.format_hour(self.hour)}: blocking quality check failed: {'; '.join(blocking)}")
-        tx_ids = sorted(t["transaction_id"] for t in transactions)
-        path = state_root().extract(self.hour, self.round)
-        client, db = mongo.connect(config.mongodb())
         with closing(client):
+            with closing(mysql.connect(config.mysql())) as conn:
+                # a load may have isolated its transaction meanwhile
+                states = txlog.states(conn, [t["transaction_id"] for t in plan.transactions])
+                transactions = [t for t in plan.transactions if states.get(t["transaction_id"]) != "failed"]
+                if self.round and not transactions:
+                    raise GanymedeError(f"extract round {self.round} of {hours.format_hour(self.hour)}: no completed "
+                                        "transaction that another round does not hold; an empty supplementary is "
+                                        "not written")
+                results = check_quality(conn, db, self.hour, self.round, transactions, plan.expected)
+            blocking = [r.line() for r in quality.failed(results) if r.blocking]
+            if blocking:
+                raise QualityError(f"{hours.format_hour(self.hour)}: blocking quality check failed: "
+                                   f"{'; '.join(blocking)}")
+            tx_ids = sorted(t["transaction_id"] for t in transactions)
+            path = state_root().extract(self.hour, self.round)
             lines = extract_lines(db, self.hour, tx_ids, select_in_query=self.round > 0)
             sha256, size, by_dataset, by_agent = write_extract(path, lines)
         cfg = config.extract()

@@ -229,6 +229,11 @@ def load_transaction(conn, db, staged, archive_path, work_path, batch_size, reje
 
 # --- tasks ---------------------------------------------------------------------
 
+def load_resource(agent_id, hour):
+    """The luigid resource (capacity 1) every load of an agent's hour holds."""
+    return f"ganymede-load:{agent_id}:{hours.compact(hour)}"
+
+
 class StageTransaction(TransactionTask):
     """The archive's rows in MySQL staging, tagged with the transaction; or the transaction isolated."""
 
@@ -263,7 +268,7 @@ class LoadTransaction(TransactionTask):
 
     @property
     def resources(self):
-        return {f"ganymede-load:{self.agent_id}:{hours.compact(self.hour)}": 1}
+        return {load_resource(self.agent_id, self.hour): 1}
 
     def output(self):
         return self.marker("loaded")
@@ -354,7 +359,7 @@ class LoadBatch(luigi.Task):
 
     @property
     def resources(self):
-        return {f"ganymede-load:{agent}:{hours.compact(self.hour)}": 1 for agent, _ in self.transactions}
+        return {load_resource(agent, self.hour): 1 for agent, _ in self.transactions}
 
     def output(self):
         """The members' load markers, named without building their tasks: Luigi keeps every task instance it
