@@ -1,17 +1,9 @@
-"""Server-side checks of an uploaded archive, and where it goes afterwards.
+"""Server-side checks of an uploaded archive (docs/security.md), and where it goes afterwards.
 
-The stream is read here, not by `tarfile`: tarfile holds a whole pax or GNU
-long-name header in memory before any limit of ours can run (a ~1 MB upload
-of a pax header of hundreds of MB of zeros took the API to 3 GB), and it never
-checks what follows the tar's end. So gzip is inflated 1 MiB at a time (one
-member, nothing after it, CRC32 and ISIZE checked by zlib), ustar headers are
-parsed here and only regular files with plain names accepted (any other kind
-refused from its 512-byte header, its body never read), and each CSV line is
-read with a bounded readline: a few MiB are held, whatever the archive declares.
-
-On top of the format, the archive is checked against the transaction's agent
-and hour and the dataset catalog, every row parsed as the pipeline will parse
-it; then it is installed under upload/ or quarantined with the reason beside it.
+The stream is read here, not by `tarfile`: tarfile holds a whole pax or GNU long-name header in memory before
+any limit of ours can run (a ~1 MB upload of a pax header of hundreds of MB of zeros took the API to 3 GB),
+and it never checks what follows the tar's end. Here gzip is inflated 1 MiB at a time, any header but a
+regular file's is refused from its 512 bytes, and CSV lines are read with a bounded readline.
 """
 import csv
 import hashlib
@@ -47,6 +39,8 @@ def printable(text):
 
 
 class _HashingReader:
+    """The file as read, hashed; drain() reads the rest and returns the hex digest."""
+
     def __init__(self, raw):
         self.raw, self.sha256 = raw, hashlib.sha256()
 
@@ -72,40 +66,31 @@ class Limits:
 
 
 class _Gzip:
-    """The inflated bytes of exactly one gzip member, at most _CHUNK held at a time."""
+    """The inflated bytes of exactly one gzip member (CRC32 and ISIZE checked by zlib), _CHUNK at a time."""
 
     def __init__(self, raw):
         self.raw, self.inflater, self.seen = raw, zlib.decompressobj(16 + zlib.MAX_WBITS), 0
-        self.buffer, self.offset = b"", 0
+        self.buffer = memoryview(b"")
 
-    def _fill(self):
-        """Inflate the next piece into the buffer; False at the end of the gzip member."""
-        while not self.inflater.eof:
+    def read(self, n):
+        """Up to n bytes, b"" only at the end of the gzip member."""
+        while not self.buffer and not self.inflater.eof:
             data = self.inflater.unconsumed_tail
             if not data:
                 data = self.raw.read(_CHUNK)
                 self.seen += len(data)
-            try:
-                out = self.inflater.decompress(data, _CHUNK)
-            except zlib.error as exc:
-                raise ArchiveError(_gzip_reason(str(exc), self.seen)) from None
-            if out:
-                self.buffer, self.offset = out, 0
-                return True
             if not data:
                 raise ArchiveError("not a gzip'd tar archive (empty file)" if not self.seen
                                    else "truncated gzip stream (it ends before its CRC32 and length)")
-        return False
-
-    def read(self, n):
-        """Up to n bytes, b"" only at the end of the gzip member."""
-        if self.offset >= len(self.buffer) and not self._fill():
-            return b""
-        start, self.offset = self.offset, min(self.offset + n, len(self.buffer))
-        return self.buffer if start == 0 and self.offset == len(self.buffer) else self.buffer[start:self.offset]
+            try:
+                self.buffer = memoryview(self.inflater.decompress(data, _CHUNK))
+            except zlib.error as exc:
+                raise ArchiveError(_gzip_reason(str(exc), self.seen)) from None
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return bytes(data)
 
     def read_exact(self, n, name=None, truncated="truncated: the stream ends inside this member"):
-        data = self.read(n) if n else b""
+        data = b""
         while len(data) < n:
             more = self.read(n - len(data))
             if not more:
@@ -147,11 +132,7 @@ class _CheckedMember(io.RawIOBase):
         return True
 
     def readinto(self, buffer):
-        if not self.remaining or not len(buffer):
-            return 0
-        data = self.stream.read(min(len(buffer), self.remaining))
-        if not data:
-            raise ArchiveError("truncated: the stream ends inside this member", self.name)
+        data = self.stream.read_exact(min(len(buffer), self.remaining), self.name)
         self.remaining -= len(data)
         self.sha256.update(data)
         buffer[: len(data)] = data
@@ -168,12 +149,8 @@ class _CheckedMember(io.RawIOBase):
 
 
 def read_archive(fileobj, limits=Limits()):
-    """Stream an archive: yields ('manifest.json', manifest, None) then (name, entry, member) per dataset.
-
-    The caller reads each member (a binary stream) before asking for the next;
-    each is verified against the manifest here. The generator ends only after
-    the whole gzip stream was read and checked; ArchiveError for anything else.
-    """
+    """Yields ('manifest.json', manifest, None), then (dataset, entry, member) per member: read each member
+    (a binary stream) before asking for the next. Ends after the whole gzip stream was checked."""
     stream = _Gzip(fileobj)
     manifest, seen, total, count = None, set(), 0, 0
     while (header := _read_header(stream)) is not None:
@@ -274,11 +251,8 @@ def _read_manifest(stream, name, size, limits):
 
 
 def csv_rows(member, limits=Limits(), name=None):
-    """Rows of a CSV member (header included): strict UTF-8, '\\n' line ends, records of at most max_line_bytes.
-
-    Each line is read with a bounded readline and checked before csv parses it: a record (several lines when
-    a quoted field holds newlines) is refused as soon as it passes the limit, never held whole.
-    """
+    """Rows of a CSV member (header included): strict UTF-8, '\\n' line ends, records (lines, or several when
+    a quoted field holds newlines) refused as soon as they pass max_line_bytes, never held whole."""
     raw, limit, record, number = io.BufferedReader(member, _CHUNK), limits.max_line_bytes, 0, 0
 
     def lines():
@@ -353,11 +327,8 @@ def _check_rows(dataset, entry, member, hour, limits):
 
 
 def check_file(path, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
-    """Validate the archive at `path`: returns (counts, sha256 of the file's bytes).
-
-    An ArchiveError carries `file_sha256` too, so the caller can tell an agent's
-    bad archive from a server copy that no longer matches what was uploaded.
-    """
+    """(counts, sha256 of the file's bytes); an ArchiveError carries `file_sha256` too, so the caller can tell
+    an agent's bad archive from a server copy that no longer matches what was uploaded."""
     with open(path, "rb") as raw:
         reader = _HashingReader(raw)
         try:

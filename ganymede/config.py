@@ -1,8 +1,6 @@
-"""The sections of luigi.cfg, one luigi.Config class each.
+"""The sections of luigi.cfg, one luigi.Config class each, named as the section (like Luigi's `core`).
 
-Class names are the section names, as in Luigi's own `core` and `email`.
-Nothing here holds a secret: MySQL passwords come from an option file, S3 keys
-from .s3curl, agent tokens are stored hashed in MySQL.
+No secret here: MySQL passwords come from an option file, S3 keys from .s3curl, agent tokens hashed in MySQL.
 """
 import luigi
 
@@ -92,7 +90,6 @@ class api(luigi.Config):
     auth_failures_per_minute = luigi.IntParameter(default=20,
                                                   description="Wrong tokens accepted per client address per minute "
                                                               "(HTTP 429 beyond, for every request of that address)")
-
     listen_backlog = luigi.IntParameter(default=1024,
                                         description="Pending connections the kernel queues (a burst of agents)")
     metrics_address = luigi.Parameter(default="",

@@ -24,17 +24,15 @@ def chosen_path(option=None, environ=None):
 
 
 def use(option=None):
-    """Make the chosen file the only configuration of this process (exported as LUIGI_CONFIG_PATH for the
-    commands this one starts); returns its path."""
+    """Make the chosen file the only configuration of this process and of the commands it starts."""
     path, source = chosen_path(option)
     if not os.path.isfile(path):
         hint = "" if source != "the default" else "; give --config FILE or set LUIGI_CONFIG_PATH"
         raise ConfigError(f"config file {path} ({source}) does not exist{hint}")
     parser = luigi.configuration.get_config()
+    parser[parser.default_section].clear()
     for section in parser.sections():
         parser.remove_section(section)
-    for option_name in list(parser.defaults()):
-        parser.remove_option("DEFAULT", option_name)
     try:
         read = parser.read([path])
     except (configparser.Error, OSError, UnicodeDecodeError) as exc:

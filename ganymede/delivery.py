@@ -1,9 +1,6 @@
-"""Extract delivery: an atomic copy into the vendor's outbox, then an HTTPS POST when an endpoint is set.
-
-Retries are urllib3's `Retry` (docs/operations.md, "Extract delivery"), waits capped at MAX_RETRY_WAIT_S.
-Every attempt sends the same file with the same Idempotency-Key, so a receiver can drop the copy a lost
-response made us send again. Other answers (other 4xx, 3xx) and a certificate refused are not retried.
-"""
+"""Extract delivery (docs/operations.md, "Extract delivery"): an atomic copy into the vendor's outbox, then
+an HTTPS POST when an endpoint is set. Every attempt sends the same Idempotency-Key, so a receiver can drop
+the copy a lost response made us send again."""
 import os
 import shutil
 import ssl
@@ -23,11 +20,8 @@ MAX_RETRY_WAIT_S = 300
 
 
 def copy_to_outbox(path, outbox):
-    """Copy a file into the outbox atomically (the vendor's pickup directory); returns where.
-
-    The partial copy has a fixed name, so the rerun after a crash mid-copy overwrites it instead of leaving a
-    stray file for the vendor.
-    """
+    """Copy a file into the outbox atomically; returns where. The partial copy has a fixed name: the rerun
+    after a crash mid-copy overwrites it instead of leaving a stray file for the vendor."""
     dest = os.path.join(outbox, os.path.basename(path))
     partial = os.path.join(outbox, f".{os.path.basename(path)}.partial")
     os.makedirs(outbox, exist_ok=True)
@@ -64,7 +58,7 @@ class _Retry(Retry):
 
 
 def post_extract(path, sha256, hour, round_, cfg):
-    """POST the file to cfg.endpoint_url (see the module's comment); the delivery record or DeliveryError."""
+    """POST the file to cfg.endpoint_url; the delivery record or DeliveryError."""
     host, port, target, shown = https_target(cfg.endpoint_url)
     if cfg.attempts < 1:
         raise ConfigError("[extract] attempts must be at least 1")

@@ -1,7 +1,5 @@
 """Every exception Ganymede raises on purpose, with the context an operator needs and never a secret.
-
-Archive format errors live in ganymede_agent.archive: the agent must not import the server.
-"""
+(Archive format errors live in ganymede_agent.archive: the agent must not import the server.)"""
 
 
 class GanymedeError(Exception):

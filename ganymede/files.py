@@ -8,8 +8,8 @@ __all__ = ["fsync_path", "move_durably", "read_private", "sha256_file"]
 
 
 def move_durably(src, dst):
-    """Rename within one filesystem, creating the destination directory; the file and both directories
-    are fsync'd, so after a crash the file is in one place or the other, whole."""
+    """Rename within one filesystem; the file and both directories are fsync'd, so after a crash the file is
+    in one place or the other, whole."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     fsync_path(src)
     os.replace(src, dst)
@@ -19,11 +19,8 @@ def move_durably(src, dst):
 
 
 def read_private(path, error, missing_hint=""):
-    """The bytes of a file only its owner may read; `error(message)` builds the exception raised otherwise
-    (`missing_hint` is added to the message when the file does not exist).
-
-    Opened without blocking, so a FIFO planted at the path cannot hang the caller.
-    """
+    """The bytes of a file only its owner may read, else `error(message)` (with `missing_hint` if there is no
+    file). Opened without blocking, so a FIFO planted at the path cannot hang the caller."""
     path = os.path.expanduser(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)

@@ -8,7 +8,6 @@ HOUR_FORMAT = "%Y-%m-%dT%H"
 
 
 def utc(value):
-    """Fold an aware datetime to naive UTC; a naive one is taken as UTC already."""
     return value if value.tzinfo is None else value.astimezone(timezone.utc).replace(tzinfo=None)
 
 
@@ -48,7 +47,6 @@ def last_complete_hour(at=None):
 
 
 def window(hour):
-    """[start, end) of an hour."""
     start = floor_hour(hour)
     return start, start + timedelta(hours=1)
 

@@ -42,20 +42,17 @@ class StateRoot:
     quarantine = partialmethod(_archive, "quarantine")
 
     def transaction_marker(self, hour, agent_id, transaction_id, stage):
-        """state/…/HH/<agent>/<tx>.<stage>.json, e.g. stage 'staged' or 'loaded'."""
         return self._join("state", hour_dir(hour), check_id(agent_id, "agent id"),
                           f"{check_id(transaction_id, 'transaction id')}.{stage}.json")
 
     def hour_state(self, hour):
-        """state/YYYY/MM/DD/HH: the hour's markers."""
         return self._join("state", hour_dir(hour))
 
     def hour_marker(self, hour, stage):
-        """state/…/HH/<stage>.json, e.g. 'timeout' or 'backup'."""
         return os.path.join(self.hour_state(hour), f"{stage}.json")
 
     def failure_marker(self, hour, task_id):
-        """state/…/HH/failures/<task id>.json: a task of the hour failed (removed when it later succeeds)."""
+        """A task of the hour failed (removed when it later succeeds)."""
         return os.path.join(self.hour_state(hour), "failures", f"{task_id}.json")
 
     def failure_markers_glob(self, hour):
@@ -70,22 +67,19 @@ class StateRoot:
         return self.extract(hour, part)[: -len(".jsonl.gz")] + ".manifest.json"
 
     def extract_manifests_glob(self, hour):
-        """A glob pattern matching the manifest of every extract round of the hour."""
         return glob.escape(self.extract_manifest(hour)[: -len(".manifest.json")]) + "*.manifest.json"
 
     def backup_dump(self, hour, part=0):
         return self._join("backup", hour_dir(hour), "ganymede.sql.gz" if part == 0 else f"ganymede-s{part}.sql.gz")
 
     def hour_uploads(self, hour):
-        """The directory holding the hour's archives not yet backed up."""
         return self._join("upload", hour_dir(hour))
 
     def hour_uploads_glob(self, hour):
-        """A glob pattern matching every archive of the hour still in upload/ (<agent>/<tx>.tar.gz)."""
         return os.path.join(glob.escape(self.hour_uploads(hour)), "*", "*.tar.gz")
 
     def hour_lock(self, hour):
-        """locks/YYYY/MM/DD/HH.lock: held (flock) by the run that works on the hour."""
+        """Held (flock) by the run that works on the hour."""
         return self._join("locks", hour_dir(hour) + ".lock")
 
     def hour_work_dirs(self, hour):
@@ -93,11 +87,9 @@ class StateRoot:
         return [self.hour_state(hour), os.path.dirname(self.backup_dump(hour))]
 
     def day_extracts(self, hour):
-        """extracts/YYYY/MM/DD: shared by the day's 24 hours."""
         return os.path.dirname(self.extract(hour))
 
     def metrics_textfile(self):
-        """The pipeline's metrics for node_exporter's textfile collector (ganymede.textfile)."""
         return self._join("metrics", "ganymede.prom")
 
     def tmp(self):
