@@ -1,8 +1,5 @@
-"""`ganymede` (admin) and the old scripts' manual commands.
-
-The manual commands run the very tasks cron runs through ganymede.runs, so a manual run and a cron run
-cannot disagree nor run a task twice at once, and exit with the codes of one table (runs.EXIT_CODES).
-"""
+"""`ganymede` (admin) and the old scripts' manual commands, which run the very tasks cron runs through
+ganymede.runs (the same hour's lock and exit codes)."""
 import argparse
 import os
 import sys
@@ -111,15 +108,24 @@ def _status_rows(args):
 
 
 def _detailed_lines(rows, all_checks=False):
-    """Each hour's status line and its detail (agents by name, failures, transactions, failed quality checks or
-    with all_checks every one): --hour, alerts."""
+    """Each hour's status line, then its agents by name, failures with reasons, failed quality checks (or with
+    all_checks every one), transactions and graph."""
     from .stores import quality
     root, lines = StateRoot(config.state().root), []
     with closing(mysql.connect(config.mysql())) as conn:
         for row in rows:
-            lines += [row.line()] + status.hour_detail(row, status.hour_transactions(conn, root, row.hour), root,
-                                                       status.graph_url(runs.scheduler_url(), row.hour),
-                                                       quality.hour_results(conn, row.hour) if all_checks else None)
+            transactions = status.hour_transactions(conn, root, row.hour)
+            missing = [a for a in row.expected if a not in row.arrived]
+            lines += [row.line(), f"  agents expected: {', '.join(row.expected) or '(none)'}",
+                      f"  agents missing:  {', '.join(missing) or '(none)'}"]
+            if row.unexpected:
+                lines.append(f"  agents not expected that sent data: {', '.join(row.unexpected)}")
+            lines += [f"  failed: {family}: {reason}" for family, reason in sorted(row.reasons.items())]
+            checks = quality.hour_results(conn, row.hour) if all_checks else row.quality_failures
+            lines += status.quality_lines(checks)
+            lines.append(f"  transactions ({len(transactions)}):")
+            lines += [f"    {status.transaction_line(root, t)}" for t in transactions]
+            lines.append(f"  graph: {status.graph_url(runs.scheduler_url(), row.hour)}")
     return lines
 
 
@@ -222,8 +228,9 @@ def main(argv=None):
 
 # --- the old scripts' manual commands -------------------------------------------
 
-def _pipeline(prog, args, what, run):
-    """Config, logging, checks, then `run()` -> (code, words); ends with the one line and exits with the code."""
+def _pipeline(prog, args, run):
+    """Config, logging, checks, then `run()` -> (code, words); exits with the code after the one line, which
+    names args.what (run() may make it precise)."""
     started = time.monotonic()
     try:
         configfile.use(args.config)
@@ -234,8 +241,7 @@ def _pipeline(prog, args, what, run):
         sys.exit(_fail(str(exc), 2))
     except GanymedeError as exc:
         code, words = 1, str(exc)
-    what = what() if callable(what) else what
-    sys.exit(runs.finish(prog, what, code, words, started))
+    sys.exit(runs.finish(prog, args.what, code, words, started))
 
 
 def _transaction_task(task, argv, prog, option):
@@ -247,7 +253,7 @@ def _transaction_task(task, argv, prog, option):
         parser.add_argument("transaction_id")
     _common(parser)
     args = parser.parse_args(argv)
-    found = {}
+    args.what = f"transaction {args.transaction_id}"
 
     def run():
         runs.check_option_file()
@@ -256,13 +262,12 @@ def _transaction_task(task, argv, prog, option):
         if not tx or tx["state"] not in ("completed", "superseded"):
             raise BadArgument(f"no completed transaction {args.transaction_id!r}"
                                 + (f" (it is {tx['state']})" if tx else ""))
-        found.update(tx)
+        args.what += f" (hour {hours.format_hour(tx['hour'])})"
         return runs.run_hour(prog, tx["hour"], [task, "--transaction-id", tx["transaction_id"], "--hour",
                                                 hours.format_hour(tx["hour"]), "--agent-id", tx["agent_id"]],
                              local_scheduler=args.local_scheduler)
 
-    _pipeline(prog, args, lambda: f"transaction {args.transaction_id}"
-              + (f" (hour {hours.format_hour(found['hour'])})" if found else ""), run)
+    _pipeline(prog, args, run)
 
 
 def worker_main(argv=None):
@@ -317,21 +322,21 @@ def glassbeam_extract_main(argv=None):
                         help="rebuild the hour's extract (round 0) even if it exists; same data gives the same bytes")
     _common(parser)
     args = parser.parse_args(argv)
-    chosen = {}
+    args.what = "extract"
 
     def run():
-        hour = chosen["hour"] = _hour_from_parts(args)
+        hour = _hour_from_parts(args)
+        args.what = f"hour {hours.format_hour(hour)}"
         return runs.run_hour(parser.prog, hour, lambda: [
             "GlassbeamExtract", "--hour", hours.format_hour(hour),
             "--round", str(_forget_extract(hour) if args.force else current_round(hour))],
             local_scheduler=args.local_scheduler)
 
-    _pipeline(parser.prog, args, lambda: f"hour {hours.format_hour(chosen['hour'])}" if chosen else "extract", run)
+    _pipeline(parser.prog, args, run)
 
 
 def _forget_extract(hour):
-    """--force: set the round-0 manifest aside (kept, renamed) so Luigi builds round 0 again; returns 0. The
-    rebuild leaves out what the supplementary rounds hold: the same file as before unless the data changed."""
+    """--force: set the round-0 manifest aside (renamed) so Luigi builds round 0 again; returns 0."""
     manifest = StateRoot(config.state().root).extract_manifest(hour, 0)
     if os.path.exists(manifest):
         os.replace(manifest, manifest + f".replaced-{hours.now():%Y%m%dT%H%M%S%f}")
@@ -365,8 +370,7 @@ def hourly_backup_main(argv=None):
                              args.local_scheduler)
 
     def several():
-        missing = (runs.catch_up_hours(first=args.backfill[0], last=args.backfill[1]) if args.backfill
-                   else runs.catch_up_hours(args.catch_up))
+        missing = runs.catch_up_hours(args.catch_up, *(args.backfill or ()))
         if not missing:
             return 0, "nothing to run: every hour is closed, idle or before its deadline"
         results = [(h, *one(h)) for h in missing]
@@ -374,8 +378,9 @@ def hourly_backup_main(argv=None):
             f"{hours.format_hour(h)} {words} (exit {code})" for h, code, words in results)
 
     if args.catch_up or args.backfill:
-        what = (f"catch-up {args.catch_up} h" if args.catch_up else
-                f"backfill {hours.format_hour(args.backfill[0])}..{hours.format_hour(args.backfill[1])}")
-        _pipeline(parser.prog, args, what, several)
+        args.what = (f"catch-up {args.catch_up} h" if args.catch_up else
+                     f"backfill {hours.format_hour(args.backfill[0])}..{hours.format_hour(args.backfill[1])}")
+        _pipeline(parser.prog, args, several)
     else:
-        _pipeline(parser.prog, args, f"hour {hours.format_hour(hour)}", lambda: _ended(hour) or one(hour))
+        args.what = f"hour {hours.format_hour(hour)}"
+        _pipeline(parser.prog, args, lambda: _ended(hour) or one(hour))
