@@ -21,7 +21,8 @@ class Parser(argparse.ArgumentParser):
     """Usage mistakes end in one line on stderr and exit 2; --help ends with the exit-code table."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("epilog", runs.exit_code_help())
+        kwargs.setdefault("epilog", "exit codes:\n" + "\n".join(f"  {code:>2}  {text}"
+                                                                   for code, text in runs.EXIT_CODES))
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
 
@@ -108,8 +109,7 @@ def _status_rows(args):
 
 
 def _detailed_lines(rows, all_checks=False):
-    """Each hour's status line, then its agents by name, failures with reasons, failed quality checks (or with
-    all_checks every one), transactions and graph."""
+    """Each hour's status line and detail: its failed quality checks, or with all_checks every one."""
     from .stores import quality
     root, lines = StateRoot(config.state().root), []
     with closing(mysql.connect(config.mysql())) as conn:
@@ -229,8 +229,7 @@ def main(argv=None):
 # --- the old scripts' manual commands -------------------------------------------
 
 def _pipeline(prog, args, run):
-    """Config, logging, checks, then `run()` -> (code, words); exits with the code after the one line, which
-    names args.what (run() may make it precise)."""
+    """Config, logging, checks, `run()` -> (code, words); the one line (stdout: cron's log), the exit."""
     started = time.monotonic()
     try:
         configfile.use(args.config)
@@ -241,7 +240,10 @@ def _pipeline(prog, args, run):
         sys.exit(_fail(str(exc), 2))
     except GanymedeError as exc:
         code, words = 1, str(exc)
-    sys.exit(runs.finish(prog, args.what, code, words, started))
+    line = f"{runs.stamp()} {prog} {args.what}: {words} (exit {code}, {time.monotonic() - started:.1f} s)"
+    print(line, flush=True)
+    runs.log.info(line)
+    sys.exit(code)
 
 
 def _transaction_task(task, argv, prog, option):
@@ -256,7 +258,6 @@ def _transaction_task(task, argv, prog, option):
     args.what = f"transaction {args.transaction_id}"
 
     def run():
-        runs.check_option_file()
         with closing(mysql.connect(config.mysql())) as conn:
             tx = txlog.get_transaction(conn, args.transaction_id)
         if not tx or tx["state"] not in ("completed", "superseded"):
@@ -305,8 +306,7 @@ def _ended(hour):
 
 
 def glassbeam_extract_main(argv=None):
-    """ganymede-glassbeam-extract [-y YYYY -m M -d D -h H]: the round the hour needs now (the hour's extract, or
-    a supplementary one for late arrivals); --force rebuilds the hour's extract."""
+    """ganymede-glassbeam-extract [-y Y -m M -d D -h H]: the round the hour needs now (--force: round 0)."""
     from .tasks.extract import current_round
     parser = Parser(
         prog="ganymede-glassbeam-extract", add_help=False,
@@ -352,7 +352,7 @@ def hourly_backup_main(argv=None):
                     "that is not closed, oldest first (never the current hour, nor hours nobody was expected for). "
                     "Ends with one line: hour(s), outcome and reason, exit code, duration.")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--hour", type=_hour_arg, default=None, help="YYYY-MM-DDTHH (default: last complete UTC hour)")
+    which.add_argument("--hour", type=_hour_arg, help="YYYY-MM-DDTHH (default: last complete UTC hour)")
     which.add_argument("--catch-up", type=_positive, metavar="N", help="the not-closed hours among the last N")
     which.add_argument("--backfill", type=_hour_arg, nargs=2, metavar=("FROM", "TO"),
                        help="the not-closed hours FROM..TO (inclusive, YYYY-MM-DDTHH)")

@@ -1,5 +1,5 @@
 """A pipeline run for one UTC hour, as cron and every manual command start it: around Luigi's own run, the
-hour's lock, a crashed run's leftovers, logging and the one closing line (docs/operations.md)."""
+hour's lock, a crashed run's leftovers, logging and the outcome (docs/operations.md)."""
 import fcntl
 import glob
 import json
@@ -44,10 +44,6 @@ PROBE = "probe (is the hour held?)"
 LOG_FORMAT = "%(asctime)sZ %(name)s[%(process)d] %(levelname)s: %(message)s"
 
 log = logging.getLogger("ganymede.runs")
-
-
-def exit_code_help():
-    return "exit codes:\n" + "\n".join(f"  {code:>2}  {text}" for code, text in EXIT_CODES)
 
 
 def stamp():
@@ -308,14 +304,6 @@ def preflight(local_scheduler):
             return 35, (f"luigid at {scheduler_url()} is not answering ({getattr(exc, 'reason', exc)}): "
                         "start it (systemctl start luigid)")
     return None
-
-
-def finish(prog, what, code, words, started):
-    """The one line every run ends with (stdout: cron's log), and the exit code."""
-    line = f"{stamp()} {prog} {what}: {words} (exit {code}, {time.monotonic() - started:.1f} s)"
-    print(line, flush=True)
-    log.info(line)
-    return code
 
 
 def catch_up_hours(window=None, first=None, last=None):
