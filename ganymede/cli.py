@@ -31,11 +31,6 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _fail(message, code=2):
-    print(f"ganymede: {message}", file=sys.stderr)
-    return code
-
-
 def _hour_arg(text):
     try:
         return hours.parse_hour(text)
@@ -223,7 +218,8 @@ def main(argv=None):
                 runs.check_option_file()
         return args.func(args) or 0
     except GanymedeError as exc:
-        return _fail(str(exc), 1)
+        print(f"ganymede: {exc}", file=sys.stderr)
+        return 1
 
 
 # --- the old scripts' manual commands -------------------------------------------
@@ -237,7 +233,8 @@ def _pipeline(prog, args, run):
         early = runs.preflight(args.local_scheduler)
         code, words = early or run()
     except (HourError, BadArgument) as exc:
-        sys.exit(_fail(str(exc), 2))
+        print(f"ganymede: {exc}", file=sys.stderr)
+        sys.exit(2)
     except GanymedeError as exc:
         code, words = 1, str(exc)
     line = f"{runs.stamp()} {prog} {args.what}: {words} (exit {code}, {time.monotonic() - started:.1f} s)"

@@ -107,9 +107,8 @@ def remove_leftovers(root, hour):
     found = []
     for directory in root.hour_work_dirs(hour):
         found += glob.glob(os.path.join(glob.escape(directory), "**", ".tmp-*"), recursive=True)
-    day = hours.floor_hour(hour).replace(hour=0)
-    others = [day + timedelta(hours=h) for h in range(24) if day + timedelta(hours=h) != hours.floor_hour(hour)]
-    if not any(HourLock(root, h).held_by_someone() for h in others):
+    this = hours.floor_hour(hour)
+    if not any(HourLock(root, this.replace(hour=h)).held_by_someone() for h in range(24) if h != this.hour):
         found += glob.glob(os.path.join(glob.escape(root.day_extracts(hour)), ".tmp-*"))
     for path in found:
         with suppress(FileNotFoundError):
