@@ -225,8 +225,8 @@ def main(argv=None):
 # --- the old scripts' manual commands -------------------------------------------
 
 def _pipeline(prog, args, run):
-    """Config, logging, checks, `run()` -> (code, words), then the closing line naming args.what (run() may make
-    it precise) on stdout, cron's log, and the exit."""
+    """Config, logging, checks, `run()` -> (code, words), then the closing line naming args.what (run() may
+    make it precise) on stdout, cron's log, and the exit."""
     started = time.monotonic()
     try:
         configfile.use(args.config)
