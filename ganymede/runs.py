@@ -232,8 +232,8 @@ def outcome(code, hour, local_scheduler):
     if held or code == 10:
         return 10, "already running: " + (held or "another worker runs its tasks")
     if code == 30:
-        reasons = status.failure_reasons(StateRoot(config.state().root), hour)
-        return 30, "failed: " + ("; ".join(f"{f}: {r}" for f, r in sorted(reasons.items())) or "see the log file")
+        reasons = sorted(status.failure_reasons(StateRoot(config.state().root), hour).items())
+        return 30, "failed: " + ("; ".join(f"{f}: {r}" for f, r in reasons) or "see the log file")
     if code == 35:
         return 35, "scheduling error: " + ("; ".join(dict.fromkeys(BROKEN)) or "see the log file")
     if code not in (0, 20, 25):
@@ -245,8 +245,8 @@ def outcome(code, hour, local_scheduler):
             return code, ("done" if code == 0 else "waiting") + f" (status unavailable: {exc})"
         row = None
     if code == 25 and (local_scheduler or not row or row.verdict != "closed"):
-        return 25, ("not run: luigid did not hand this run the hour's tasks (a run of them finished seconds ago: "
-                    "[scheduler] stable_done_cooldown_secs); rerun")
+        return 25, ("not run: luigid did not hand this run the hour's tasks (a run of them finished seconds "
+                    "ago: [scheduler] stable_done_cooldown_secs); rerun")
     if code == 20:
         missing = [a for a in row.expected if a not in row.arrived]
         deadline = hours.deadline(hour, config.extract().deadline_minutes)
@@ -306,7 +306,7 @@ def preflight(local_scheduler):
 
 
 def catch_up_hours(window=None, first=None, last=None):
-    """Hours past their deadline, not closed nor idle, oldest first: among the last `window`, or first..last."""
+    """Hours past their deadline, not closed nor idle, oldest first: in the last `window`, or first..last."""
     now = hours.now()
     newest = hours.last_complete_hour(now)
     while hours.deadline(newest, config.extract().deadline_minutes) > now:
