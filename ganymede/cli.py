@@ -110,9 +110,8 @@ def _detailed_lines(rows, all_checks=False):
     with closing(mysql.connect(config.mysql())) as conn:
         for row in rows:
             transactions = status.hour_transactions(conn, root, row.hour)
-            missing = [a for a in row.expected if a not in row.arrived]
             lines += [row.line(), f"  agents expected: {', '.join(row.expected) or '(none)'}",
-                      f"  agents missing:  {', '.join(missing) or '(none)'}"]
+                      f"  agents missing:  {', '.join(row.not_arrived) or '(none)'}"]
             if row.unexpected:
                 lines.append(f"  agents not expected that sent data: {', '.join(row.unexpected)}")
             lines += [f"  failed: {family}: {reason}" for family, reason in sorted(row.reasons.items())]

@@ -248,10 +248,9 @@ def outcome(code, hour, local_scheduler):
         return 25, ("not run: luigid did not hand this run the hour's tasks (a run of them finished seconds "
                     "ago: [scheduler] stable_done_cooldown_secs); rerun")
     if code == 20:
-        missing = [a for a in row.expected if a not in row.arrived]
         deadline = hours.deadline(hour, config.extract().deadline_minutes)
-        if missing and hours.now() < deadline:
-            return 20, f"waiting for {', '.join(missing)} until the deadline {deadline:%H:%M}Z"
+        if row.not_arrived and hours.now() < deadline:
+            return 20, f"waiting for {', '.join(row.not_arrived)} until the deadline {deadline:%H:%M}Z"
         return 20, "waiting: an archive in upload/ is not completed in the transaction log yet"
     # 0, or 25 of a closed hour (the tasks it was not given ran on another host)
     return 0, {"closed": "done, hour closed", "no data": "done, no agent data (nothing delivered)"}.get(

@@ -36,6 +36,10 @@ class HourStatus:
     def arrived_expected(self):
         return [a for a in self.arrived if a in self.expected]
 
+    @property
+    def not_arrived(self):
+        return [a for a in self.expected if a not in self.arrived]
+
     def agents_text(self):
         text = f"{len(self.arrived_expected)}/{len(self.expected)}"
         return text + (f" +{len(self.unexpected)}" if self.unexpected else "")

@@ -89,7 +89,7 @@ def render_hour(row, transactions, root, graph, checks=()):
                      for m in manifests), key=lambda r: r[0])
     marker = root.hour_marker(row.hour, "backup")
     backup = markers.read_json(marker) if os.path.exists(marker) else {}
-    missing = [a for a in row.expected if a not in row.arrived]
+    missing = ", ".join(row.not_arrived) or "none"
     agents = [(a, "sent" if a in row.arrived else "missing", "yes") for a in row.expected] + [
         (a, "sent", "no") for a in row.unexpected]
     failures = "".join(f"<li><b>{html.escape(f)}</b>: {html.escape(r)}</li>" for f, r in sorted(row.reasons.items()))
@@ -100,8 +100,7 @@ def render_hour(row, transactions, root, graph, checks=()):
 <h1>Ganymede: hour {h} (UTC)</h1>
 <p id="verdict" class="{css_class(row.verdict)}" data-verdict="{html.escape(row.verdict)}">{html.escape(row.line())}</p>
 <p><a id="graph" href="{html.escape(graph)}">dependency graph in luigid</a></p>
-<h2>Agents ({len(row.arrived_expected)} of {len(row.expected)} expected; missing: {html.escape(', '.join(missing) or
-'none')})</h2>
+<h2>Agents ({len(row.arrived_expected)} of {len(row.expected)} expected; missing: {html.escape(missing)})</h2>
 {_table("agents", ("agent", "data", "expected"), agents)}
 <h2>Failures</h2>
 {f'<ul id="failures">{failures}</ul>' if failures else '<p id="failures">none</p>'}
