@@ -230,8 +230,7 @@ def _pipeline(prog, args, run):
     try:
         configfile.use(args.config)
         runs.setup_logging(args.verbose)
-        early = runs.preflight(args.local_scheduler)
-        code, words = early or run()
+        code, words = runs.preflight(args.local_scheduler) or run()
     except (HourError, BadArgument) as exc:
         print(f"ganymede: {exc}", file=sys.stderr)
         sys.exit(2)
