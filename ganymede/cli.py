@@ -1,8 +1,5 @@
-"""`ganymede` (admin) and the old scripts' manual commands.
-
-The manual commands run the very tasks cron runs through ganymede.runs, so a manual run and a cron run
-cannot disagree nor run a task twice at once, and exit with the codes of one table (runs.EXIT_CODES).
-"""
+"""`ganymede` (admin) and the old scripts' manual commands, which run the very tasks cron runs through
+ganymede.runs (the same hour's lock and exit codes)."""
 import argparse
 import os
 import sys
@@ -24,18 +21,14 @@ class Parser(argparse.ArgumentParser):
     """Usage mistakes end in one line on stderr and exit 2; --help ends with the exit-code table."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("epilog", runs.exit_code_help())
+        kwargs.setdefault("epilog", "exit codes:\n" + "\n".join(f"  {code:>2}  {text}"
+                                                                   for code, text in runs.EXIT_CODES))
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"{self.prog.split()[0]}: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
-
-
-def _fail(message, code=2):
-    print(f"ganymede: {message}", file=sys.stderr)
-    return code
 
 
 def _hour_arg(text):
@@ -111,15 +104,22 @@ def _status_rows(args):
 
 
 def _detailed_lines(rows, all_checks=False):
-    """Each hour's status line and its detail (agents by name, failures, transactions, failed quality checks or
-    with all_checks every one): --hour, alerts."""
+    """Each hour's status line and detail: its failed quality checks, or with all_checks every one."""
     from .stores import quality
     root, lines = StateRoot(config.state().root), []
     with closing(mysql.connect(config.mysql())) as conn:
         for row in rows:
-            lines += [row.line()] + status.hour_detail(row, status.hour_transactions(conn, root, row.hour), root,
-                                                       status.graph_url(runs.scheduler_url(), row.hour),
-                                                       quality.hour_results(conn, row.hour) if all_checks else None)
+            transactions = status.hour_transactions(conn, root, row.hour)
+            lines += [row.line(), f"  agents expected: {', '.join(row.expected) or '(none)'}",
+                      f"  agents missing:  {', '.join(row.not_arrived) or '(none)'}"]
+            if row.unexpected:
+                lines.append(f"  agents not expected that sent data: {', '.join(row.unexpected)}")
+            lines += [f"  failed: {family}: {reason}" for family, reason in sorted(row.reasons.items())]
+            checks = quality.hour_results(conn, row.hour) if all_checks else row.quality_failures
+            lines += status.quality_lines(checks)
+            lines.append(f"  transactions ({len(transactions)}):")
+            lines += [f"    {status.transaction_line(root, t)}" for t in transactions]
+            lines.append(f"  graph: {status.graph_url(runs.scheduler_url(), row.hour)}")
     return lines
 
 
@@ -217,25 +217,29 @@ def main(argv=None):
                 runs.check_option_file()
         return args.func(args) or 0
     except GanymedeError as exc:
-        return _fail(str(exc), 1)
+        print(f"ganymede: {exc}", file=sys.stderr)
+        return 1
 
 
 # --- the old scripts' manual commands -------------------------------------------
 
-def _pipeline(prog, args, what, run):
-    """Config, logging, checks, then `run()` -> (code, words); ends with the one line and exits with the code."""
+def _pipeline(prog, args, run):
+    """Config, logging, checks, `run()` -> (code, words), then the closing line naming args.what (run() may
+    make it precise) on stdout, cron's log, and the exit."""
     started = time.monotonic()
     try:
         configfile.use(args.config)
         runs.setup_logging(args.verbose)
-        early = runs.preflight(args.local_scheduler)
-        code, words = early or run()
+        code, words = runs.preflight(args.local_scheduler) or run()
     except (HourError, BadArgument) as exc:
-        sys.exit(_fail(str(exc), 2))
+        print(f"ganymede: {exc}", file=sys.stderr)
+        sys.exit(2)
     except GanymedeError as exc:
         code, words = 1, str(exc)
-    what = what() if callable(what) else what
-    sys.exit(runs.finish(prog, what, code, words, started))
+    line = f"{runs.stamp()} {prog} {args.what}: {words} (exit {code}, {time.monotonic() - started:.1f} s)"
+    print(line, flush=True)
+    runs.log.info(line)
+    sys.exit(code)
 
 
 def _transaction_task(task, argv, prog, option):
@@ -247,22 +251,20 @@ def _transaction_task(task, argv, prog, option):
         parser.add_argument("transaction_id")
     _common(parser)
     args = parser.parse_args(argv)
-    found = {}
+    args.what = f"transaction {args.transaction_id}"
 
     def run():
-        runs.check_option_file()
         with closing(mysql.connect(config.mysql())) as conn:
             tx = txlog.get_transaction(conn, args.transaction_id)
         if not tx or tx["state"] not in ("completed", "superseded"):
             raise BadArgument(f"no completed transaction {args.transaction_id!r}"
                                 + (f" (it is {tx['state']})" if tx else ""))
-        found.update(tx)
+        args.what += f" (hour {hours.format_hour(tx['hour'])})"
         return runs.run_hour(prog, tx["hour"], [task, "--transaction-id", tx["transaction_id"], "--hour",
                                                 hours.format_hour(tx["hour"]), "--agent-id", tx["agent_id"]],
                              local_scheduler=args.local_scheduler)
 
-    _pipeline(prog, args, lambda: f"transaction {args.transaction_id}"
-              + (f" (hour {hours.format_hour(found['hour'])})" if found else ""), run)
+    _pipeline(prog, args, run)
 
 
 def worker_main(argv=None):
@@ -300,8 +302,7 @@ def _ended(hour):
 
 
 def glassbeam_extract_main(argv=None):
-    """ganymede-glassbeam-extract [-y YYYY -m M -d D -h H]: the round the hour needs now (the hour's extract, or
-    a supplementary one for late arrivals); --force rebuilds the hour's extract."""
+    """ganymede-glassbeam-extract [-y Y -m M -d D -h H]: the round the hour needs now (--force: round 0)."""
     from .tasks.extract import current_round
     parser = Parser(
         prog="ganymede-glassbeam-extract", add_help=False,
@@ -317,21 +318,21 @@ def glassbeam_extract_main(argv=None):
                         help="rebuild the hour's extract (round 0) even if it exists; same data gives the same bytes")
     _common(parser)
     args = parser.parse_args(argv)
-    chosen = {}
+    args.what = "extract"
 
     def run():
-        hour = chosen["hour"] = _hour_from_parts(args)
+        hour = _hour_from_parts(args)
+        args.what = f"hour {hours.format_hour(hour)}"
         return runs.run_hour(parser.prog, hour, lambda: [
             "GlassbeamExtract", "--hour", hours.format_hour(hour),
             "--round", str(_forget_extract(hour) if args.force else current_round(hour))],
             local_scheduler=args.local_scheduler)
 
-    _pipeline(parser.prog, args, lambda: f"hour {hours.format_hour(chosen['hour'])}" if chosen else "extract", run)
+    _pipeline(parser.prog, args, run)
 
 
 def _forget_extract(hour):
-    """--force: set the round-0 manifest aside (kept, renamed) so Luigi builds round 0 again; returns 0. The
-    rebuild leaves out what the supplementary rounds hold: the same file as before unless the data changed."""
+    """--force: set the round-0 manifest aside (renamed) so Luigi builds round 0 again; returns 0."""
     manifest = StateRoot(config.state().root).extract_manifest(hour, 0)
     if os.path.exists(manifest):
         os.replace(manifest, manifest + f".replaced-{hours.now():%Y%m%dT%H%M%S%f}")
@@ -347,7 +348,7 @@ def hourly_backup_main(argv=None):
                     "that is not closed, oldest first (never the current hour, nor hours nobody was expected for). "
                     "Ends with one line: hour(s), outcome and reason, exit code, duration.")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--hour", type=_hour_arg, default=None, help="YYYY-MM-DDTHH (default: last complete UTC hour)")
+    which.add_argument("--hour", type=_hour_arg, help="YYYY-MM-DDTHH (default: last complete UTC hour)")
     which.add_argument("--catch-up", type=_positive, metavar="N", help="the not-closed hours among the last N")
     which.add_argument("--backfill", type=_hour_arg, nargs=2, metavar=("FROM", "TO"),
                        help="the not-closed hours FROM..TO (inclusive, YYYY-MM-DDTHH)")
@@ -365,8 +366,7 @@ def hourly_backup_main(argv=None):
                              args.local_scheduler)
 
     def several():
-        missing = (runs.catch_up_hours(first=args.backfill[0], last=args.backfill[1]) if args.backfill
-                   else runs.catch_up_hours(args.catch_up))
+        missing = runs.catch_up_hours(args.catch_up, *(args.backfill or ()))
         if not missing:
             return 0, "nothing to run: every hour is closed, idle or before its deadline"
         results = [(h, *one(h)) for h in missing]
@@ -374,8 +374,9 @@ def hourly_backup_main(argv=None):
             f"{hours.format_hour(h)} {words} (exit {code})" for h, code, words in results)
 
     if args.catch_up or args.backfill:
-        what = (f"catch-up {args.catch_up} h" if args.catch_up else
-                f"backfill {hours.format_hour(args.backfill[0])}..{hours.format_hour(args.backfill[1])}")
-        _pipeline(parser.prog, args, what, several)
+        args.what = (f"catch-up {args.catch_up} h" if args.catch_up else
+                     f"backfill {hours.format_hour(args.backfill[0])}..{hours.format_hour(args.backfill[1])}")
+        _pipeline(parser.prog, args, several)
     else:
-        _pipeline(parser.prog, args, f"hour {hours.format_hour(hour)}", lambda: _ended(hour) or one(hour))
+        args.what = f"hour {hours.format_hour(hour)}"
+        _pipeline(parser.prog, args, lambda: _ended(hour) or one(hour))

@@ -1,10 +1,5 @@
-"""A pipeline run for one UTC hour, as cron and every manual command start it (docs/operations.md).
-
-Around Luigi's own run this adds the hour's lock (flock, dropped by the kernel when the run dies:
---local-scheduler runs hold it alone, runs through luigid share it), the removal of a crashed run's
-`.tmp-*` files when the run is the hour's only one, the name of a dead worker luigid still counts,
-logging to the log file, and the one closing line.
-"""
+"""A pipeline run for one UTC hour, as cron and every manual command start it: around Luigi's own run, the
+hour's lock, a crashed run's leftovers, logging and the outcome (docs/operations.md)."""
 import fcntl
 import glob
 import json
@@ -51,11 +46,6 @@ LOG_FORMAT = "%(asctime)sZ %(name)s[%(process)d] %(levelname)s: %(message)s"
 log = logging.getLogger("ganymede.runs")
 
 
-def exit_code_help():
-    """The table for argparse epilogs."""
-    return "exit codes:\n" + "\n".join(f"  {code:>2}  {text}" for code, text in EXIT_CODES)
-
-
 def stamp():
     return f"{hours.now():%Y-%m-%dT%H:%M:%SZ}"
 
@@ -71,18 +61,17 @@ class HourLock:
         """Exclusive, or shared with other shared holders (runs through luigid); False if held otherwise."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.file = open(self.path, "a+")
-        if not self._flock(fcntl.LOCK_SH if shared else fcntl.LOCK_EX):
+        if not self.flock(fcntl.LOCK_SH if shared else fcntl.LOCK_EX):
             self.release()
             return False
-        if shared:  # joins a run that holds it: that run's record stays (the hour's first run)
-            return True
-        self.file.truncate(0)
-        self.file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                                    "since": stamp()}))
-        self.file.flush()
+        if not shared:  # one joining a run that holds it keeps that run's record (the hour's first run)
+            self.file.truncate(0)
+            self.file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                        "since": stamp()}))
+            self.file.flush()
         return True
 
-    def _flock(self, mode=fcntl.LOCK_EX):
+    def flock(self, mode):
         """Non-blocking; a probe (held_by_someone) lets go at once, so it is waited for a little."""
         for _ in range(20):
             try:
@@ -101,40 +90,25 @@ class HourLock:
         except (OSError, ValueError):
             return {}
 
-    def share(self):
-        """Exclusive -> shared (not atomic: a --local-scheduler run may take the hour in between; then False)."""
-        return self._flock(fcntl.LOCK_SH)
-
     def release(self):
         if self.file:
             self.file.close()
             self.file = None
 
     def held_by_someone(self):
-        """True if another process holds the lock now (tried and let go at once)."""
-        if not os.path.exists(self.path):
-            return False
-        if self.acquire(PROBE):
-            self.release()
-            return False
-        return True
-
-
-def holder_text(holder):
-    if not holder:
-        return "another run"
-    return f"pid {holder.get('pid')} on {holder.get('host')} ({holder.get('command')}, since {holder.get('since')})"
+        free = not os.path.exists(self.path) or self.acquire(PROBE)
+        self.release()
+        return not free
 
 
 def remove_leftovers(root, hour):
-    """Remove (with the hour's lock held) and return the .tmp-* files of a crashed run of the hour; in the day's
-    extract folder only when no hour of the day runs."""
+    """Remove and return a crashed run's .tmp-* files (lock held); in the day's extract folder only if no hour
+    of the day runs."""
     found = []
     for directory in root.hour_work_dirs(hour):
         found += glob.glob(os.path.join(glob.escape(directory), "**", ".tmp-*"), recursive=True)
-    day = hours.floor_hour(hour).replace(hour=0)
-    others = [day + timedelta(hours=h) for h in range(24) if day + timedelta(hours=h) != hours.floor_hour(hour)]
-    if not any(HourLock(root, h).held_by_someone() for h in others):
+    this = hours.floor_hour(hour)
+    if not any(HourLock(root, this.replace(hour=h)).held_by_someone() for h in range(24) if h != this.hour):
         found += glob.glob(os.path.join(glob.escape(root.day_extracts(hour)), ".tmp-*"))
     for path in found:
         with suppress(FileNotFoundError):
@@ -164,8 +138,8 @@ def luigid(method, **data):
 
 
 def luigid_holders(hour):
-    """Who luigid says runs the hour's tasks (the worker, whether its process lives, its last contact), or None.
-    Asked after this run ended, so any task of the hour still running is another worker's."""
+    """Who luigid says runs the hour's tasks, or None. Asked after this run ended: a task still running is
+    another worker's."""
     try:
         running = luigid("task_list", status="RUNNING", search=hours.format_hour(hour))
         workers = {w["name"]: w for w in luigid("worker_list")}
@@ -196,8 +170,8 @@ def pid_alive(pid):
 
 
 def setup_logging(verbose):
-    """Details to the log file or per [core] logging_conf_file; the terminal only with -v. Luigi's exit codes
-    become those of EXIT_CODES whatever [retcode] says (Luigi's defaults are 0 for most outcomes)."""
+    """Details to the log file or per [core] logging_conf_file, to stderr with -v; [retcode] := RETCODES
+    whatever the config says (Luigi's defaults are 0 for most outcomes)."""
     parser = luigi.configuration.get_config()
     conf_file = parser.get("core", "logging_conf_file", "")
     root_logger = logging.getLogger()
@@ -234,14 +208,13 @@ BROKEN = []  # the reason of a scheduling error, which leaves no failure marker
 
 
 @luigi.Task.event_handler(luigi.Event.BROKEN_TASK)
-def _broken(task, exception):
-    """A task whose complete() or requires() raised during the run."""
+def _broken(task, exception):  # complete() or requires() raised
     BROKEN.append(f"{task.task_family}: {type(exception).__name__}: {' '.join(str(exception).split())}"[:500])
 
 
 def luigi_run(task_args, workers=1, local_scheduler=False):
-    """`luigi --module ganymede.tasks <task_args>` in this process; returns Luigi's retcode. Luigi's pid lock is
-    off: the hour's lock replaces it, and a catch-up runs several hours in one process."""
+    """`luigi --module ganymede.tasks <task_args>` in this process -> Luigi's retcode. No Luigi pid lock: the
+    hour's lock replaces it, and a catch-up runs several hours in one process."""
     argv = ["--module", "ganymede.tasks", *task_args, "--workers", str(workers), "--no-lock"]
     argv += ["--local-scheduler"] if local_scheduler else []
     BROKEN.clear()
@@ -258,42 +231,30 @@ def outcome(code, hour, local_scheduler):
     held = None if local_scheduler or code not in (10, 20, 25) else luigid_holders(hour)
     if held or code == 10:
         return 10, "already running: " + (held or "another worker runs its tasks")
-    if code == 25 and not local_scheduler and closed(hour):  # the tasks it was not given ran on another host
-        return 0, outcome_words(0, hour)
-    return code, outcome_words(code, hour)
-
-
-def closed(hour):
-    try:
-        return hours_rows(hour, hour)[0].verdict == "closed"
-    except GanymedeError:
-        return False
-
-
-def outcome_words(code, hour):
-    root = StateRoot(config.state().root)
     if code == 30:
-        reasons = status.failure_reasons(root, hour)
-        return "failed: " + ("; ".join(f"{f}: {r}" for f, r in sorted(reasons.items())) or "see the log file")
-    if code in (0, 20):
-        try:
-            (row,) = hours_rows(hour, hour)
-        except GanymedeError as exc:
-            return ("done" if code == 0 else "waiting") + f" (status unavailable: {exc})"
-        if code == 0:
-            return {"closed": "done, hour closed", "no data": "done, no agent data (nothing delivered)"}.get(
-                row.verdict, f"done (hour {row.verdict}, backup {row.backup})")
-        missing = [a for a in row.expected if a not in row.arrived]
-        deadline = hours.deadline(hour, config.extract().deadline_minutes)
-        if missing and hours.now() < deadline:
-            return f"waiting for {', '.join(missing)} until the deadline {deadline:%H:%M}Z"
-        return "waiting: an archive in upload/ is not completed in the transaction log yet"
-    if code == 25:
-        return ("not run: luigid did not hand this run the hour's tasks (a run of them finished seconds ago: "
-                "[scheduler] stable_done_cooldown_secs); rerun")
+        reasons = sorted(status.failure_reasons(StateRoot(config.state().root), hour).items())
+        return 30, "failed: " + ("; ".join(f"{f}: {r}" for f, r in reasons) or "see the log file")
     if code == 35:
-        return "scheduling error: " + ("; ".join(dict.fromkeys(BROKEN)) or "see the log file")
-    return "unhandled exception (the traceback is in the log file)"
+        return 35, "scheduling error: " + ("; ".join(dict.fromkeys(BROKEN)) or "see the log file")
+    if code not in (0, 20, 25):
+        return code, "unhandled exception (the traceback is in the log file)"
+    try:
+        (row,) = hours_rows(hour, hour)
+    except GanymedeError as exc:
+        if code != 25:
+            return code, ("done" if code == 0 else "waiting") + f" (status unavailable: {exc})"
+        row = None
+    if code == 25 and (local_scheduler or not row or row.verdict != "closed"):
+        return 25, ("not run: luigid did not hand this run the hour's tasks (a run of them finished seconds "
+                    "ago: [scheduler] stable_done_cooldown_secs); rerun")
+    if code == 20:
+        deadline = hours.deadline(hour, config.extract().deadline_minutes)
+        if row.not_arrived and hours.now() < deadline:
+            return 20, f"waiting for {', '.join(row.not_arrived)} until the deadline {deadline:%H:%M}Z"
+        return 20, "waiting: an archive in upload/ is not completed in the transaction log yet"
+    # 0, or 25 of a closed hour (the tasks it was not given ran on another host)
+    return 0, {"closed": "done, hour closed", "no data": "done, no agent data (nothing delivered)"}.get(
+        row.verdict, f"done (hour {row.verdict}, backup {row.backup})")
 
 
 def hours_rows(first, last, now=None):
@@ -307,19 +268,24 @@ def hours_rows(first, last, now=None):
 def run_hour(prog, hour, task_args, workers=1, local_scheduler=False):
     """One hour's run under its lock: (exit code, words). `task_args` is a list, or a function called once the
     lock is held (for a parameter read from the hour's files, such as the extract round)."""
-    lock = HourLock(StateRoot(config.state().root), hour)
+    root = StateRoot(config.state().root)
+    lock = HourLock(root, hour)
     command = f"{prog} --hour {hours.format_hour(hour)}"
-    alone = lock.acquire(command)
-    if not alone and (local_scheduler or not lock.acquire(command, shared=True)):
-        return 10, f"already running: the hour is held by {holder_text(lock.holder())}"
     try:
-        if alone:
-            removed = remove_leftovers(StateRoot(config.state().root), hour)
+        if lock.acquire(command):  # alone: a crashed run's leftovers go, then luigid runs share the hour
+            removed = remove_leftovers(root, hour)
             if removed:
                 log.info("removed %d file(s) a crashed run of %s left: %s", len(removed), hours.format_hour(hour),
                          ", ".join(removed))
-            if not local_scheduler and not lock.share():
-                return 10, f"already running: the hour is held by {holder_text(lock.holder())}"
+            # exclusive -> shared is not atomic: a --local-scheduler run may take the hour in between
+            joined = local_scheduler or lock.flock(fcntl.LOCK_SH)
+        else:
+            joined = not local_scheduler and lock.acquire(command, shared=True)
+        if not joined:
+            who = lock.holder()
+            return 10, "already running: the hour is held by " + (
+                f"pid {who.get('pid')} on {who.get('host')} ({who.get('command')}, since {who.get('since')})"
+                if who else "another run")
         code = luigi_run(task_args() if callable(task_args) else task_args, workers, local_scheduler)
         return outcome(code, hour, local_scheduler)
     finally:
@@ -327,7 +293,7 @@ def run_hour(prog, hour, task_args, workers=1, local_scheduler=False):
 
 
 def preflight(local_scheduler):
-    """Nothing runs against a missing option file or a luigid that does not answer (exit 1 / 35)."""
+    """Nothing runs against a missing option file (exit 1) or a luigid that does not answer (35)."""
     check_option_file()
     if not local_scheduler:
         try:
@@ -338,17 +304,8 @@ def preflight(local_scheduler):
     return None
 
 
-def finish(prog, what, code, words, started):
-    """The one line every run ends with (stdout: cron's log), and the exit code."""
-    line = f"{stamp()} {prog} {what}: {words} (exit {code}, {time.monotonic() - started:.1f} s)"
-    print(line, flush=True)
-    log.info(line)
-    return code
-
-
 def catch_up_hours(window=None, first=None, last=None):
-    """Hours not closed nor idle whose deadline has passed (the every-10-minutes run has the others), oldest
-    first: among the last `window`, or first..last."""
+    """Hours past their deadline, not closed nor idle, oldest first: in the last `window`, or first..last."""
     now = hours.now()
     newest = hours.last_complete_hour(now)
     while hours.deadline(newest, config.extract().deadline_minutes) > now:

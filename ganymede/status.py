@@ -1,7 +1,5 @@
-"""Where each hour stands, from the markers on disk and the transaction log: one line per hour ending in a
-verdict (the table in docs/operations.md), and `hour_detail` under it. The CLI prints them; the API renders
-the same rows. A failed quality check does not change the verdict: the hour alerts.
-"""
+"""Where each hour stands (the verdicts of docs/operations.md), from the markers on disk and the transaction
+log: the rows `ganymede status` prints and the status page renders."""
 import glob
 import os
 from dataclasses import dataclass, field
@@ -38,6 +36,10 @@ class HourStatus:
     def arrived_expected(self):
         return [a for a in self.arrived if a in self.expected]
 
+    @property
+    def not_arrived(self):
+        return [a for a in self.expected if a not in self.arrived]
+
     def agents_text(self):
         text = f"{len(self.arrived_expected)}/{len(self.expected)}"
         return text + (f" +{len(self.unexpected)}" if self.unexpected else "")
@@ -51,8 +53,7 @@ class HourStatus:
                 f"  staged {self.staged}/{self.transactions:<3}  loaded {self.loaded}/{self.transactions:<3}"
                 f"  extract {extract:<24}  backup {self.backup}{failed}{bad_tx}{bad_quality}")
 
-    def needs_attention(self):
-        """What `ganymede alerts` reports."""
+    def needs_attention(self):  # what `ganymede alerts` reports (a failed quality check is not a verdict)
         return (self.verdict in ("overdue", "failed") or bool(self.failed_transactions) or bool(self.quality_failures)
                 or (self.verdict == "no data" and bool(self.expected)))
 
@@ -122,8 +123,7 @@ def hour_status(root, hour, expected, transactions, now, deadline_minutes, overd
 
 
 def hours_status(conn, root, first, last, deadline_minutes, overdue_minutes, now=None):
-    """Status of every hour first..last, newest first; three queries in all (one more per hour with a failed
-    transaction, for its reason)."""
+    """Every hour first..last, newest first: three queries (and one per hour with a failed transaction)."""
     from .stores import quality, txlog
     now = now or hours.now()
     windows = txlog.agent_windows(conn)
@@ -140,8 +140,7 @@ def hours_status(conn, root, first, last, deadline_minutes, overdue_minutes, now
 
 
 def hour_transactions(conn, root, hour):
-    """Every transaction of the hour with its agent, state, reason (failed ones) and archive as found on disk
-    (in upload/, archives/ or quarantine/, else None)."""
+    """The hour's transactions, with where each archive is now (upload/, archives/, quarantine/ or None)."""
     from .stores import txlog
     rows = txlog.hour_transactions(conn, hour, ALL_STATES)
     for t in rows:
@@ -167,21 +166,5 @@ def transaction_line(root, t):
 
 
 def quality_lines(results):
-    """One line per quality result: agent, dataset, check, observed vs expected."""
     return [f"  quality {'ok' if r.passed else 'FAILED'}: {r.line()}" for r in results]
 
-
-def hour_detail(row, transactions, root, graph=None, quality=None):
-    """The lines under an hour's status line: agents by name, failures with reasons, transactions, and the quality
-    results given (default: the failed ones)."""
-    lines = [f"  agents expected: {', '.join(row.expected) or '(none)'}",
-             f"  agents missing:  {', '.join(a for a in row.expected if a not in row.arrived) or '(none)'}"]
-    if row.unexpected:
-        lines.append(f"  agents not expected that sent data: {', '.join(row.unexpected)}")
-    lines += [f"  failed: {family}: {reason}" for family, reason in sorted(row.reasons.items())]
-    lines += quality_lines(row.quality_failures if quality is None else quality)
-    lines.append(f"  transactions ({len(transactions)}):")
-    lines += [f"    {transaction_line(root, t)}" for t in transactions]
-    if graph:
-        lines.append(f"  graph: {graph}")
-    return lines

@@ -1,6 +1,4 @@
-"""The status page for admins: `ganymede status` as a grid of hours × stages that refreshes itself, and
-`/status?hour=H` with the hour's extract rounds, bucket objects and graph in luigid. Browsers cannot send a
-bearer header, so the admin token is also accepted as the password of HTTP basic auth (user `admin`)."""
+"""The admins' status page: `ganymede status` as a grid of hours × stages, and `/status?hour=H`."""
 import base64
 import binascii
 import glob
@@ -19,6 +17,7 @@ COLOURS = {"done": ("#2e7d32", "#ffffff"), "partial": ("#f9a825", "#000000"), "p
            "idle": ("#eceff1", "#37474f"), "no-data": ("#6a1b9a", "#ffffff")}
 PAGE_COLOURS = {"header": ("#263238", "#ffffff"), "hour": ("#eceff1", "#000000"), "body": ("#ffffff", "#212121"),
                 "link": ("#ffffff", "#0d47a1")}
+REFRESH = 30
 
 
 def css_class(verdict):
@@ -44,12 +43,11 @@ def cells(row):
     ]
 
 
-def _page(title, body, refresh_seconds):
+def _page(title, body):
     style = "".join(f".{name}{{background:{bg};color:{fg}}}" for name, (bg, fg) in COLOURS.items())
     (hbg, hfg), (rbg, rfg), (bbg, bfg), (_, link) = (PAGE_COLOURS[k] for k in ("header", "hour", "body", "link"))
-    refresh = f'<meta http-equiv="refresh" content="{refresh_seconds}">' if refresh_seconds else ""
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">{refresh}
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH}">
 <title>{html.escape(title)}</title>
 <style>body{{font:14px sans-serif;margin:1.5em;background:{bbg};color:{bfg}}}table{{border-collapse:collapse}}
 th,td{{padding:.35em .8em;border:1px solid #fff;text-align:left}}thead th{{background:{hbg};color:{hfg}}}
@@ -60,7 +58,7 @@ tbody th{{background:{rbg};color:{rfg};font-family:monospace}}a{{color:{link}}}
 """
 
 
-def render(rows, refresh_seconds=30):
+def render(rows):
     header = "".join(f"<th>{stage}</th>" for stage, _, _ in cells(rows[0])) if rows else ""
     body = "\n".join(
         f'<tr data-hour="{hours.format_hour(r.hour)}"><th><a href="/status?hour={hours.format_hour(r.hour)}">'
@@ -68,12 +66,12 @@ def render(rows, refresh_seconds=30):
         + "".join(f'<td class="{cls}" data-stage="{stage}">{html.escape(text)}</td>' for stage, text, cls in cells(r))
         + "</tr>" for r in rows)
     return _page("Ganymede status", f"""<h1>Ganymede: the last {len(rows)} hours (UTC)</h1>
-<p>Generated {hours.now():%Y-%m-%d %H:%M:%S} UTC; refreshes every {refresh_seconds} s. An hour's link opens its
+<p>Generated {hours.now():%Y-%m-%d %H:%M:%S} UTC; refreshes every {REFRESH} s. An hour's link opens its
 detail.</p>
 <table id="grid"><thead><tr><th>hour</th>{header}</tr></thead>
 <tbody>
 {body}
-</tbody></table>""", refresh_seconds)
+</tbody></table>""")
 
 
 def _table(id_, headers, rows):
@@ -82,24 +80,16 @@ def _table(id_, headers, rows):
     return f'<table class="detail" id="{id_}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def hour_facts(root, hour):
-    """The hour's extract rounds and bucket objects, from its manifests and backup marker (no S3 call)."""
-    rounds = []
-    for path in sorted(glob.glob(root.extract_manifests_glob(hour))):
-        m = markers.read_json(path)
-        rounds.append((m.get("round"), m.get("file"), sum((m.get("counts") or {}).values()),
-                       len(m.get("transactions", [])), "yes" if m.get("delivery") else "no (no data)"))
-    marker = root.hour_marker(hour, "backup")
-    backup = markers.read_json(marker) if os.path.exists(marker) else {}
-    objects = [(o["key"], o["size"]) for o in backup.get("objects", [])]
-    return sorted(rounds, key=lambda r: r[0]), backup.get("bucket"), objects
-
-
-def render_hour(row, transactions, root, graph, refresh_seconds=30, checks=()):
-    """One hour in detail: agents, failures, quality checks, transactions, extract rounds, bucket, graph."""
+def render_hour(row, transactions, root, graph, checks=()):
+    """One hour in detail; extract rounds and bucket objects from its manifests and backup marker (no S3)."""
     h = hours.format_hour(row.hour)
-    rounds, bucket, objects = hour_facts(root, row.hour)
-    missing = [a for a in row.expected if a not in row.arrived]
+    manifests = [markers.read_json(path) for path in glob.glob(root.extract_manifests_glob(row.hour))]
+    rounds = sorted(((m.get("round"), m.get("file"), sum((m.get("counts") or {}).values()),
+                      len(m.get("transactions", [])), "yes" if m.get("delivery") else "no (no data)")
+                     for m in manifests), key=lambda r: r[0])
+    marker = root.hour_marker(row.hour, "backup")
+    backup = markers.read_json(marker) if os.path.exists(marker) else {}
+    missing = ", ".join(row.not_arrived) or "none"
     agents = [(a, "sent" if a in row.arrived else "missing", "yes") for a in row.expected] + [
         (a, "sent", "no") for a in row.unexpected]
     failures = "".join(f"<li><b>{html.escape(f)}</b>: {html.escape(r)}</li>" for f, r in sorted(row.reasons.items()))
@@ -110,8 +100,7 @@ def render_hour(row, transactions, root, graph, refresh_seconds=30, checks=()):
 <h1>Ganymede: hour {h} (UTC)</h1>
 <p id="verdict" class="{css_class(row.verdict)}" data-verdict="{html.escape(row.verdict)}">{html.escape(row.line())}</p>
 <p><a id="graph" href="{html.escape(graph)}">dependency graph in luigid</a></p>
-<h2>Agents ({len(row.arrived_expected)} of {len(row.expected)} expected; missing: {html.escape(', '.join(missing) or
-'none')})</h2>
+<h2>Agents ({len(row.arrived_expected)} of {len(row.expected)} expected; missing: {html.escape(missing)})</h2>
 {_table("agents", ("agent", "data", "expected"), agents)}
 <h2>Failures</h2>
 {f'<ul id="failures">{failures}</ul>' if failures else '<p id="failures">none</p>'}
@@ -123,13 +112,13 @@ def render_hour(row, transactions, root, graph, refresh_seconds=30, checks=()):
 {_table("transactions", ("transaction", "agent", "state", "archive", "reason"), txs)}
 <h2>Extract rounds</h2>
 {_table("rounds", ("round", "file", "rows", "transactions", "delivered"), rounds)}
-<h2>Bucket {html.escape(bucket or "(not backed up yet)")}</h2>
-{_table("objects", ("key", "bytes"), objects)}"""
-    return _page(f"Ganymede {h}", body, refresh_seconds)
+<h2>Bucket {html.escape(backup.get("bucket") or "(not backed up yet)")}</h2>
+{_table("objects", ("key", "bytes"), [(o["key"], o["size"]) for o in backup.get("objects", [])])}"""
+    return _page(f"Ganymede {h}", body)
 
 
 class StatusPageHandler(BaseHandler):
-    def basic_or_bearer(self):
+    def basic_or_bearer(self):  # browsers send no bearer header: the admin token is basic auth's password too
         scheme, _, value = self.request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "basic":
             try:
