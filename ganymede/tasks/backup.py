@@ -1,10 +1,5 @@
-"""Stage 4, the top of the graph: the hour backed up to its bucket, then archives moved to archives/.
-
-HourlyBackup is what cron runs. It is complete when its marker exists and no archive of the hour waits in
-upload/, so a late arrival reopens the hour and the same command delivers and backs up a supplementary
-extract. Only archives an extract round holds are backed up, and they move only once every object of the hour
-is verified in the bucket; a rerun uploads only what is missing.
-"""
+"""Stage 4, the top of the graph (what cron runs): the hour backed up to its bucket, then archives moved to
+archives/ once every object is verified. A late arrival in upload/ reopens the hour (docs/operations.md)."""
 import gzip
 import os
 import shutil
@@ -20,8 +15,8 @@ from ..stores import mysql, txlog
 from ..stores import s3
 from ..stores.s3 import bucket_name
 from .agent import state_root, unless_complete
-from .extract import (GlassbeamExtract, TransactionCompletion, covered_transactions, current_round,
-                      pending_archives, round_manifests, uncovered_archives)
+from .extract import (GlassbeamExtract, TransactionCompletion, covered_transactions, current_round, hour_log,
+                      pending_archives, round_manifests)
 
 
 # --- plain functions -----------------------------------------------------------
@@ -73,8 +68,7 @@ def backup_plan(root, hour, rounds, archives):
 
 def backup_hour(cfg, bucket, plan, manifest_path):
     """The hour's objects into `bucket` (made if need be), verified, then MANIFEST.json (key, size, sha256 of
-    each) once everything it lists is verified; returns the listing. One listing at the start says what is
-    already there, MANIFEST.json included."""
+    each) once everything it lists is; returns the listing. A rerun uploads only what is missing."""
     store = s3.connect(cfg)
     store.ensure_bucket(bucket)
     listed = store.listed(bucket)
@@ -133,16 +127,13 @@ class HourlyBackup(luigi.task.MixinNaiveBulkComplete, luigi.Task):
     def _waiting(self):
         """Archives in upload/ that no round holds and the log does not list as completed; read once per task
         instance (Luigi calls requires() several times a run)."""
-        with closing(mysql.connect(config.mysql())) as conn:
-            done = {t["transaction_id"] for t in txlog.hour_transactions(conn, self.hour,
-                                                                        ("completed", "superseded"))}
+        _, rows = hour_log(self.hour)
+        known = covered_transactions(round_manifests(self.hour).values()) | {t["transaction_id"] for t in rows}
         return [TransactionCompletion(hour=self.hour, agent_id=agent, transaction_id=tx)
-                for tx, agent in sorted(uncovered_archives(self.hour, round_manifests(self.hour)).items())
-                if tx not in done]
+                for tx, agent in sorted(pending_archives(self.hour).items()) if tx not in known]
 
     def run(self):
-        with closing(mysql.connect(config.mysql())) as conn:
-            logged = txlog.hour_transactions(conn, self.hour, ("completed", "superseded"))
+        _, logged = hour_log(self.hour)
         completed = [t["transaction_id"] for t in logged if t["state"] == "completed"]
         # Supplementary rounds are dynamic dependencies: a late arrival opens one after Luigi scheduled
         # this task, and Luigi checks requires() again just before run().

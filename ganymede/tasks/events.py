@@ -11,9 +11,7 @@ from .agent import state_root
 
 def failure_marker(task):
     hour = getattr(task, "hour", None)
-    if hour is None:
-        return None
-    return state_root().failure_marker(hour, task.task_id)
+    return None if hour is None else state_root().failure_marker(hour, task.task_id)
 
 
 def textfile_path():

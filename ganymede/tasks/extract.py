@@ -43,18 +43,14 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=_json
 
 
 def extract_lines(db, hour, transaction_ids, select_in_query=True):
-    """(dataset, document, line) of the given transactions, datasets by name, documents by `_id`.
-
-    Round 0 reads the whole hour and drops strays here rather than send a
-    large `$in`; a supplementary round asks for just its few transactions.
-    """
+    """(dataset, document, line) of the given transactions, datasets by name, documents by `_id`. Round 0 reads
+    the whole hour and drops strays here rather than send a large `$in`."""
     wanted = set(transaction_ids)
     for name in sorted(datasets.CATALOG):
         for doc in mongo.hour_documents(db[name], hour, transaction_ids if select_in_query else None):
-            if doc["transaction_id"] not in wanted:
-                continue
-            doc["dataset"] = name
-            yield name, doc, _ENCODER.encode(doc)
+            if doc["transaction_id"] in wanted:
+                doc["dataset"] = name
+                yield name, doc, _ENCODER.encode(doc)
 
 
 class _HashingFile:
@@ -108,22 +104,22 @@ def pending_archives(hour):
             for p in glob.glob(state_root().hour_uploads_glob(hour))}
 
 
-def uncovered_archives(hour, manifests):
-    """{transaction id: agent id} of archives in upload/ that no round of the hour holds."""
-    covered = covered_transactions(manifests.values())
-    return {tx: agent for tx, agent in pending_archives(hour).items() if tx not in covered}
-
-
 def current_round(hour, completed=None):
     """The round the hour needs now: the newest, or a new one when upload/ holds archives no round covers
     (with `completed`, the log's completed transaction ids: only archives of those)."""
     manifests = round_manifests(hour)
     if not manifests:
         return 0
-    uncovered = set(uncovered_archives(hour, manifests))
+    uncovered = pending_archives(hour).keys() - covered_transactions(manifests.values())
     if completed is not None:
         uncovered &= set(completed)
     return max(manifests) + (1 if uncovered else 0)
+
+
+def hour_log(hour):
+    """(agents expected for the hour, its completed and superseded transactions): one read of the log."""
+    with closing(mysql.connect(config.mysql())) as conn:
+        return txlog.expected_agents(conn, hour), txlog.hour_transactions(conn, hour, ("completed", "superseded"))
 
 
 def round0_cutoff(expected, rows, deadline):
@@ -233,19 +229,16 @@ class ExtractTimeout(luigi.Task):
         return ExtractDeadline(hour=self.hour)
 
     def run(self):
-        deadline = hours.deadline(self.hour, config.extract().deadline_minutes)
-        with closing(mysql.connect(config.mysql())) as conn:
-            expected = txlog.expected_agents(conn, self.hour)
-            rows = txlog.hour_transactions(conn, self.hour, ("completed", "superseded"))
+        expected, rows = hour_log(self.hour)
         markers.write_json(self.output().path, {
-            "hour": hours.format_hour(self.hour), "written_at": hours.now(), "deadline": deadline,
+            "hour": hours.format_hour(self.hour), "written_at": hours.now(),
+            "deadline": hours.deadline(self.hour, config.extract().deadline_minutes),
             "missing_agents": sorted(set(expected) - {t["agent_id"] for t in rows})})
 
 
 class TransactionCompletion(luigi.ExternalTask):
-    """An archive in upload/ whose transaction the log does not list as completed yet (the API moves the file,
-    then marks it). Required only after a read of the log found it so: never complete within that run, which
-    ends with missing data; the next run reads the log again."""
+    """An archive in upload/ the log does not list as completed yet (the API moves it, then marks it): never
+    complete within a run, which ends with missing data; the next run reads the log again."""
     hour = luigi.DateHourParameter(description="The transaction's UTC hour")
     agent_id = luigi.Parameter(description="The agent whose directory holds the archive")
     transaction_id = luigi.Parameter(description="Transaction UUID (the archive's name)")
@@ -271,9 +264,7 @@ class GlassbeamExtract(luigi.Task):
             TransactionCompletion(hour=self.hour, agent_id=agent, transaction_id=tx) for agent, tx in plan.waiting]
 
     def plan(self):
-        with closing(mysql.connect(config.mysql())) as conn:
-            expected = txlog.expected_agents(conn, self.hour)
-            rows = txlog.hour_transactions(conn, self.hour, ("completed", "superseded"))
+        expected, rows = hour_log(self.hour)
         others = [m for r, m in round_manifests(self.hour).items() if r != self.round]
         return plan_round(self.round, expected, rows, others, pending_archives(self.hour) if self.round else {},
                           hours.deadline(self.hour, config.extract().deadline_minutes))

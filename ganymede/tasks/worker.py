@@ -1,9 +1,7 @@
-"""Stages 1 and 2, per transaction: archive -> MySQL staging -> MongoDB.
-
-Reruns are safe: staging clears the transaction's rows first, loading upserts by deterministic `_id`. Bad data
-(DataError) isolates the transaction, not the hour (docs/operations.md); anything else fails the task.
-"""
+"""Stages 1 and 2, per transaction: archive -> MySQL staging -> MongoDB; rerunnable (staging clears first,
+loading upserts by `_id`). Bad data (DataError) isolates the transaction, not the hour (docs/operations.md)."""
 import hashlib
+import itertools
 import json
 import os
 import tarfile
@@ -128,16 +126,15 @@ def unique_batches(docs, size):
 
 # --- loading ---------------------------------------------------------------------
 
-def staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally, rejects_out):
-    """A transaction's staged rows of one dataset as documents, streamed; rejects to `rejects_out`, counts to
-    `tally`."""
-    for batch in staging.iter_batches(conn, dataset, transaction_id, batch_size):
+def staged_documents(conn, dataset, staged, hour, batch_size, tally, rejects_out):
+    """The staged rows of one dataset as documents, streamed; rejects to `rejects_out`, counts to `tally`."""
+    for batch in staging.iter_batches(conn, dataset, staged["transaction_id"], batch_size):
         rows, rejects = parse_batch(dataset, batch, hour)
         for reject in rejects:
             rejects_out.write(json.dumps(reject, sort_keys=True) + "\n")
         tally["loaded"] += len(rows)
         tally["rejected"] += len(rejects)
-        yield from dataset.documents(rows, agent_id, geo, hour, transaction_id)
+        yield from dataset.documents(rows, staged["agent_id"], staged["geo"], hour, staged["transaction_id"])
 
 
 def write_batch(db, dataset, agent_id, hour, docs):
@@ -149,26 +146,23 @@ def write_batch(db, dataset, agent_id, hour, docs):
     return mongo.replace_many(collection, docs)
 
 
-def load_staged(conn, db, transaction_id, agent_id, geo, hour, batch_size, rejects_out):
-    """Transform a transaction's staged rows into MongoDB; returns {dataset: {"loaded": n, "rejected": m}}.
-
-    One thread writes the batches, strictly one after the other, while this one transforms the next. Staging
-    is cleared once every row is read, while the last write finishes (a crash from then on restages).
-    """
+def load_staged(conn, db, staged, hour, batch_size, rejects_out):
+    """A transaction's staged rows into MongoDB; returns {dataset: {"loaded": n, "rejected": m}}. One thread
+    writes the batches in turn while this one transforms the next; staging is cleared once every row is read,
+    while the last write finishes (a crash from then on restages)."""
     counts, pending = {}, None
     hour = hours.floor_hour(hour)
     with ThreadPoolExecutor(1, thread_name_prefix="mongo-write") as writer:
         for dataset in datasets.CATALOG.values():
             tally = counts[dataset.name] = {"loaded": 0, "rejected": 0}
-            docs = staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally,
-                                    rejects_out)
+            docs = staged_documents(conn, dataset, staged, hour, batch_size, tally, rejects_out)
             if dataset.group_by:
                 docs = summarized(dataset, docs)
             for batch in unique_batches(docs, batch_size):
                 if pending:
                     pending.result()
-                pending = writer.submit(write_batch, db, dataset, agent_id, hour, batch)
-        clear_staging(conn, transaction_id)
+                pending = writer.submit(write_batch, db, dataset, staged["agent_id"], hour, batch)
+        clear_staging(conn, staged["transaction_id"])
         if pending:
             pending.result()
     return counts
@@ -205,16 +199,14 @@ def load_transaction(conn, db, staged, archive_path, work_path, batch_size, reje
     found = staging.counts(conn, datasets.CATALOG.values(), transaction_id)
     if sum(found.values()) != sum(staged["staged"].values()):  # a load crashed after clearing staging: restage
         stage_archive(conn, archive_path, transaction_id, tx["hour"], work_path)
-    counts = load_staged(conn, db, transaction_id, tx["agent_id"], staged["geo"], tx["hour"], batch_size,
-                         rejects_out)
+    counts = load_staged(conn, db, staged, tx["hour"], batch_size, rejects_out)
     return finish_load(conn, db, tx, counts)
 
 
 # --- tasks ---------------------------------------------------------------------
 
 def load_resource(agent_id, hour):
-    """The luigid resource (capacity 1) every load of an agent's hour holds: a replacement's writes cannot
-    interleave with those of the transaction it replaces."""
+    """The luigid resource (capacity 1) of an agent's hour: a replacement's load waits for its predecessor's."""
     return f"ganymede-load:{agent_id}:{hours.compact(hour)}"
 
 
@@ -293,12 +285,11 @@ def batches(transactions, count):
     """`transactions` (log rows) -> about `count` lists of (agent, transaction), whole agents in each, an
     agent's oldest first: they load one after the other, as one LoadTransaction resource would make them."""
     rows = sorted(transactions, key=lambda t: (t["agent_id"], t["completed_at"], t["transaction_id"]))
-    size, out, agent = -(-len(rows) // max(count, 1)), [], None
-    for t in rows:
-        if not out or (t["agent_id"] != agent and len(out[-1]) >= size):
+    size, out = -(-len(rows) // max(count, 1)), []
+    for _, agents_rows in itertools.groupby(rows, key=lambda t: t["agent_id"]):
+        if not out or len(out[-1]) >= size:
             out.append([])
-        out[-1].append((t["agent_id"], t["transaction_id"]))
-        agent = t["agent_id"]
+        out[-1].extend((t["agent_id"], t["transaction_id"]) for t in agents_rows)
     return out
 
 
