@@ -123,9 +123,8 @@ def hour_log(hour):
 
 
 def round0_cutoff(expected, rows, deadline):
-    """(cutoff, needs the deadline): when the last expected agent first completed (a transaction since
-    superseded counts), else the deadline (also for an hour nobody is expected for: whoever sends for it by
-    then is in its extract)."""
+    """(cutoff, needs the deadline): when the last expected agent first completed (superseded or not), else
+    the deadline (also for an hour nobody is expected for: whoever sends for it by then is in its extract)."""
     newest_first = sorted(rows, key=lambda t: t["completed_at"], reverse=True)
     first = {t["agent_id"]: t["completed_at"] for t in newest_first}  # each agent's oldest value stays
     if expected and first.keys() >= set(expected):

@@ -41,9 +41,8 @@ def staging_rows(dataset, rows, hour, name):
 
 
 def stage_archive(conn, archive_path, transaction_id, hour, work_path):
-    """Load every dataset of an archive into staging; returns (manifest, {dataset: rows staged}). Each member
-    is written again as canonical CSV at `work_path` by the reader the API validated it with: MySQL never
-    reads the agent's bytes."""
+    """An archive's datasets into staging, each rewritten at `work_path` as CSV by the reader the API validated
+    it with (MySQL never reads the agent's bytes); returns (manifest, {dataset: rows staged})."""
     staging.clear(conn, datasets.CATALOG.values(), transaction_id)
     os.makedirs(os.path.dirname(work_path), exist_ok=True)
     counts, manifest = {}, None
@@ -309,9 +308,8 @@ def run_in_turn(task):
 
 
 class LoadBatch(luigi.Task):
-    """Several transactions staged and loaded in turn by their own StageTransaction and LoadTransaction; one
-    failing does not stop the others, the task then fails naming it. The archives are not dependencies: a
-    completed transaction's archive is in place before the log says completed."""
+    """Transactions staged and loaded in turn by their own tasks (docs/scaling.md); the archives are not
+    dependencies: a completed transaction's archive is in place before the log says completed."""
     hour = luigi.DateHourParameter(description="The transactions' UTC hour")
     members = luigi.Parameter(description="First and last agent, how many transactions, digest of the list")
     transactions = luigi.ListParameter(visibility=luigi.parameter.ParameterVisibility.HIDDEN,
