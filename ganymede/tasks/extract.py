@@ -92,10 +92,7 @@ def round_manifests(hour):
 
 def covered_transactions(manifests):
     """Transactions some round holds or has declared superseded."""
-    covered = set()
-    for manifest in manifests:
-        covered.update(manifest["transactions"], manifest["superseded"])
-    return covered
+    return {tx for m in manifests for tx in m["transactions"] + m["superseded"]}
 
 
 def pending_archives(hour):
