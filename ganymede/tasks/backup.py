@@ -1,15 +1,5 @@
-"""Stage 4, the top of the graph: the hour backed up to its bucket, then archives moved to archives/.
-
-HourlyBackup is what cron runs. It is complete when its marker exists and no
-archive of the hour is still waiting in upload/; a late arrival therefore
-reopens the hour, and the same command delivers a supplementary extract and
-backs it up. Uploads skip objects already verified, so a rerun after a crash
-uploads only what is missing, and archives move only after every object of
-the hour is verified in the bucket. Only archives an extract round holds are
-backed up and moved: one the log completed after the extract stays in upload/
-for the next round, and while an archive in upload/ is not yet completed in
-the log (the API moves the file, then marks it), the hour waits: missing data.
-"""
+"""Stage 4, the top of the graph (what cron runs): the hour backed up to its bucket, then archives moved to
+archives/ once every object is verified. A late arrival in upload/ reopens the hour (docs/operations.md)."""
 import gzip
 import os
 import shutil
@@ -25,31 +15,27 @@ from ..stores import mysql, txlog
 from ..stores import s3
 from ..stores.s3 import bucket_name
 from .agent import state_root, unless_complete
-from .extract import (GlassbeamExtract, TransactionCompletion, covered_transactions, current_round,
-                      pending_archives, round_manifests, uncovered_archives)
+from .extract import (GlassbeamExtract, TransactionCompletion, covered_transactions, current_round, hour_log,
+                      pending_archives, round_manifests)
 
 
 # --- plain functions -----------------------------------------------------------
 
-def dump_command(cfg):
+def dump_schema(cfg, path):
+    """mariadb-dump streamed through gzip into `path`, atomically; a failed dump leaves nothing behind."""
     binary = shutil.which("mariadb-dump") or shutil.which("mysqldump")
     if not binary:
         raise GanymedeError("neither mariadb-dump nor mysqldump is installed (Debian: apt-get install mariadb-client)")
-    argv = [binary] + ([f"--defaults-extra-file={cfg.option_file}"] if cfg.option_file else [])
-    return argv + ["-h", cfg.host, "-P", str(cfg.port), "-u", cfg.user, "--single-transaction", "--skip-dump-date",
-                   "--routines", "--databases", cfg.database]
-
-
-def dump_schema(cfg, path):
-    """mariadb-dump streamed through gzip into `path`, atomically; a failed dump leaves nothing behind."""
-    argv = dump_command(cfg)
+    options = [f"--defaults-extra-file={cfg.option_file}"] if cfg.option_file else []
+    args = ["-h", cfg.host, "-P", str(cfg.port), "-u", cfg.user, "--single-transaction", "--skip-dump-date",
+            "--routines", "--databases", cfg.database]
     with markers.open_atomic(path) as raw:
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        with subprocess.Popen([binary, *options, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
             with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
                 shutil.copyfileobj(proc.stdout, gz, 1 << 20)
             stderr = proc.stderr.read().decode("utf-8", "replace")
         if proc.returncode != 0:
-            raise CommandError(argv[:1] + argv[2:] if cfg.option_file else argv, proc.returncode, stderr)
+            raise CommandError([binary, *args], proc.returncode, stderr)  # without the option file
 
 
 def archive_locations(root, hour, transactions, covered):
@@ -67,15 +53,6 @@ def archive_locations(root, hour, transactions, covered):
     return located
 
 
-def finished_rounds(root, hour):
-    """{round: manifest} of the extract rounds whose dump is also on disk: what a backup can hold.
-
-    Read at run time rather than taken from requires(), which may by then see
-    a round that a late arrival has just opened and nobody has built yet.
-    """
-    return {r: m for r, m in round_manifests(hour).items() if os.path.exists(root.backup_dump(hour, r))}
-
-
 def backup_plan(root, hour, rounds, archives):
     """Every object of the hour's bucket as {key: local path}."""
     plan = {}
@@ -90,18 +67,10 @@ def backup_plan(root, hour, rounds, archives):
 
 
 def backup_hour(cfg, bucket, plan, manifest_path):
-    """The hour's objects into `bucket` (made if need be), verified, then MANIFEST.json; returns the listing."""
+    """The hour's objects into `bucket` (made if need be), verified, then MANIFEST.json (key, size, sha256 of
+    each) once everything it lists is; returns the listing. A rerun uploads only what is missing."""
     store = s3.connect(cfg)
     store.ensure_bucket(bucket)
-    return upload_plan(store, bucket, plan, manifest_path)
-
-
-def upload_plan(store, bucket, plan, manifest_path):
-    """Upload and verify every object, then MANIFEST.json (key, size, sha256 of each); returns the listing.
-
-    MANIFEST.json goes up last, once everything it lists is verified. One
-    listing at the start says what is already there, MANIFEST.json included.
-    """
     listed = store.listed(bucket)
     listing = [{"key": key, "size": local.size, "sha256": local.sha256, "action": action}
                for key, (action, local) in store.put_all(bucket, plan, None, listed).items()]
@@ -114,19 +83,13 @@ def upload_plan(store, bucket, plan, manifest_path):
 
 
 def move_archives(conn, archives, logged):
-    """upload/ -> archives/, same layout, each move then recorded in the log (`transactions.archive_path`).
-
-    `logged` {transaction id: archive_path the log holds} also brings the log
-    up to date for an archive an interrupted run moved without recording it.
-    """
-    moved = []
+    """upload/ -> archives/, each move then recorded in the log; `logged` {transaction id: archive_path the log
+    holds} also records a move an interrupted run did not."""
     for agent_id, transaction_id, path, done in archives:
         if path != done:
             files.move_durably(path, done)
-            moved.append(transaction_id)
         if logged.get(transaction_id) != done:
             txlog.set_archive_path(conn, transaction_id, done)
-    return moved
 
 
 # --- tasks ---------------------------------------------------------------------
@@ -147,7 +110,7 @@ class DumpSchema(luigi.Task):
         dump_schema(config.mysql(), self.output().path)
 
 
-class HourlyBackup(luigi.Task):
+class HourlyBackup(luigi.task.MixinNaiveBulkComplete, luigi.Task):
     """The hour in its bucket (dumps, archives, extracts, MANIFEST.json), verified; archives then in archives/."""
     hour = luigi.DateHourParameter(description="The UTC hour")
 
@@ -157,38 +120,28 @@ class HourlyBackup(luigi.Task):
     def complete(self):
         return self.output().exists() and not pending_archives(self.hour)
 
-    @classmethod
-    def bulk_complete(cls, parameter_tuples):
-        """For RangeHourly: hours backed up with nothing left in upload/ (a few stat() calls per hour)."""
-        root = state_root()
-        return [hour for hour in parameter_tuples
-                if os.path.exists(root.hour_marker(hour, "backup")) and not pending_archives(hour)]
-
     def requires(self):
         return [DumpSchema(hour=self.hour, round=0)] + self._waiting
 
     @cached_property
     def _waiting(self):
-        """Archives in upload/ that no round holds and the log does not list as completed.
-
-        Read once per task instance (one query, one directory walk): Luigi
-        calls requires() several times a run.
-        """
-        with closing(mysql.connect(config.mysql())) as conn:
-            done = {t["transaction_id"] for t in txlog.hour_transactions(conn, self.hour,
-                                                                        ("completed", "superseded"))}
+        """Archives in upload/ that no round holds and the log does not list as completed; read once per task
+        instance (Luigi calls requires() several times a run)."""
+        _, rows = hour_log(self.hour)
+        known = covered_transactions(round_manifests(self.hour).values()) | {t["transaction_id"] for t in rows}
         return [TransactionCompletion(hour=self.hour, agent_id=agent, transaction_id=tx)
-                for tx, agent in sorted(uncovered_archives(self.hour).items()) if tx not in done]
+                for tx, agent in sorted(pending_archives(self.hour).items()) if tx not in known]
 
     def run(self):
-        with closing(mysql.connect(config.mysql())) as conn:
-            logged = txlog.hour_transactions(conn, self.hour, ("completed", "superseded"))
+        _, logged = hour_log(self.hour)
         completed = [t["transaction_id"] for t in logged if t["state"] == "completed"]
         # Supplementary rounds are dynamic dependencies: a late arrival opens one after Luigi scheduled
         # this task, and Luigi checks requires() again just before run().
         yield [DumpSchema(hour=self.hour, round=r) for r in range(1, current_round(self.hour, completed) + 1)]
         root, cfg = state_root(), config.s3()
-        rounds = finished_rounds(root, self.hour)
+        # the rounds whose dump is on disk, read now: requires() may have seen a round nobody has built yet
+        rounds = {r: m for r, m in round_manifests(self.hour).items()
+                  if os.path.exists(root.backup_dump(self.hour, r))}
         archives = archive_locations(root, self.hour, logged, covered_transactions(rounds.values()))
         bucket = bucket_name(cfg.bucket_template, self.hour)
         listing = backup_hour(cfg, bucket, backup_plan(root, self.hour, rounds, archives),

@@ -1,10 +1,5 @@
-"""Luigi event handlers: failure markers and the pipeline's Prometheus textfile.
-
-Failures leave a marker under the hour's state directory, so `ganymede status`
-sees a failed hour without asking luigid; a later success of the same task
-removes it. Every run's outcome and duration, and what a load, an extract or a
-backup did, goes to the textfile (ganymede.textfile) that node_exporter reads.
-"""
+"""Luigi event handlers: a failure leaves a marker in the hour's state directory (`ganymede status` sees it
+without luigid) until the task succeeds; every run's outcome, duration and facts go to the metrics textfile."""
 import calendar
 from datetime import timedelta
 
@@ -16,9 +11,7 @@ from .agent import state_root
 
 def failure_marker(task):
     hour = getattr(task, "hour", None)
-    if hour is None:
-        return None
-    return state_root().failure_marker(hour, task.task_id)
+    return None if hour is None else state_root().failure_marker(hour, task.task_id)
 
 
 def textfile_path():
@@ -44,13 +37,10 @@ def clear_failure(task):
 @luigi.Task.event_handler(luigi.Event.PROCESSING_TIME)
 def record_run(task, seconds):
     """A successful run (Luigi reports the time just before SUCCESS): its outcome, duration and what it did."""
-    inc, set_ = [("ganymede_task_runs", {"family": task.task_family, "outcome": "success"}, 1),
-                 ("ganymede_task_seconds", {"family": task.task_family}, seconds)], []
-    facts = {"LoadTransaction": load_facts, "GlassbeamExtract": extract_facts, "HourlyBackup": backup_facts}
-    if task.task_family in facts:
-        more_inc, set_ = facts[task.task_family](task)
-        inc += more_inc
-    textfile.update(textfile_path(), inc=inc, set_=set_)
+    inc, set_ = FACTS.get(task.task_family, lambda task: ([], []))(task)
+    textfile.update(textfile_path(), set_=set_, inc=[
+        ("ganymede_task_runs", {"family": task.task_family, "outcome": "success"}, 1),
+        ("ganymede_task_seconds", {"family": task.task_family}, seconds), *inc])
 
 
 def load_facts(task):
@@ -75,3 +65,6 @@ def backup_facts(task):
     return [], [("ganymede_hour_lag_seconds", {}, lag),
                 ("ganymede_last_closed_hour_timestamp_seconds", {}, calendar.timegm(task.hour.timetuple())),
                 ("ganymede_hour_deadline_seconds", {}, config.extract().deadline_minutes * 60)]
+
+
+FACTS = {"LoadTransaction": load_facts, "GlassbeamExtract": extract_facts, "HourlyBackup": backup_facts}

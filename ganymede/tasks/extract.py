@@ -1,24 +1,19 @@
 """Stage 3: the hour's Glassbeam extract, once every expected agent is loaded or the deadline passed.
 
-Round 0 is the hour's extract: it runs once every expected agent has
-completed or the deadline has passed, and holds every transaction completed by
-then. A transaction that completes after it (a late arrival) goes into a
-supplementary round: its own file and manifest, holding only transactions no
-other round holds, so no row is in two files of an hour. A supplementary round
-is never empty: while the archives that opened it are not yet completed in the
-log, it waits (missing data), it does not fail.
+Round 0 holds every transaction completed by then; a late arrival goes into a supplementary round of its own
+(no row is in two files of an hour), which waits while its archives are not completed in the log.
 
-Luigi calls requires() when it schedules a task and again just before run(),
-and fails the task if the second answer holds something not done. So
-requires() only names what cannot change in between (round 0's on-time loads,
-the deadline, the previous round); transactions that complete meanwhile are
-loaded as dynamic dependencies yielded by run(), which decides the round's set.
+Luigi calls requires() when it schedules a task and again just before run(), and fails the task if the second
+answer holds something not done. So requires() only names what cannot change in between (round 0's on-time
+loads, the deadline, the previous round); what completes meanwhile is loaded by dynamic dependencies of run().
 """
 import glob
 import gzip
 import hashlib
+import io
 import json
 import os
+from collections import Counter
 from contextlib import closing
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -32,9 +27,7 @@ from ..errors import GanymedeError, QualityError
 from ..stores import mongo, mysql, txlog
 from ..stores import quality as quality_store
 from .agent import state_root, unless_complete
-from .worker import LoadTransaction, load_tasks
-
-WRITE_BLOCK = 1 << 16  # lines go to gzip in blocks of about this many bytes (the bytes do not depend on it)
+from .worker import LoadTransaction, load_tasks, rejects_path
 
 
 # --- plain functions: the file -------------------------------------------------
@@ -50,18 +43,14 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=_json
 
 
 def extract_lines(db, hour, transaction_ids, select_in_query=True):
-    """(dataset, document, line) of the given transactions, datasets by name, documents by `_id`.
-
-    Round 0 reads the whole hour and drops strays here rather than send a
-    large `$in`; a supplementary round asks for just its few transactions.
-    """
+    """(dataset, document, line) of the given transactions, datasets by name, documents by `_id`. Round 0 reads
+    the whole hour and drops strays here rather than send a large `$in`."""
     wanted = set(transaction_ids)
     for name in sorted(datasets.CATALOG):
         for doc in mongo.hour_documents(db[name], hour, transaction_ids if select_in_query else None):
-            if doc["transaction_id"] not in wanted:
-                continue
-            doc["dataset"] = name
-            yield name, doc, _ENCODER.encode(doc)
+            if doc["transaction_id"] in wanted:
+                doc["dataset"] = name
+                yield name, doc, _ENCODER.encode(doc)
 
 
 class _HashingFile:
@@ -79,24 +68,17 @@ class _HashingFile:
 
 def write_extract(path, lines):
     """Stream JSON lines into a gzip file with a fixed header (no name, no time): same data, same bytes.
-
-    Returns (sha256, bytes, counts by dataset, counts by agent).
-    """
-    by_dataset, by_agent = {name: 0 for name in sorted(datasets.CATALOG)}, {}
+    Returns (sha256, bytes, counts by dataset, counts by agent)."""
+    by_dataset, by_agent = dict.fromkeys(sorted(datasets.CATALOG), 0), Counter()
     with markers.open_atomic(path) as raw:
         sink = _HashingFile(raw)
-        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=6) as gz:
-            block, size = [], 0
+        # lines reach gzip in 64 KiB blocks, not one zlib call each (the bytes do not depend on the size)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=6) as gz, \
+                io.BufferedWriter(gz, 1 << 16) as out:
             for name, doc, line in lines:
-                block.append(line.encode("utf-8"))
-                size += len(block[-1])
-                if size >= WRITE_BLOCK:
-                    gz.write(b"\n".join(block) + b"\n")
-                    block, size = [], 0
+                out.write(line.encode("utf-8") + b"\n")
                 by_dataset[name] += 1
-                by_agent[doc["agent_id"]] = by_agent.get(doc["agent_id"], 0) + 1
-            if block:
-                gz.write(b"\n".join(block) + b"\n")
+                by_agent[doc["agent_id"]] += 1
     return sink.sha256.hexdigest(), sink.size, by_dataset, dict(sorted(by_agent.items()))
 
 
@@ -110,10 +92,7 @@ def round_manifests(hour):
 
 def covered_transactions(manifests):
     """Transactions some round holds or has declared superseded."""
-    covered = set()
-    for manifest in manifests:
-        covered.update(manifest["transactions"], manifest["superseded"])
-    return covered
+    return {tx for m in manifests for tx in m["transactions"] + m["superseded"]}
 
 
 def pending_archives(hour):
@@ -122,38 +101,30 @@ def pending_archives(hour):
             for p in glob.glob(state_root().hour_uploads_glob(hour))}
 
 
-def uncovered_archives(hour, manifests=None):
-    """{transaction id: agent id} of archives in upload/ that no round of the hour holds."""
-    covered = covered_transactions((round_manifests(hour) if manifests is None else manifests).values())
-    return {tx: agent for tx, agent in pending_archives(hour).items() if tx not in covered}
-
-
 def current_round(hour, completed=None):
     """The round the hour needs now: the newest, or a new one when upload/ holds archives no round covers
     (with `completed`, the log's completed transaction ids: only archives of those)."""
     manifests = round_manifests(hour)
     if not manifests:
         return 0
-    uncovered = set(uncovered_archives(hour, manifests))
+    uncovered = pending_archives(hour).keys() - covered_transactions(manifests.values())
     if completed is not None:
         uncovered &= set(completed)
     return max(manifests) + (1 if uncovered else 0)
 
 
-def first_completions(rows):
-    """{agent: when it first completed a transaction of the hour} from completed and superseded rows."""
-    first = {}
-    for t in rows:
-        if t["agent_id"] not in first or t["completed_at"] < first[t["agent_id"]]:
-            first[t["agent_id"]] = t["completed_at"]
-    return first
+def hour_log(hour):
+    """(agents expected for the hour, its completed and superseded transactions): one read of the log."""
+    with closing(mysql.connect(config.mysql())) as conn:
+        return txlog.expected_agents(conn, hour), txlog.hour_transactions(conn, hour, ("completed", "superseded"))
 
 
 def round0_cutoff(expected, rows, deadline):
-    """(cutoff, needs the deadline): when the last expected agent first completed, else the deadline (also
-    for an hour nobody is expected for: whoever sends for it by then is in its extract)."""
-    first = first_completions(rows)
-    if expected and all(a in first for a in expected):
+    """(cutoff, needs the deadline): when the last expected agent first completed (superseded or not), else
+    the deadline (also for an hour nobody is expected for: whoever sends for it by then is in its extract)."""
+    newest_first = sorted(rows, key=lambda t: t["completed_at"], reverse=True)
+    first = {t["agent_id"]: t["completed_at"] for t in newest_first}  # each agent's oldest value stays
+    if expected and first.keys() >= set(expected):
         last = max(first[a] for a in expected)
         if last <= deadline:
             return last, False
@@ -170,13 +141,8 @@ class RoundPlan(NamedTuple):
 
 
 def plan_round(round_, expected, rows, others, pending, deadline):
-    """What a round holds and waits for, from one read of the log and the files.
-
-    `rows`: the hour's completed and superseded transactions; `others`: the
-    other rounds' manifests; `pending`: {transaction: agent} in upload/.
-    Round 0's `early` stops at its cutoff so that requires() answers the same
-    at scheduling and at run time; run() loads what completed after it.
-    """
+    """What a round holds and waits for: `rows` are the hour's completed and superseded transactions, `others`
+    the other rounds' manifests, `pending` {transaction: agent} in upload/."""
     covered = covered_transactions(others)
     superseded = sorted(t["transaction_id"] for t in rows if t["state"] == "superseded")
     free = [t for t in rows if t["state"] == "completed" and t["transaction_id"] not in covered]
@@ -198,11 +164,11 @@ def load_facts(root, hour, transactions):
     for t in transactions:
         agent = facts.setdefault(t["agent_id"], {n: {"loaded": 0, "rejected": 0, "out_of_range": 0}
                                                  for n in datasets.CATALOG})
-        marker = lambda stage: root.transaction_marker(hour, t["agent_id"], t["transaction_id"], stage)  # noqa: E731
-        for name, counts in markers.read_json(marker("loaded")).get("counts", {}).items():
+        loaded = markers.read_json(root.transaction_marker(hour, t["agent_id"], t["transaction_id"], "loaded"))
+        for name, counts in loaded.get("counts", {}).items():
             agent[name]["loaded"] += counts["loaded"]
             agent[name]["rejected"] += counts["rejected"]
-        rejects = marker("rejects")[: -len(".json")] + ".jsonl"  # as LoadTransaction.rejects_path names it
+        rejects = rejects_path(root, hour, t["agent_id"], t["transaction_id"])
         if os.path.exists(rejects):
             with open(rejects, encoding="utf-8") as lines:
                 for reject in map(json.loads, lines):
@@ -259,26 +225,16 @@ class ExtractTimeout(luigi.Task):
         return ExtractDeadline(hour=self.hour)
 
     def run(self):
-        deadline = hours.deadline(self.hour, config.extract().deadline_minutes)
-        with closing(mysql.connect(config.mysql())) as conn:
-            expected = txlog.expected_agents(conn, self.hour)
-            first = first_completions(txlog.hour_transactions(conn, self.hour, ("completed", "superseded")))
+        expected, rows = hour_log(self.hour)
         markers.write_json(self.output().path, {
-            "hour": hours.format_hour(self.hour), "written_at": hours.now(), "deadline": deadline,
-            "missing_agents": sorted(set(expected) - set(first))})
+            "hour": hours.format_hour(self.hour), "written_at": hours.now(),
+            "deadline": hours.deadline(self.hour, config.extract().deadline_minutes),
+            "missing_agents": sorted(set(expected) - {t["agent_id"] for t in rows})})
 
 
 class TransactionCompletion(luigi.ExternalTask):
-    """An archive in upload/ whose transaction the log does not list as completed yet.
-
-    The API moves a verified archive into upload/ and then marks its
-    transaction completed; a run between the two sees the file but not the
-    completion (and after a crash there, the agent's retry completes it).
-    HourlyBackup and a supplementary round require this only after their read
-    of the log found the transaction not completed, so it is never complete
-    within that run: the run ends with missing data and the next run reads the
-    log again.
-    """
+    """An archive in upload/ the log does not list as completed yet (the API moves it, then marks it): never
+    complete within a run, which ends with missing data; the next run reads the log again."""
     hour = luigi.DateHourParameter(description="The transaction's UTC hour")
     agent_id = luigi.Parameter(description="The agent whose directory holds the archive")
     transaction_id = luigi.Parameter(description="Transaction UUID (the archive's name)")
@@ -288,12 +244,7 @@ class TransactionCompletion(luigi.ExternalTask):
 
 
 class GlassbeamExtract(luigi.Task):
-    """One gzip'd JSON Lines file per hour and round, with a manifest, delivered to the outbox (and HTTPS).
-
-    Round 0 requires the loads of its on-time transactions (they run while
-    it still waits for agents); whatever completed after that is loaded as a
-    dynamic dependency of run(), as are a supplementary round's late arrivals.
-    """
+    """One gzip'd JSON Lines file per hour and round, with a manifest, delivered to the outbox (and HTTPS)."""
     hour = luigi.DateHourParameter(description="The UTC hour")
     round = luigi.IntParameter(default=0, description="0: the hour's extract; N>0: the Nth supplementary extract")
 
@@ -308,19 +259,13 @@ class GlassbeamExtract(luigi.Task):
         return [GlassbeamExtract(hour=self.hour, round=self.round - 1)] + [
             TransactionCompletion(hour=self.hour, agent_id=agent, transaction_id=tx) for agent, tx in plan.waiting]
 
-    @cached_property
-    def scheduled_plan(self):
-        """The plan requires() names: read once per task instance, however often Luigi asks."""
-        return self.plan()
-
     def plan(self):
-        """plan_round for this round: one read of the log, the other rounds' manifests, one directory walk."""
-        with closing(mysql.connect(config.mysql())) as conn:
-            expected = txlog.expected_agents(conn, self.hour)
-            rows = txlog.hour_transactions(conn, self.hour, ("completed", "superseded"))
+        expected, rows = hour_log(self.hour)
         others = [m for r, m in round_manifests(self.hour).items() if r != self.round]
         return plan_round(self.round, expected, rows, others, pending_archives(self.hour) if self.round else {},
                           hours.deadline(self.hour, config.extract().deadline_minutes))
+
+    scheduled_plan = cached_property(plan)  # requires()'s: read once per task instance, however often Luigi asks
 
     @unless_complete
     def run(self):

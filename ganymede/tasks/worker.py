@@ -1,12 +1,7 @@
-"""Stages 1 and 2, per transaction: archive -> MySQL staging -> MongoDB.
-
-Both can be rerun at any point: staging clears the transaction's rows first,
-loading upserts by deterministic `_id`. A transaction whose data cannot be
-staged (DataError) is isolated: archive to quarantine/, the log's state
-failed, a marker saying so, and the hour goes on without it. Anything else
-fails the task and Luigi retries it.
-"""
+"""Stages 1 and 2, per transaction: archive -> MySQL staging -> MongoDB; rerunnable (staging clears first,
+loading upserts by `_id`). Bad data (DataError) isolates the transaction, not the hour (docs/operations.md)."""
 import hashlib
+import itertools
 import json
 import os
 import tarfile
@@ -46,11 +41,8 @@ def staging_rows(dataset, rows, hour, name):
 
 
 def stage_archive(conn, archive_path, transaction_id, hour, work_path):
-    """Load every dataset of an archive into staging; returns (manifest, {dataset: rows staged}).
-
-    Each member is read by the reader the API validated it with and written
-    again as canonical CSV at `work_path`: MySQL never reads the agent's bytes.
-    """
+    """An archive's datasets into staging, each rewritten at `work_path` as CSV by the reader the API validated
+    it with (MySQL never reads the agent's bytes); returns (manifest, {dataset: rows staged})."""
     staging.clear(conn, datasets.CATALOG.values(), transaction_id)
     os.makedirs(os.path.dirname(work_path), exist_ok=True)
     counts, manifest = {}, None
@@ -77,28 +69,17 @@ def stage_archive(conn, archive_path, transaction_id, hour, work_path):
 
 
 def isolate(conn, archive, reason):
-    """Set a transaction with bad data aside: staging emptied, archive quarantined, the log's state failed.
-
-    The archive moves before the log changes: after a crash in between the
-    rerun isolates it again, while the other order could leave a failed
-    transaction's archive in upload/, holding the hour's backup.
-    """
+    """Set a transaction with bad data aside: staging emptied, archive quarantined, the log's state failed."""
     reason = reason[:2000]  # a bad header is quoted in it, and a line may be long
-    staging.clear(conn, datasets.CATALOG.values(), archive.transaction_id)
+    clear_staging(conn, archive.transaction_id)
     held = archive.quarantine_path()
+    # the archive moves before the log changes: the other order, cut by a crash, could leave a failed
+    # transaction's archive in upload/, holding the hour's backup
     if archive.path() != held:
         archives.quarantine(archive.path(), held, reason, {"transaction_id": archive.transaction_id,
                                                            "agent_id": archive.agent_id, "by": "worker"})
     txlog.mark_isolated(conn, archive.transaction_id, reason, {"quarantine": held})
     return {"isolated": reason, "quarantine": held}
-
-
-def restage_if_incomplete(conn, staged, archive_path, hour, work_path):
-    """A load that crashed after clearing staging finds fewer rows than were staged: stage them again."""
-    transaction_id = staged["transaction_id"]
-    found = staging.counts(conn, datasets.CATALOG.values(), transaction_id)
-    if sum(found.values()) != sum(staged["staged"].values()):
-        stage_archive(conn, archive_path, transaction_id, hour, work_path)
 
 
 # --- transform -------------------------------------------------------------------
@@ -107,10 +88,9 @@ def parse_batch(dataset, batch, hour):
     """Staged rows `[record, value, …]` -> (typed rows, rejects); a bad row is a reject with its reason, and
     `"range": true` when a well-formed value was out of range (what the value_ranges quality check counts)."""
     rows, rejects = [], []
-    parse = dataset.parse_row
     for staged in batch:
         try:
-            rows.append(parse(staged[1:], hour))
+            rows.append(dataset.parse_row(staged[1:], hour))
         except RowError as exc:
             rejects.append({"dataset": dataset.name, "reason": str(exc), "row": staged[1:], "record": int(staged[0]),
                             **({"range": True} if isinstance(exc, RangeError) else {})})
@@ -145,16 +125,15 @@ def unique_batches(docs, size):
 
 # --- loading ---------------------------------------------------------------------
 
-def staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally, rejects_out):
-    """A transaction's staged rows of one dataset as documents, streamed; rejects to `rejects_out`, counts to
-    `tally`."""
-    for batch in staging.iter_batches(conn, dataset, transaction_id, batch_size):
+def staged_documents(conn, dataset, staged, hour, batch_size, tally, rejects_out):
+    """The staged rows of one dataset as documents, streamed; rejects to `rejects_out`, counts to `tally`."""
+    for batch in staging.iter_batches(conn, dataset, staged["transaction_id"], batch_size):
         rows, rejects = parse_batch(dataset, batch, hour)
         for reject in rejects:
             rejects_out.write(json.dumps(reject, sort_keys=True) + "\n")
         tally["loaded"] += len(rows)
         tally["rejected"] += len(rejects)
-        yield from dataset.documents(rows, agent_id, geo, hour, transaction_id)
+        yield from dataset.documents(rows, staged["agent_id"], staged["geo"], hour, staged["transaction_id"])
 
 
 def write_batch(db, dataset, agent_id, hour, docs):
@@ -166,28 +145,23 @@ def write_batch(db, dataset, agent_id, hour, docs):
     return mongo.replace_many(collection, docs)
 
 
-def load_staged(conn, db, transaction_id, agent_id, geo, hour, batch_size, rejects_out):
-    """Transform a transaction's staged rows into MongoDB; rejects go to `rejects_out` as JSON lines.
-
-    One thread writes the batches to MongoDB, strictly one after the other,
-    while this one reads and transforms the next. Staging is cleared once
-    every row is read, while the last write finishes (a crash from then on
-    restages: see `restage_if_incomplete`). Returns {dataset: {"loaded": n, "rejected": m}}.
-    """
+def load_staged(conn, db, staged, hour, batch_size, rejects_out):
+    """A transaction's staged rows into MongoDB; returns {dataset: {"loaded": n, "rejected": m}}. One thread
+    writes the batches in turn while this one transforms the next; staging is cleared once every row is read,
+    while the last write finishes (a crash from then on restages)."""
     counts, pending = {}, None
     hour = hours.floor_hour(hour)
     with ThreadPoolExecutor(1, thread_name_prefix="mongo-write") as writer:
         for dataset in datasets.CATALOG.values():
             tally = counts[dataset.name] = {"loaded": 0, "rejected": 0}
-            docs = staged_documents(conn, dataset, transaction_id, agent_id, geo, hour, batch_size, tally,
-                                    rejects_out)
+            docs = staged_documents(conn, dataset, staged, hour, batch_size, tally, rejects_out)
             if dataset.group_by:
                 docs = summarized(dataset, docs)
             for batch in unique_batches(docs, batch_size):
                 if pending:
                     pending.result()
-                pending = writer.submit(write_batch, db, dataset, agent_id, hour, batch)
-        clear_staging(conn, transaction_id)
+                pending = writer.submit(write_batch, db, dataset, staged["agent_id"], hour, batch)
+        clear_staging(conn, staged["transaction_id"])
         if pending:
             pending.result()
     return counts
@@ -206,13 +180,13 @@ def finish_load(conn, db, tx, counts):
     """A replacement retires what it supersedes (only a replacement can find any); then the `loaded` event."""
     retired = retire_replaced(db, tx) if tx["supersedes"] else {}
     txlog.append_event_once(conn, tx["transaction_id"], "loaded", {"counts": counts, "retired": retired})
-    return {"transaction_id": tx["transaction_id"], "agent_id": tx["agent_id"], "counts": counts, "retired": retired}
+    return {"counts": counts, "retired": retired}
 
 
 def load_transaction(conn, db, staged, archive_path, work_path, batch_size, rejects_out):
-    """The whole load of one staged transaction; returns what its marker records. Only a completed transaction
+    """The load of one staged transaction; returns what its marker records. Only a completed transaction
     loads: a superseded one's documents would overwrite its replacement's (a manual rerun of the old id)."""
-    transaction_id, agent_id = staged["transaction_id"], staged["agent_id"]
+    transaction_id = staged["transaction_id"]
     tx = txlog.get_transaction(conn, transaction_id)
     if tx is None:
         raise GanymedeError(f"no transaction {transaction_id} in the transaction log")
@@ -220,17 +194,18 @@ def load_transaction(conn, db, staged, archive_path, work_path, batch_size, reje
         counts = {name: {"loaded": 0, "rejected": 0} for name in datasets.CATALOG}
         clear_staging(conn, transaction_id)
         txlog.append_event_once(conn, transaction_id, "loaded", {"counts": counts, "skipped": tx["state"]})
-        return {"transaction_id": transaction_id, "agent_id": agent_id, "counts": counts, "retired": {},
-                "skipped": tx["state"]}
-    restage_if_incomplete(conn, staged, archive_path, tx["hour"], work_path)
-    counts = load_staged(conn, db, transaction_id, agent_id, staged["geo"], tx["hour"], batch_size, rejects_out)
+        return {"counts": counts, "retired": {}, "skipped": tx["state"]}
+    found = staging.counts(conn, datasets.CATALOG.values(), transaction_id)
+    if sum(found.values()) != sum(staged["staged"].values()):  # a load crashed after clearing staging: restage
+        stage_archive(conn, archive_path, transaction_id, tx["hour"], work_path)
+    counts = load_staged(conn, db, staged, tx["hour"], batch_size, rejects_out)
     return finish_load(conn, db, tx, counts)
 
 
 # --- tasks ---------------------------------------------------------------------
 
 def load_resource(agent_id, hour):
-    """The luigid resource (capacity 1) every load of an agent's hour holds."""
+    """The luigid resource (capacity 1) of an agent's hour: a replacement's load waits for its predecessor's."""
     return f"ganymede-load:{agent_id}:{hours.compact(hour)}"
 
 
@@ -241,7 +216,7 @@ class StageTransaction(TransactionTask):
         return self.marker("staged")
 
     def requires(self):
-        return AgentArchive(**self.tx_params())
+        return self.clone(AgentArchive)
 
     @unless_complete
     def run(self):
@@ -260,11 +235,7 @@ class StageTransaction(TransactionTask):
 
 
 class LoadTransaction(TransactionTask):
-    """The transaction's documents in MongoDB, one collection per dataset; rejects beside the marker.
-
-    Loads of one agent and hour hold one luigid resource, so a replacement
-    cannot interleave its writes with those of the transaction it replaces.
-    """
+    """The transaction's documents in MongoDB, one collection per dataset; rejects beside the marker."""
 
     @property
     def resources(self):
@@ -274,17 +245,18 @@ class LoadTransaction(TransactionTask):
         return self.marker("loaded")
 
     def requires(self):
-        return StageTransaction(**self.tx_params())
+        return self.clone(StageTransaction)
 
     @unless_complete
     def run(self):
         stage = self.requires()  # built once: a task instance costs about a millisecond, a tiny load ~20
-        archive, staged = stage.requires(), markers.read_json(stage.output().path)
+        staged = markers.read_json(stage.output().path)
         if "isolated" in staged:
-            result = {k: staged[k] for k in ("transaction_id", "agent_id", "isolated", "quarantine")}
+            result = {k: staged[k] for k in ("isolated", "quarantine")}
         else:
-            result = self.load(staged, archive)
-        markers.write_json(self.output().path, result)
+            result = self.load(staged, stage.requires())
+        markers.write_json(self.output().path, dict(result, transaction_id=self.transaction_id,
+                                                    agent_id=self.agent_id))
 
     def load(self, staged, archive):
         mongo_cfg = config.mongodb()
@@ -295,29 +267,28 @@ class LoadTransaction(TransactionTask):
                     result = load_transaction(conn, db, staged, archive.path(), self.work_path(),
                                               mongo_cfg.batch_size, rejects)
             except DataError as exc:  # restaging what a crash cleared can meet it too
-                return dict(isolate(conn, archive, str(exc)), transaction_id=self.transaction_id,
-                            agent_id=self.agent_id)
+                return isolate(conn, archive, str(exc))
         return dict(result, rejects_file=os.path.basename(self.rejects_path()))
 
     def rejects_path(self):
-        return self.marker("rejects").path[: -len(".json")] + ".jsonl"
+        return rejects_path(self.root, self.hour, self.agent_id, self.transaction_id)
 
 
-# --- many transactions per task ----------------------------------------------------
+def rejects_path(root, hour, agent_id, transaction_id):
+    return root.transaction_marker(hour, agent_id, transaction_id, "rejects")[: -len(".json")] + ".jsonl"
+
+
+# --- many transactions per task (docs/scaling.md) ----------------------------------
 
 def batches(transactions, count):
-    """`transactions` (log rows) -> about `count` lists of (agent, transaction), whole agents in each.
-
-    An agent's transactions share a list, oldest first, so they load one
-    after the other as one LoadTransaction resource would make them.
-    """
+    """`transactions` (log rows) -> about `count` lists of (agent, transaction), whole agents in each, an
+    agent's oldest first: they load one after the other, as one LoadTransaction resource would make them."""
     rows = sorted(transactions, key=lambda t: (t["agent_id"], t["completed_at"], t["transaction_id"]))
-    size, out, agent = -(-len(rows) // max(count, 1)), [], None
-    for t in rows:
-        if not out or (t["agent_id"] != agent and len(out[-1]) >= size):
+    size, out = -(-len(rows) // max(count, 1)), []
+    for _, agents_rows in itertools.groupby(rows, key=lambda t: t["agent_id"]):
+        if not out or len(out[-1]) >= size:
             out.append([])
-        out[-1].append((t["agent_id"], t["transaction_id"]))
-        agent = t["agent_id"]
+        out[-1].extend((t["agent_id"], t["transaction_id"]) for t in agents_rows)
     return out
 
 
@@ -337,15 +308,8 @@ def run_in_turn(task):
 
 
 class LoadBatch(luigi.Task):
-    """Several transactions staged and loaded in turn, each by its own StageTransaction and LoadTransaction.
-
-    How an hour with more transactions than `[extract] load_tasks` keeps
-    luigid's graph that small (docs/scaling.md): each transaction keeps its
-    markers, its events and its idempotent rerun, and `ganymede-worker TXID`
-    still runs it alone. The archives are not dependencies: a completed
-    transaction's archive is in place before the log says completed. One
-    transaction failing does not stop the others; the task then fails naming it.
-    """
+    """Transactions staged and loaded in turn by their own tasks (docs/scaling.md); the archives are not
+    dependencies: a completed transaction's archive is in place before the log says completed."""
     hour = luigi.DateHourParameter(description="The transactions' UTC hour")
     members = luigi.Parameter(description="First and last agent, how many transactions, digest of the list")
     transactions = luigi.ListParameter(visibility=luigi.parameter.ParameterVisibility.HIDDEN,
@@ -368,17 +332,15 @@ class LoadBatch(luigi.Task):
         return [DurableTarget(root.transaction_marker(self.hour, agent, tx, "loaded"))
                 for agent, tx in self.transactions]
 
-    def loads(self):
-        return [LoadTransaction(transaction_id=tx, hour=self.hour, agent_id=agent) for agent, tx in self.transactions]
-
     def run(self):
         failed = []
-        for load in self.loads():
+        for agent, tx in self.transactions:
+            load = LoadTransaction(transaction_id=tx, hour=self.hour, agent_id=agent)
             try:
                 run_in_turn(load.requires())
                 run_in_turn(load)
             except Exception as exc:  # the batch's other transactions still load; the task fails below
-                failed.append(f"{load.transaction_id}: {type(exc).__name__}: {exc}")
+                failed.append(f"{tx}: {type(exc).__name__}: {exc}")
         if failed:
             raise GanymedeError(f"{len(failed)} of {len(self.transactions)} transactions failed: "
                                 + "; ".join(failed)[:2000])
