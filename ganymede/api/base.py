@@ -1,5 +1,4 @@
-"""What every handler shares: settings, JSON in and out, strict request heads, authentication, and the one
-place where errors (domain errors of the stores, ApiError of the handlers) become HTTP answers (`write_error`)."""
+"""What every handler shares: settings, JSON in and out, strict request heads, authentication, `write_error`."""
 import json
 import logging
 import math
@@ -206,13 +205,6 @@ class BaseHandler(tornado.web.RequestHandler):
         token = self.bearer() if token is None else token
         if not token or not await self.db(txlog.authenticate_admin, token):
             raise self.refuse_token(reason)
-
-    async def own_transaction(self, agent, transaction_id):
-        """The transaction if it is this agent's; 404 otherwise (never tell whose it is)."""
-        tx = await self.db(txlog.get_transaction, transaction_id)
-        if tx is None or tx["agent_id"] != agent["agent_id"]:
-            raise ApiError(404, "no such transaction")
-        return tx
 
 
 def transaction_id_arg(value):
