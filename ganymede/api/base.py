@@ -1,4 +1,4 @@
-"""What every handler shares: settings, JSON in and out, strict request heads, authentication, `write_error`."""
+"""What every handler shares: settings, JSON in and out, strict request heads, authentication, write_error."""
 import json
 import logging
 import math

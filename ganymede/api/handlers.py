@@ -73,7 +73,8 @@ def _health_checks(api, pool):
         found["state_root"] = {"ok": False, "detail": f"not writable: {exc.strerror}"}
     try:
         free = free_bytes(api.state.root)
-        found["disk"] = {"ok": free >= api.min_free_bytes, "free_mb": free >> 20, "min_free_mb": api.min_free_bytes >> 20}
+        found["disk"] = {"ok": free >= api.min_free_bytes, "free_mb": free >> 20,
+                         "min_free_mb": api.min_free_bytes >> 20}
     except OSError as exc:
         found["disk"] = {"ok": False, "detail": exc.strerror}
     return found
@@ -133,8 +134,7 @@ class RosterHandler(BaseHandler):
 
 
 class MetricsHandler(BaseHandler):
-    """Prometheus' scrape: admin credentials on the API's address; none on [api] metrics_address, which is
-    meant for a private network (see main.serve)."""
+    """Prometheus' scrape: an admin token, except on [api] metrics_address (a private network, main.serve)."""
 
     async def get(self):
         if not self.settings.get("open_metrics"):

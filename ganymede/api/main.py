@@ -2,7 +2,6 @@
 import asyncio
 import logging
 import os
-import re
 import signal
 import ssl
 import sys
@@ -22,15 +21,15 @@ from .handlers import make_app, make_metrics_app
 from .uploads import Validator
 
 log = logging.getLogger("ganymede.api")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+            for c in (*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029)}  # str.translate's table
 
 
 class EscapingFormatter(logging.Formatter):
     """Control characters as \\xNN (\\uNNNN above 0xff): an agent's string cannot forge log lines."""
 
     def formatMessage(self, record):
-        record.message = _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
-                                      record.message)
+        record.message = record.message.translate(_ESCAPES)
         return super().formatMessage(record)
 
 
@@ -79,7 +78,7 @@ def ssl_context(cert, key):
 
 
 def make_server(app, settings, idle_timeout=75, body_timeout=3600, ssl_options=None):
-    """The HTTPServer as production runs it (and the tests); handlers lower max_body_size for their request."""
+    """The HTTPServer as production runs it (and the tests); handlers lower max_body_size per request."""
     return HTTPServer(app, xheaders=False, ssl_options=ssl_options, max_body_size=settings.max_archive_bytes,
                       idle_connection_timeout=idle_timeout, body_timeout=body_timeout, decompress_request=False,
                       chunk_size=settings.chunk_bytes)
