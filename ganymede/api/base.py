@@ -206,6 +206,13 @@ class BaseHandler(tornado.web.RequestHandler):
         if not token or not await self.db(txlog.authenticate_admin, token):
             raise self.refuse_token(reason)
 
+    async def own_transaction(self, agent, transaction_id):
+        """The transaction if it is this agent's; 404 otherwise (never tell whose it is)."""
+        tx = await self.db(txlog.get_transaction, transaction_id)
+        if tx is None or tx["agent_id"] != agent["agent_id"]:
+            raise ApiError(404, "no such transaction")
+        return tx
+
 
 def transaction_id_arg(value):
     value = value.lower()

@@ -143,9 +143,7 @@ class ArchiveHandler(BaseHandler):
         announced = self.request.headers.get("X-Archive-SHA256", "").strip().lower()
         if not _SHA256.match(announced):
             raise ApiError(400, "X-Archive-SHA256 must be the archive's sha256 in hex")
-        tx = await self.db(txlog.get_transaction, self.transaction_id)
-        if tx is None or tx["agent_id"] != agent["agent_id"]:
-            raise ApiError(404, "no such transaction")  # never tell whose it is
+        tx = await self.own_transaction(agent, self.transaction_id)
         if tx["state"] not in txlog.OPEN_STATES:
             raise ApiError(409, f"transaction is {tx['state']}; no more uploads", state=tx["state"],
                            transaction_id=self.transaction_id)
@@ -305,7 +303,8 @@ class CompleteHandler(BaseHandler):
         if busy[agent_id] >= self.api.completes_per_agent:
             raise ApiError(429, f"this agent already has {busy[agent_id]} completes being validated; retry later")
         busy[agent_id] += 1
-        try:  # complete() answers 404 for another agent's transaction
+        try:
+            await self.own_transaction(agent, transaction_id)  # before the lock: never tell whose it is
             rows, error = await self.db(complete, self.api, agent_id, agent["geo"], transaction_id,
                                         executor=self.api.validator and self.api.validator.threads)
         finally:
