@@ -151,7 +151,8 @@ class NotFoundHandler(BaseHandler):
 
 
 def make_app(api):
-    """The Application for an ApiSettings; `app.pool.clear()` closes its connections."""
+    """The Application for an ApiSettings; `app.pool.clear()` closes its connections. `app.metrics_app` serves
+    /metrics alone, without credentials, sharing its metrics and pool: for [api] metrics_address."""
     pool = MySQLPool(api.mysql, api.mysql_connections)
     args = {"api": api, "pool": pool, "traffic": Traffic(api.auth_failures_per_minute), "metrics": ApiMetrics()}
     app = tornado.web.Application([
@@ -164,12 +165,8 @@ def make_app(api):
         (r"/status", StatusPageHandler, args),
         (r"/metrics", MetricsHandler, args),
     ], default_handler_class=NotFoundHandler, default_handler_args=args, serve_traceback=False)
-    app.pool, app.handler_args = pool, args
+    app.pool = pool
+    app.metrics_app = tornado.web.Application(
+        [(r"/metrics", MetricsHandler, args)], default_handler_class=NotFoundHandler, default_handler_args=args,
+        serve_traceback=False, open_metrics=True)
     return app
-
-
-def make_metrics_app(app):
-    """/metrics alone, without credentials, sharing `app`'s metrics and pool: for [api] metrics_address."""
-    args = app.handler_args
-    return tornado.web.Application([(r"/metrics", MetricsHandler, args)], default_handler_class=NotFoundHandler,
-                                   default_handler_args=args, serve_traceback=False, open_metrics=True)

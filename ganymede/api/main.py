@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..paths import StateRoot
 from . import sweep
 from .base import ApiSettings
-from .handlers import make_app, make_metrics_app
+from .handlers import make_app
 from .uploads import Validator
 
 log = logging.getLogger("ganymede.api")
@@ -105,7 +105,7 @@ async def serve(api, settings, ssl_options, metrics_at):
     await sweep_incoming(0)
     server = make_server(app, settings, api.idle_timeout, api.body_timeout, ssl_options)
     server.listen(api.port, api.host, backlog=api.listen_backlog)
-    metrics_server = HTTPServer(make_metrics_app(app)) if metrics_at else None
+    metrics_server = HTTPServer(app.metrics_app) if metrics_at else None
     if metrics_server:
         metrics_server.listen(metrics_at[1], metrics_at[0])
         log.info("/metrics without credentials on http://%s:%d/metrics", *metrics_at)
