@@ -1,5 +1,4 @@
-"""What every handler shares: settings, JSON in and out, strict request heads, authentication, and the one
-place where errors (domain errors of the stores, ApiError of the handlers) become HTTP answers (`write_error`)."""
+"""What every handler shares: settings, JSON in and out, strict request heads, authentication, write_error."""
 import json
 import logging
 import math

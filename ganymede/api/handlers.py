@@ -1,15 +1,18 @@
-"""The agent API's routes: transactions and the roster here; archives in `uploads`, /healthz in `health`."""
+"""The agent API's routes: transactions, the roster, /healthz and /metrics here; archives in `uploads`."""
+import os
+import tempfile
+
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import hours, paths
-from ..stores import txlog
+from ..errors import StoreUnavailable
+from ..stores import mysql, txlog
 from ..stores.pool import MySQLPool
-from .base import ApiError, BaseHandler, Traffic, hour_arg, transaction_id_arg
-from .health import HealthHandler
+from .base import ApiError, BaseHandler, Traffic, hour_arg, log, transaction_id_arg
 from .metrics import ApiMetrics
 from .status_page import StatusPageHandler
-from .uploads import ArchiveHandler, CompleteHandler, completed_rows
+from .uploads import ArchiveHandler, CompleteHandler, completed_rows, free_bytes
 
 _STATES = ("created", "uploaded", "completed", "failed", "superseded")
 
@@ -48,6 +51,42 @@ def _roster(conn, hour):
         entry["state"] = "completed" if "completed" in states else (states[-1] if states else "missing")
     return {"hour": hours.format_hour(hour), "expected": expected,
             "missing": [a for a in expected if agents[a]["state"] != "completed"], "agents": dict(sorted(agents.items()))}
+
+
+def _health_checks(api, pool):
+    """MySQL's schema, a writable state root and enough free disk."""
+    found = {"mysql": {"ok": True}, "state_root": {"ok": True}}
+    try:
+        with pool.connection() as conn:
+            mysql.check_schema(conn)
+    except StoreUnavailable as exc:
+        log.warning("healthz: %s", exc)
+        found["mysql"] = {"ok": False, "detail": "unreachable"}
+    except Exception as exc:  # SchemaError and anything else MySQL says: report, never 500
+        found["mysql"] = {"ok": False, "detail": str(exc)[:200]}
+    try:
+        directory = os.path.dirname(api.state.incoming("healthz"))
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory) as probe:
+            probe.write(b"ok")
+    except OSError as exc:
+        found["state_root"] = {"ok": False, "detail": f"not writable: {exc.strerror}"}
+    try:
+        free = free_bytes(api.state.root)
+        found["disk"] = {"ok": free >= api.min_free_bytes, "free_mb": free >> 20,
+                         "min_free_mb": api.min_free_bytes >> 20}
+    except OSError as exc:
+        found["disk"] = {"ok": False, "detail": exc.strerror}
+    return found
+
+
+class HealthHandler(BaseHandler):
+    async def get(self):
+        found = await self.run(_health_checks, self.api, self.pool)
+        failed = sorted(name for name, check in found.items() if not check["ok"])
+        if failed:
+            raise ApiError(503, f"unhealthy: {', '.join(failed)}", ok=False, checks=found)
+        self.send_json(200, {"ok": True, "checks": found})
 
 
 class TransactionsHandler(BaseHandler):
@@ -95,15 +134,10 @@ class RosterHandler(BaseHandler):
 
 
 class MetricsHandler(BaseHandler):
-    """Prometheus' scrape: admin credentials on the API's address; none on [api] metrics_address, which is
-    meant for a private network (see main.serve)."""
-
-    def initialize(self, require_admin=True, **args):
-        super().initialize(**args)
-        self.require_admin = require_admin
+    """Prometheus' scrape: an admin token, except on [api] metrics_address (a private network, main.serve)."""
 
     async def get(self):
-        if self.require_admin:
+        if not self.settings.get("open_metrics"):
             await self.authenticate_admin()
         open_transactions = await self.db(txlog.open_count)
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
@@ -117,7 +151,8 @@ class NotFoundHandler(BaseHandler):
 
 
 def make_app(api):
-    """The Application for an ApiSettings; `app.pool.clear()` closes its connections."""
+    """The Application for an ApiSettings; `app.pool.clear()` closes its connections. `app.metrics_app` serves
+    /metrics alone, without credentials, sharing its metrics and pool: for [api] metrics_address."""
     pool = MySQLPool(api.mysql, api.mysql_connections)
     args = {"api": api, "pool": pool, "traffic": Traffic(api.auth_failures_per_minute), "metrics": ApiMetrics()}
     app = tornado.web.Application([
@@ -130,12 +165,8 @@ def make_app(api):
         (r"/status", StatusPageHandler, args),
         (r"/metrics", MetricsHandler, args),
     ], default_handler_class=NotFoundHandler, default_handler_args=args, serve_traceback=False)
-    app.pool, app.handler_args = pool, args
+    app.pool = pool
+    app.metrics_app = tornado.web.Application(
+        [(r"/metrics", MetricsHandler, args)], default_handler_class=NotFoundHandler, default_handler_args=args,
+        serve_traceback=False, open_metrics=True)
     return app
-
-
-def make_metrics_app(app):
-    """/metrics alone, without credentials, sharing `app`'s metrics and pool: for [api] metrics_address."""
-    args = dict(app.handler_args, require_admin=False)
-    return tornado.web.Application([(r"/metrics", MetricsHandler, args)], default_handler_class=NotFoundHandler,
-                                   default_handler_args=app.handler_args, serve_traceback=False)

@@ -2,13 +2,13 @@
 import asyncio
 import logging
 import os
-import re
 import signal
 import ssl
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import PeriodicCallback
 
 from .. import config, configfile
 from ..cli import Parser
@@ -17,19 +17,19 @@ from ..errors import ConfigError
 from ..paths import StateRoot
 from . import sweep
 from .base import ApiSettings
-from .handlers import make_app, make_metrics_app
+from .handlers import make_app
 from .uploads import Validator
 
 log = logging.getLogger("ganymede.api")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+            for c in (*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029)}  # str.translate's table
 
 
 class EscapingFormatter(logging.Formatter):
     """Control characters as \\xNN (\\uNNNN above 0xff): an agent's string cannot forge log lines."""
 
     def formatMessage(self, record):
-        record.message = _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
-                                      record.message)
+        record.message = record.message.translate(_ESCAPES)
         return super().formatMessage(record)
 
 
@@ -39,25 +39,23 @@ def limits_from_config(api):
 
 def settings_from_config():
     """ApiSettings from the [api], [mysql], [state], [extract] and [alerts] sections."""
-    api = config.api()
+    api, alerts = config.api(), config.alerts()
+    same_name = ("retention_hours", "retry_after", "mysql_connections", "completes_per_agent",
+                 "auth_failures_per_minute")
     return ApiSettings(
         mysql=config.mysql(),
         state=StateRoot(config.state().root),
         executor=ThreadPoolExecutor(api.executor_threads, thread_name_prefix="ganymede-api"),
         validator=Validator(api.validation_workers, api.executor_threads),
         max_archive_bytes=api.max_archive_mb << 20,
-        retention_hours=api.retention_hours,
         min_free_bytes=api.min_free_mb << 20,
         limits=limits_from_config(api),
-        retry_after=api.retry_after,
-        mysql_connections=api.mysql_connections,
         chunk_bytes=api.upload_chunk_kb << 10,
-        completes_per_agent=api.completes_per_agent,
         agent_quota_bytes=api.agent_quota_mb << 20,
-        auth_failures_per_minute=api.auth_failures_per_minute,
         deadline_minutes=config.extract().deadline_minutes,
-        overdue_minutes=config.alerts().overdue_minutes,
-        status_hours=config.alerts().status_hours,
+        overdue_minutes=alerts.overdue_minutes,
+        status_hours=alerts.status_hours,
+        **{name: getattr(api, name) for name in same_name},
     )
 
 
@@ -80,9 +78,7 @@ def ssl_context(cert, key):
 
 
 def make_server(app, settings, idle_timeout=75, body_timeout=3600, ssl_options=None):
-    """The HTTPServer as production runs it (and the tests). max_body_size is the archive limit, which each
-    handler lowers for its own request; chunk_size is the socket read size and the largest piece of body a
-    handler gets (512 KB: ~2000 loop iterations per GB instead of ~16000)."""
+    """The HTTPServer as production runs it (and the tests); handlers lower max_body_size per request."""
     return HTTPServer(app, xheaders=False, ssl_options=ssl_options, max_body_size=settings.max_archive_bytes,
                       idle_connection_timeout=idle_timeout, body_timeout=body_timeout, decompress_request=False,
                       chunk_size=settings.chunk_bytes)
@@ -103,15 +99,13 @@ async def serve(api, settings, ssl_options, metrics_at):
     app = make_app(settings)
     loop = asyncio.get_running_loop()
 
-    async def sweep_every(interval):  # off the event loop
-        while True:
-            await asyncio.sleep(interval)
-            await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, sweep.TEMP_GRACE)
+    def sweep_incoming(temp_older_than=sweep.TEMP_GRACE):  # off the event loop
+        return loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, temp_older_than)
     # Before listening: no upload of ours is running, so every unlocked temp file is a dead process's.
-    await loop.run_in_executor(settings.executor, sweep.sweep, app.pool, settings.state, 0)
+    await sweep_incoming(0)
     server = make_server(app, settings, api.idle_timeout, api.body_timeout, ssl_options)
     server.listen(api.port, api.host, backlog=api.listen_backlog)
-    metrics_server = HTTPServer(make_metrics_app(app)) if metrics_at else None
+    metrics_server = HTTPServer(app.metrics_app) if metrics_at else None
     if metrics_server:
         metrics_server.listen(metrics_at[1], metrics_at[0])
         log.info("/metrics without credentials on http://%s:%d/metrics", *metrics_at)
@@ -121,9 +115,10 @@ async def serve(api, settings, ssl_options, metrics_at):
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sweeper = asyncio.create_task(sweep_every(api.sweep_minutes * 60))
+    sweeper = PeriodicCallback(sweep_incoming, api.sweep_minutes * 60_000)
+    sweeper.start()
     await stop.wait()
-    sweeper.cancel()
+    sweeper.stop()
     log.info("stopping: no new connections, closing open ones")
     server.stop()
     if metrics_server:

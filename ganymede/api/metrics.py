@@ -6,7 +6,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 _VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|[0-9a-f]{8}-[0-9a-f-]{27}|[0-9]+(?:[-T:.][0-9]+)*")
-METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 
 
 def reason_label(status, reason):
@@ -33,7 +32,7 @@ class ApiMetrics:
                                registry=r)
 
     def request(self, handler, seconds):
-        method = handler.request.method if handler.request.method in METHODS else "other"
+        method = handler.request.method if handler.request.method in handler.SUPPORTED_METHODS else "other"
         endpoint = type(handler).__name__.removesuffix("Handler")
         self.latency.labels(endpoint, method).observe(seconds)
 

@@ -1,11 +1,7 @@
-"""incoming/ housekeeping (see docs/operations.md), at ganymede-api's start and every `[api] sweep_minutes`.
-
-An upload's temp file (`<transaction>.part.<random>.tmp`) is flocked by its process until renamed or removed,
-so one nobody holds is a dead process's: it goes at start at once, later after a minute's grace (another
-process may not have locked the file it just opened yet). A `.part` goes once its transaction is not open.
-"""
+"""incoming/ housekeeping (see docs/operations.md). An upload's temp file is flocked by its process until
+renamed or removed, so one nobody holds is a dead process's: it goes at start at once, later after a minute's
+grace (another process may not have locked the file it just opened yet)."""
 import contextlib
-
 import fcntl
 import logging
 import os
@@ -34,15 +30,14 @@ def sweep_temp_files(state, older_than):
 def _remove_unlocked(path):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.remove(path)
+            return True
+        finally:
+            os.close(fd)
+    except (FileNotFoundError, BlockingIOError):  # gone meanwhile, or an upload in progress
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return _remove(path)
-    except BlockingIOError:
-        return False  # an upload in progress
-    finally:
-        os.close(fd)
 
 
 def sweep_parts(conn, state):

@@ -1,9 +1,5 @@
 """An archive's way in: PUT streams it to incoming/ (within the agent's disk quota), POST …/complete
-validates it and installs it in upload/ or quarantines it with the reason.
-
-Validation runs in worker processes (a `Validator`), at most `completes_per_agent` at once per agent: in the
-API's own threads it would hold the GIL the event loop needs, and one agent's large archives would slow all.
-"""
+validates it and installs it in upload/ or quarantines it with the reason."""
 import asyncio
 import contextlib
 import errno
@@ -13,6 +9,7 @@ import hashlib
 import multiprocessing
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -29,14 +26,13 @@ from .. import archives, hours
 from ..errors import Busy, Conflict, NotFound, QuotaExceeded
 from ..stores import txlog
 from .base import ApiError, BaseHandler, log, transaction_id_arg
-from .health import free_bytes
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Validator:
-    """`threads` run completes (MySQL, locks, file moves), apart from the request threads; each validates
-    its archive in one of `workers` processes."""
+    """`threads` run completes apart from the request threads; each validates in one of `workers` processes:
+    in the API's own threads validation would hold the GIL the event loop needs."""
 
     def __init__(self, workers, threads):
         self.workers, self.lock = workers, threading.Lock()
@@ -76,6 +72,12 @@ def _exit_with(parent):
 
 def _disk_full(exc):
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(path):
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
 
 
 def agent_usage(conn, api, agent_id, transaction_id):
@@ -153,11 +155,9 @@ class ArchiveHandler(BaseHandler):
                                 f"more is over its quota of {self.api.agent_quota_bytes >> 20} MB")
         if await self.run(free_bytes, self.api.state.root) - length < self.api.min_free_bytes:
             raise ApiError(507, "not enough free disk on the server; retry later")
-        self.limit_body(self.api.max_archive_bytes)
-        self.reserved = length
+        self.reserved = self.size = length
         self.traffic.uploading[self.agent_id] += length
-        self.expected_length, self.announced = length, announced
-        self.received, self.digest = 0, hashlib.sha256()
+        self.announced, self.digest = announced, hashlib.sha256()
         self.temp = f"{self.api.state.incoming(self.transaction_id)}.{uuid.uuid4().hex[:12]}.tmp"
         try:
             self.file = await self.run(_open_upload, self.temp)
@@ -169,25 +169,23 @@ class ArchiveHandler(BaseHandler):
         return ApiError(507 if _disk_full(exc) else 500, "cannot store the upload on the server; retry later")
 
     async def data_received(self, chunk):
-        async with self.io_lock:
-            if self.file is None:
-                return
-            self.received += len(chunk)
-            if self.received > self.api.max_archive_bytes:
-                await self._abort(ApiError(413, f"archive is over the limit of {self.api.max_archive_bytes} bytes"))
-            elif await self._written():
+        async with self.io_lock:  # Tornado reads no more than Content-Length, checked in prepare
+            if self.file is not None and await self._written():
                 self.writing = self.run(_write, self.file, self.digest, chunk)
 
     async def _written(self):
         """Wait for the chunk being written: one per upload, so the loop reads the next one from the socket
-        while a thread hashes and writes this one, and memory per upload stays under two chunks."""
+        while a thread hashes and writes this one, and memory per upload stays under two chunks. On a write
+        error, answer now: the server closes the connection instead of reading the rest."""
         writing, self.writing = self.writing, None
         try:
             if writing is not None:
                 await writing
             return True
         except OSError as exc:
-            await self._abort(self.cannot_store(exc))
+            error = self.cannot_store(exc)
+            await self._drop()
+            self.send_error(error.status_code, exc_info=(type(error), error, None))
             return False
 
     async def _drop(self):
@@ -198,16 +196,10 @@ class ArchiveHandler(BaseHandler):
                 await writing
         if f is not None:
             await self.run(_close_and_remove, f, self.temp)
-        self.release_reserved()
-
-    async def _abort(self, error):
-        """Drop the temp file and answer now; the server closes the connection instead of reading the rest."""
-        await self._drop()
-        self.send_error(error.status_code, exc_info=(type(error), error, None))
 
     def on_connection_close(self):
-        if self.file is not None:
-            IOLoop.current().add_callback(self._discard)
+        self.release_reserved()
+        IOLoop.current().add_callback(self._discard)
 
     def on_finish(self):
         self.release_reserved()
@@ -223,18 +215,16 @@ class ArchiveHandler(BaseHandler):
             await self._drop()
 
     async def put(self, transaction_id):
-        if self._finished:
-            return
         async with self.io_lock:
             if self.file is None or not await self._written():
                 return
             f, self.file = self.file, None
         digest = self.digest.hexdigest()
         try:  # the temp file stays open, so locked, until it is renamed: no sweep races the rename
-            if self.received != self.expected_length or digest != self.announced:
+            if digest != self.announced:
                 raise ApiError(422, "sha256 of the received bytes does not match X-Archive-SHA256",
-                               received_sha256=digest, size=self.received)
-            tx = await self.db(_finish_upload, self.api, self.transaction_id, self.temp, self.received, digest)
+                               received_sha256=digest, size=self.size)
+            tx = await self.db(_finish_upload, self.api, self.transaction_id, self.temp, self.size, digest)
         finally:
             await self.run(_close_and_remove, f, self.temp)
         self.metrics.uploaded(tx["agent_id"], tx["size"])
@@ -314,7 +304,7 @@ class CompleteHandler(BaseHandler):
             raise ApiError(429, f"this agent already has {busy[agent_id]} completes being validated; retry later")
         busy[agent_id] += 1
         try:
-            await self.own_transaction(agent, transaction_id)
+            await self.own_transaction(agent, transaction_id)  # before the lock: never tell whose it is
             rows, error = await self.db(complete, self.api, agent_id, agent["geo"], transaction_id,
                                         executor=self.api.validator and self.api.validator.threads)
         finally:
