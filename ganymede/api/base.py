@@ -84,6 +84,8 @@ class ApiError(tornado.web.HTTPError):
 class BaseHandler(tornado.web.RequestHandler):
     """JSON in and out; bodies are streamed even here so none is buffered before its size is checked."""
 
+    challenge = 'Bearer realm="ganymede"'  # WWW-Authenticate of a 401
+
     def initialize(self, api, pool, traffic, metrics):
         self.api, self.pool, self.traffic, self.metrics = api, pool, traffic, metrics
         self._body = bytearray()
@@ -138,8 +140,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self.metrics.refused(status, body["error"])
         if status in (429, 503):
             self.set_header("Retry-After", str(getattr(exc, "retry_after", None) or self.api.retry_after))
-        if status == 401 and "WWW-Authenticate" not in self._headers:
-            self.set_header("WWW-Authenticate", 'Bearer realm="ganymede"')
+        if status == 401:
+            self.set_header("WWW-Authenticate", self.challenge)
         self.send_json(status, body)
 
     def log_exception(self, typ, value, tb):

@@ -118,6 +118,8 @@ def render_hour(row, transactions, root, graph, checks=()):
 
 
 class StatusPageHandler(BaseHandler):
+    challenge = 'Basic realm="ganymede status"'  # a browser then asks for the admin token
+
     def basic_or_bearer(self):  # browsers send no bearer header: the admin token is basic auth's password too
         scheme, _, value = self.request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "basic":
@@ -128,10 +130,6 @@ class StatusPageHandler(BaseHandler):
             return password if user == "admin" else ""
         return self.bearer()
 
-    def write_error(self, status_code, **kwargs):
-        if status_code == 401:
-            self.set_header("WWW-Authenticate", 'Basic realm="ganymede status"')
-        super().write_error(status_code, **kwargs)
 
     async def get(self):
         await self.authenticate_admin(self.basic_or_bearer(),

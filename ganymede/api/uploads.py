@@ -198,6 +198,7 @@ class ArchiveHandler(BaseHandler):
             await self.run(_close_and_remove, f, self.temp)
 
     def on_connection_close(self):
+        super().on_connection_close()  # ends the request's wait for a body that will not come
         self.release_reserved()
         IOLoop.current().add_callback(self._discard)
 
