@@ -1,7 +1,4 @@
-"""Talking to ganymede-api over HTTP (urllib): retries within one budget per run, and the delivery protocol.
-
-Every call is safe to repeat, because the API is idempotent per (agent, hour).
-"""
+"""ganymede-api over HTTP (urllib): retries within one budget per run (safe: the API is idempotent per hour)."""
 import email.utils
 import http.client
 import json
@@ -167,11 +164,8 @@ class Api:
             return Response(resp.status, _json(resp.read()), {k.lower(): v for k, v in resp.headers.items()})
 
     def deliver(self, hour, path, sha256, replace=False):
-        """Create (or resume) the hour's transaction, upload the archive, complete it; returns Delivered.
-
-        A replacement is asked for only when the server holds a different archive
-        for the hour, so retrying a replacement that already completed is a no-op.
-        """
+        """Create (or resume) the hour's transaction, upload the archive, complete it; returns Delivered."""
+        # replace=True only once the server is seen to hold a different archive: a retried replacement is a no-op
         for _ in range(_PROTOCOL_RESTARTS):
             r = self.call("POST", "/v1/transactions", {"agent_id": self.agent_id, "hour": hour, "replace": False})
             if r.status == 409 and (done := self._completed_with(r.body.get("transaction_id"), sha256)):

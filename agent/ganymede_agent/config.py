@@ -1,8 +1,4 @@
-"""The agent's INI config file (see agent.cfg.sample): loaded, checked, typed.
-
-It holds the agent token and the GEO database password, so a file that group
-or others may read is refused before anything in it is used.
-"""
+"""The agent's INI config file (see agent.cfg.sample): loaded, checked (mode 0600: it holds secrets), typed."""
 import configparser
 import logging
 import os
