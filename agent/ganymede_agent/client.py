@@ -180,22 +180,19 @@ class Api:
                 raise Misdirected(f"POST {self.url('/v1/transactions')} answered {r.status}: "
                                   "is [api] url the Ganymede API?")
             _expect(r, "POST /v1/transactions", 200, 201)
-            tx = r.body
+            tx, r = r.body, None
+            call = f"PUT {tx['upload_url']}"
             if not (tx.get("state") == "uploaded" and tx.get("sha256") == sha256):
                 r = self.call("PUT", tx["upload_url"], file_path=path, headers={"X-Archive-SHA256": sha256})
-                if r.status == 409:
-                    if done := self._completed_with(tx["transaction_id"], sha256):
-                        return done
-                    continue  # the transaction moved on (abandoned, failed): start again
-                _expect(r, f"PUT {tx['upload_url']}", 200, 201)
-            r = self.call("POST", tx["complete_url"])
-            if r.status == 200:
-                return Delivered(tx["transaction_id"], r.body.get("rows") or {})
-            if r.status == 409:
-                if done := self._completed_with(tx["transaction_id"], sha256):
-                    return done
-                continue
-            _expect(r, f"POST {tx['complete_url']}", 200)
+            if r is None or r.status in (200, 201):
+                call, r = f"POST {tx['complete_url']}", self.call("POST", tx["complete_url"])
+                if r.status == 200:
+                    return Delivered(tx["transaction_id"], r.body.get("rows") or {})
+            if r.status != 409:
+                raise Refused(call, r.status, r.body)
+            if done := self._completed_with(tx["transaction_id"], sha256):
+                return done
+            # the transaction moved on (abandoned, failed): start again
         raise Refused("POST /v1/transactions", 409, {"error": f"hour {hour}: the transaction kept changing state "
                                                               f"under this agent ({_PROTOCOL_RESTARTS} attempts)"})
 
