@@ -1,4 +1,4 @@
-"""ganymede-api over HTTP (urllib): retries within one budget per run (safe: the API is idempotent per hour)."""
+"""ganymede-api over HTTP (urllib): retries within one budget per run (the API is idempotent per hour)."""
 import email.utils
 import http.client
 import json
@@ -165,7 +165,7 @@ class Api:
 
     def deliver(self, hour, path, sha256, replace=False):
         """Create (or resume) the hour's transaction, upload the archive, complete it; returns Delivered."""
-        # replace=True only once the server is seen to hold a different archive: a retried replacement is a no-op
+        # replace=True only once the server holds a different archive: a retried replacement is a no-op
         for _ in range(_PROTOCOL_RESTARTS):
             r = self.call("POST", "/v1/transactions", {"agent_id": self.agent_id, "hour": hour, "replace": False})
             if r.status == 409 and (done := self._completed_with(r.body.get("transaction_id"), sha256)):
