@@ -112,7 +112,7 @@ class Api:
         self._opener = urllib.request.build_opener(*handlers)
 
     def url(self, path):
-        return urljoin(self.base_url, path.lstrip("/") if not urlsplit(path).scheme else path)
+        return urljoin(self.base_url, path.lstrip("/"))  # an absolute upload_url stays as it is
 
     def call(self, method, path, json_body=None, file_path=None, headers=None):
         """One API call, retried while transient; returns the Response for any other status."""
