@@ -67,11 +67,7 @@ def _tarinfo(name, size, mtime):
 
 
 def build_archive(dest, manifest_fields, datasets, workdir=None, compresslevel=1):
-    """Write an archive atomically at `dest` and return its manifest.
-
-    `datasets` yields (name, header, rows), streamed to CSV files under `workdir`
-    (never memory); `manifest_fields` holds agent_id, geo and hour ('YYYY-MM-DDTHH').
-    """
+    """Stream (name, header, rows) datasets via `workdir` into an archive at `dest`; returns the manifest."""
     workdir = workdir or os.path.dirname(os.path.abspath(dest))
     os.makedirs(workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".build-") as tmp:

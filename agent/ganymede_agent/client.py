@@ -1,7 +1,4 @@
-"""Talking to ganymede-api over HTTP (urllib): retries within one budget per run, and the delivery protocol.
-
-Every call is safe to repeat, because the API is idempotent per (agent, hour).
-"""
+"""ganymede-api over HTTP (urllib): retries within one budget per run (the API is idempotent per hour)."""
 import email.utils
 import http.client
 import json
@@ -115,7 +112,7 @@ class Api:
         self._opener = urllib.request.build_opener(*handlers)
 
     def url(self, path):
-        return urljoin(self.base_url, path.lstrip("/") if not urlsplit(path).scheme else path)
+        return urljoin(self.base_url, path.lstrip("/"))  # an absolute upload_url stays as it is
 
     def call(self, method, path, json_body=None, file_path=None, headers=None):
         """One API call, retried while transient; returns the Response for any other status."""
@@ -167,11 +164,8 @@ class Api:
             return Response(resp.status, _json(resp.read()), {k.lower(): v for k, v in resp.headers.items()})
 
     def deliver(self, hour, path, sha256, replace=False):
-        """Create (or resume) the hour's transaction, upload the archive, complete it; returns Delivered.
-
-        A replacement is asked for only when the server holds a different archive
-        for the hour, so retrying a replacement that already completed is a no-op.
-        """
+        """Create (or resume) the hour's transaction, upload the archive, complete it; returns Delivered."""
+        # replace=True only once the server holds a different archive: a retried replacement is a no-op
         for _ in range(_PROTOCOL_RESTARTS):
             r = self.call("POST", "/v1/transactions", {"agent_id": self.agent_id, "hour": hour, "replace": False})
             if r.status == 409 and (done := self._completed_with(r.body.get("transaction_id"), sha256)):
@@ -186,22 +180,19 @@ class Api:
                 raise Misdirected(f"POST {self.url('/v1/transactions')} answered {r.status}: "
                                   "is [api] url the Ganymede API?")
             _expect(r, "POST /v1/transactions", 200, 201)
-            tx = r.body
+            tx, r = r.body, None
+            call = f"PUT {tx['upload_url']}"
             if not (tx.get("state") == "uploaded" and tx.get("sha256") == sha256):
                 r = self.call("PUT", tx["upload_url"], file_path=path, headers={"X-Archive-SHA256": sha256})
-                if r.status == 409:
-                    if done := self._completed_with(tx["transaction_id"], sha256):
-                        return done
-                    continue  # the transaction moved on (abandoned, failed): start again
-                _expect(r, f"PUT {tx['upload_url']}", 200, 201)
-            r = self.call("POST", tx["complete_url"])
-            if r.status == 200:
-                return Delivered(tx["transaction_id"], r.body.get("rows") or {})
-            if r.status == 409:
-                if done := self._completed_with(tx["transaction_id"], sha256):
-                    return done
-                continue
-            _expect(r, f"POST {tx['complete_url']}", 200)
+            if r is None or r.status in (200, 201):
+                call, r = f"POST {tx['complete_url']}", self.call("POST", tx["complete_url"])
+                if r.status == 200:
+                    return Delivered(tx["transaction_id"], r.body.get("rows") or {})
+            if r.status != 409:
+                raise Refused(call, r.status, r.body)
+            if done := self._completed_with(tx["transaction_id"], sha256):
+                return done
+            # the transaction moved on (abandoned, failed): start again
         raise Refused("POST /v1/transactions", 409, {"error": f"hour {hour}: the transaction kept changing state "
                                                               f"under this agent ({_PROTOCOL_RESTARTS} attempts)"})
 

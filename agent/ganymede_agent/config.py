@@ -1,8 +1,4 @@
-"""The agent's INI config file (see agent.cfg.sample): loaded, checked, typed.
-
-It holds the agent token and the GEO database password, so a file that group
-or others may read is refused before anything in it is used.
-"""
+"""The agent's INI config file (agent.cfg.sample): loaded, checked (mode 0600: it holds secrets), typed."""
 import configparser
 import logging
 import os
@@ -120,9 +116,7 @@ def load(path=DEFAULT_PATH, agent_id=None):
     ca_file = get("api", "ca_file", "")
     if ca_file and not os.access(ca_file, os.R_OK):
         raise ConfigError(f"{path}: [api] ca_file {ca_file} is not a readable file")
-    retry = Retry(budget_seconds=get("retry", "budget_seconds", 300, float),
-                  base_seconds=get("retry", "base_seconds", 1, float),
-                  cap_seconds=get("retry", "cap_seconds", 60, float))
+    retry = Retry(*(get("retry", key, default, float) for key, default in zip(Retry._fields, (300, 1, 60))))
     return Config(
         path=path, agent_id=agent_id, geo=get("agent", "geo"), api_url=api_url, token=get("api", "token"),
         timeout=get("api", "timeout_seconds", 60, float), ca_file=ca_file,

@@ -1,9 +1,4 @@
-"""The spool: archives waiting for the API, on local disk (layout in docs/agent.md).
-
-Crash-safe: archives arrive by build_archive (fsync, atomic rename) and leave
-only once the API has confirmed the hour; state and reasons are written the
-same way.
-"""
+"""The spool: archives waiting for the API (docs/agent.md); every write is fsynced and renamed into place."""
 import errno
 import fcntl
 import json
@@ -91,13 +86,13 @@ class Spool:
     def enforce_limit(self, keep):
         """Drop the oldest hours while the spool is over its limit, never `keep` (the hour just built)."""
         dropped = []
-        total = sum(os.path.getsize(self.path_for(h)) for h in self.hours())
-        for hour in self.hours():
+        sizes = {hour: os.path.getsize(self.path_for(hour)) for hour in self.hours()}
+        total = sum(sizes.values())
+        for hour, size in sizes.items():
             if total <= self.max_bytes:
                 break
             if hour == keep:
                 continue
-            size = os.path.getsize(self.path_for(hour))
             os.unlink(self.path_for(hour))
             total -= size
             dropped.append(hour)
