@@ -57,7 +57,8 @@ def write_demo_config(base, api_port, luigid_port):
     parser.read_dict({
         "core": {"scheduler_host": "127.0.0.1", "scheduler_port": luigid_port, "autoload_range": "true"},
         "state": {"root": os.path.join(base, "state"), "log_file": os.path.join(base, "ganymede.log")},
-        "mysql": {"host": "127.0.0.1", "port": 3306, "user": "root", "option_file": "", "database": named["db"]},
+        "mysql": {"host": "127.0.0.1", "port": 3306, "user": "root", "option_file": "",
+                  "database": named["db"]},
         "mongodb": {"uri": MONGO_URI, "database": named["db"]},
         "s3": {"endpoint_url": S3_ENDPOINT, "s3curl_path": s3curl, "profile": "demo",
                "bucket_template": named["bucket_prefix"] + "{yyyymmddhh}"},

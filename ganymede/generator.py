@@ -20,8 +20,8 @@ _U64 = "BIGINT UNSIGNED"
 # {table: ({column: type}, primary key)}: every column NOT NULL, the key time first
 TABLES = {
     "account_usage_hourly": ({"hour_start": "DATETIME", "account_id": "VARCHAR(64)", "bytes_stored": _U64,
-                              "object_count": _U64, "bytes_in": _U64, "bytes_out": _U64, "request_count": _U64},
-                             ("hour_start", "account_id")),
+                              "object_count": _U64, "bytes_in": _U64, "bytes_out": _U64,
+                              "request_count": _U64}, ("hour_start", "account_id")),
     "api_request_stats": ({"hour_start": "DATETIME", "http_method": "VARCHAR(16)", "endpoint": "VARCHAR(128)",
                            "status_code": "SMALLINT UNSIGNED", "request_count": _U64, "bytes_total": _U64,
                            "latency_p50_ms": "DOUBLE", "latency_p95_ms": "DOUBLE"},
