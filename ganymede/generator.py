@@ -35,7 +35,6 @@ METHODS = ("GET", "PUT", "POST", "DELETE", "HEAD")
 BASE_ENDPOINTS = ("/v1/objects", "/v1/buckets", "/v1/objects/multipart", "/v1/objects/copy", "/v1/acl",
                   "/v1/lifecycle", "/v1/versions", "/v1/tags", "/v1/cors", "/v1/policy", "/v1/stats", "/v1/auth")
 STATUSES = (200, 201, 204, 206, 304, 400, 403, 404, 409, 429, 500, 502, 503)
-_SERVER_ERRORS = (500, 502, 503)
 SAMPLES_PER_NODE = 60  # one a minute
 TB = 1 << 40
 
@@ -115,7 +114,7 @@ def _api(rng, stamp):
                 count = int(rng.lognormvariate(8 if status < 400 else 4, 1.5)) + 1
                 p50 = round(rng.lognormvariate(3, 0.6), 3)
                 p95 = round(p50 * (1 + rng.lognormvariate(0.5, 0.5)), 3)
-                if status in _SERVER_ERRORS:
+                if status >= 500:
                     p95 = round(p95 * 3, 3)
                 yield (stamp, method, endpoint, status, count, count * int(rng.lognormvariate(10, 2)), p50, p95)
 
