@@ -115,13 +115,12 @@ def reset(base):
     client, _ = mongo.connect(config.mongodb())
     with closing(client):
         client.drop_database(named["db"])
-    s3 = s3_connect(config.s3()).client
-    for bucket in s3.list_buckets().get("Buckets", []):
+    store = s3_connect(config.s3())
+    for bucket in store.client.list_buckets().get("Buckets", []):
         if bucket["Name"].startswith(named["bucket_prefix"]):
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
-                for obj in page.get("Contents", []):
-                    s3.delete_object(Bucket=bucket["Name"], Key=obj["Key"])
-            s3.delete_bucket(Bucket=bucket["Name"])
+            for key in store.listed(bucket["Name"]):
+                store.client.delete_object(Bucket=bucket["Name"], Key=key)
+            store.client.delete_bucket(Bucket=bucket["Name"])
     for sub in ("state", "spool", "agents"):
         shutil.rmtree(os.path.join(base, sub), ignore_errors=True)
     os.makedirs(os.path.join(base, "agents"))
