@@ -1,10 +1,4 @@
-"""The dataset catalog: each dataset's columns, key, rules and derived fields; pure functions only.
-
-`parse_row` types a row of CSV strings (or says why it cannot), `documents` makes typed rows MongoDB documents
-with a deterministic `_id` and the fields a row gives alone. The worker hands in what the other derived fields
-need: the same key's document one hour earlier (`with_previous`, e.g. growth of bytes stored) and the row's
-group within the transaction (`with_summary`, e.g. the error rate of an endpoint).
-"""
+"""The dataset catalog: each dataset's columns, key, rules and derived fields; pure functions only."""
 import math
 import operator
 import re
@@ -30,8 +24,7 @@ class RowError(ValueError):
 
 
 class RangeError(RowError):
-    """A well-formed value outside what it can be (a negative counter, disk used > total): counted by the
-    `value_ranges` quality check."""
+    """A well-formed value out of range (a negative counter, disk used > total): counted by `value_ranges`."""
 
 
 def _to_str(name, text, max_len):
@@ -156,10 +149,7 @@ def _node_health_derive(doc):
 
 @dataclass(frozen=True)
 class Quality:
-    """The thresholds of a dataset's data-quality checks (ganymede.quality; docs/operations.md explains each).
-
-    A failed check only reports, unless named in `blocking`: then the extract stops.
-    """
+    """A dataset's quality thresholds (docs/operations.md): a failed check in `blocking` stops the extract."""
     count_factor: float = 3.0
     trailing_hours: int = 24
     min_history: int = 2
@@ -241,10 +231,7 @@ class Dataset:
         return doc
 
     def documents(self, rows, agent_id, geo, hour, transaction_id):
-        """Typed rows become documents (in place) with the row-level derived fields.
-
-        The per-row constants are computed once: this is the load's inner loop.
-        """
+        """Typed rows become documents, in place, with the row-level derived fields: the load's inner loop."""
         hour = hours.floor_hour(hour)
         prefix = f"{agent_id}|{hours.compact(hour)}|"
         single = self.key[0] if len(self.key) == 1 else None

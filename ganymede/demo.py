@@ -4,6 +4,7 @@ then the cron command through the demo's own luigid, left up to show the graph).
 Every name it uses (databases, buckets, ports, its luigid) comes from a hash of its `--dir`, so two checkouts
 never see each other's demo; each run first removes what the previous one of that directory made.
 """
+import configparser
 import hashlib
 import os
 import shutil
@@ -52,33 +53,20 @@ def write_demo_config(base, api_port, luigid_port):
     os.chmod(s3curl, 0o600)
     named = names(base)
     path = os.path.join(base, "luigi.cfg")
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_dict({
+        "core": {"scheduler_host": "127.0.0.1", "scheduler_port": luigid_port, "autoload_range": "true"},
+        "state": {"root": os.path.join(base, "state"), "log_file": os.path.join(base, "ganymede.log")},
+        "mysql": {"host": "127.0.0.1", "port": 3306, "user": "root", "option_file": "",
+                  "database": named["db"]},
+        "mongodb": {"uri": MONGO_URI, "database": named["db"]},
+        "s3": {"endpoint_url": S3_ENDPOINT, "s3curl_path": s3curl, "profile": "demo",
+               "bucket_template": named["bucket_prefix"] + "{yyyymmddhh}"},
+        "api": {"port": api_port},
+        "extract": {"deadline_minutes": 45},
+    })
     with open(path, "w") as f:
-        f.write(f"""[core]
-scheduler_host = 127.0.0.1
-scheduler_port = {luigid_port}
-autoload_range = true
-[state]
-root = {os.path.join(base, "state")}
-log_file = {os.path.join(base, "ganymede.log")}
-[mysql]
-host = 127.0.0.1
-port = 3306
-user = root
-option_file =
-database = {named["db"]}
-[mongodb]
-uri = {MONGO_URI}
-database = {named["db"]}
-[s3]
-endpoint_url = {S3_ENDPOINT}
-s3curl_path = {s3curl}
-profile = demo
-bucket_template = {named["bucket_prefix"]}{{yyyymmddhh}}
-[api]
-port = {api_port}
-[extract]
-deadline_minutes = 45
-""")
+        parser.write(f)
     return path, home
 
 
@@ -127,13 +115,12 @@ def reset(base):
     client, _ = mongo.connect(config.mongodb())
     with closing(client):
         client.drop_database(named["db"])
-    s3 = s3_connect(config.s3()).client
-    for bucket in s3.list_buckets().get("Buckets", []):
+    store = s3_connect(config.s3())
+    for bucket in store.client.list_buckets().get("Buckets", []):
         if bucket["Name"].startswith(named["bucket_prefix"]):
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
-                for obj in page.get("Contents", []):
-                    s3.delete_object(Bucket=bucket["Name"], Key=obj["Key"])
-            s3.delete_bucket(Bucket=bucket["Name"])
+            for key in store.listed(bucket["Name"]):
+                store.client.delete_object(Bucket=bucket["Name"], Key=key)
+            store.client.delete_bucket(Bucket=bucket["Name"])
     for sub in ("state", "spool", "agents"):
         shutil.rmtree(os.path.join(base, sub), ignore_errors=True)
     os.makedirs(os.path.join(base, "agents"))

@@ -1,9 +1,7 @@
 """Realistic GEO statistics in a GEO database, for tests, the demo and benchmarks.
 
-Three tables, indexed by time first, read by the SQL in
-`ganymede_agent/agent.cfg.sample`. Values come from a PRNG seeded by (seed,
-hour), so the same call gives the same rows, and satisfy `datasets.CATALOG`'s
-row rules. Rows go in with LOAD DATA LOCAL INFILE (`connect()` allows it).
+Its tables are read by the SQL in `ganymede_agent/agent.cfg.sample`. Values come from a PRNG seeded by
+(seed, hour), so the same call gives the same rows, and satisfy `datasets.CATALOG`'s row rules.
 """
 import configparser
 import itertools
@@ -18,44 +16,25 @@ import ganymede_agent
 
 from . import hours
 
+_U64 = "BIGINT UNSIGNED"
+# {table: ({column: type}, primary key)}: every column NOT NULL, the key time first
 TABLES = {
-    "account_usage_hourly": """CREATE TABLE IF NOT EXISTS account_usage_hourly (
-      hour_start DATETIME NOT NULL,
-      account_id VARCHAR(64) NOT NULL,
-      bytes_stored BIGINT UNSIGNED NOT NULL,
-      object_count BIGINT UNSIGNED NOT NULL,
-      bytes_in BIGINT UNSIGNED NOT NULL,
-      bytes_out BIGINT UNSIGNED NOT NULL,
-      request_count BIGINT UNSIGNED NOT NULL,
-      PRIMARY KEY (hour_start, account_id)
-    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
-    "api_request_stats": """CREATE TABLE IF NOT EXISTS api_request_stats (
-      hour_start DATETIME NOT NULL,
-      http_method VARCHAR(16) NOT NULL,
-      endpoint VARCHAR(128) NOT NULL,
-      status_code SMALLINT UNSIGNED NOT NULL,
-      request_count BIGINT UNSIGNED NOT NULL,
-      bytes_total BIGINT UNSIGNED NOT NULL,
-      latency_p50_ms DOUBLE NOT NULL,
-      latency_p95_ms DOUBLE NOT NULL,
-      PRIMARY KEY (hour_start, http_method, endpoint, status_code)
-    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
-    "node_samples": """CREATE TABLE IF NOT EXISTS node_samples (
-      sampled_at DATETIME NOT NULL,
-      node_name VARCHAR(64) NOT NULL,
-      disk_total_bytes BIGINT UNSIGNED NOT NULL,
-      disk_used_bytes BIGINT UNSIGNED NOT NULL,
-      load_1m DOUBLE NOT NULL,
-      error_count INT UNSIGNED NOT NULL,
-      PRIMARY KEY (sampled_at, node_name)
-    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""",
+    "account_usage_hourly": ({"hour_start": "DATETIME", "account_id": "VARCHAR(64)", "bytes_stored": _U64,
+                              "object_count": _U64, "bytes_in": _U64, "bytes_out": _U64,
+                              "request_count": _U64}, ("hour_start", "account_id")),
+    "api_request_stats": ({"hour_start": "DATETIME", "http_method": "VARCHAR(16)", "endpoint": "VARCHAR(128)",
+                           "status_code": "SMALLINT UNSIGNED", "request_count": _U64, "bytes_total": _U64,
+                           "latency_p50_ms": "DOUBLE", "latency_p95_ms": "DOUBLE"},
+                          ("hour_start", "http_method", "endpoint", "status_code")),
+    "node_samples": ({"sampled_at": "DATETIME", "node_name": "VARCHAR(64)", "disk_total_bytes": _U64,
+                      "disk_used_bytes": _U64, "load_1m": "DOUBLE", "error_count": "INT UNSIGNED"},
+                     ("sampled_at", "node_name")),
 }
 
 METHODS = ("GET", "PUT", "POST", "DELETE", "HEAD")
 BASE_ENDPOINTS = ("/v1/objects", "/v1/buckets", "/v1/objects/multipart", "/v1/objects/copy", "/v1/acl",
                   "/v1/lifecycle", "/v1/versions", "/v1/tags", "/v1/cors", "/v1/policy", "/v1/stats", "/v1/auth")
 STATUSES = (200, 201, 204, 206, 304, 400, 403, 404, 409, 429, 500, 502, 503)
-_SERVER_ERRORS = (500, 502, 503)
 SAMPLES_PER_NODE = 60  # one a minute
 TB = 1 << 40
 
@@ -73,8 +52,10 @@ def create_database(name, **connect_args):
         cur.execute(f"CREATE DATABASE IF NOT EXISTS `{_ident(name)}` DEFAULT CHARACTER SET utf8mb4")
     conn = connect(name, **connect_args)
     with conn.cursor() as cur:
-        for ddl in TABLES.values():
-            cur.execute(ddl)
+        for table, (columns, key) in TABLES.items():
+            body = "".join(f"{column} {kind} NOT NULL, " for column, kind in columns.items())
+            cur.execute(f"CREATE TABLE IF NOT EXISTS {table} ({body}PRIMARY KEY ({', '.join(key)}))"
+                        " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4")
     return conn
 
 
@@ -109,9 +90,8 @@ def generate_hour(conn, hour, *, accounts=200, endpoints=len(BASE_ENDPOINTS), no
             "api_request_stats": itertools.islice(_api(rng, stamp), n_api),
             "node_samples": itertools.islice(_nodes(rng, start, n_nodes), n_nodes)}
     with conn.cursor() as cur:
-        cur.execute("DELETE FROM account_usage_hourly WHERE hour_start = %s", (start,))
-        cur.execute("DELETE FROM api_request_stats WHERE hour_start = %s", (start,))
-        cur.execute("DELETE FROM node_samples WHERE sampled_at >= %s AND sampled_at < %s", (start, end))
+        for table, (_, key) in TABLES.items():  # key[0]: the row's time
+            cur.execute(f"DELETE FROM {table} WHERE {key[0]} >= %s AND {key[0]} < %s", (start, end))
         counts = {table: _load(cur, table, table_rows) for table, table_rows in rows.items()}
     conn.commit()
     return counts
@@ -134,7 +114,7 @@ def _api(rng, stamp):
                 count = int(rng.lognormvariate(8 if status < 400 else 4, 1.5)) + 1
                 p50 = round(rng.lognormvariate(3, 0.6), 3)
                 p95 = round(p50 * (1 + rng.lognormvariate(0.5, 0.5)), 3)
-                if status in _SERVER_ERRORS:
+                if status >= 500:
                     p95 = round(p95 * 3, 3)
                 yield (stamp, method, endpoint, status, count, count * int(rng.lognormvariate(10, 2)), p50, p95)
 

@@ -1,7 +1,6 @@
 """Data-quality checks of one agent's hour, as the catalog declares them per dataset (datasets.Quality).
 
-Pure functions: the extract gathers their inputs and stores their results. A result says what was observed
-and what was expected, so an alert reads on its own.
+Pure functions. A result says what was observed and what was expected, so an alert reads on its own.
 """
 import statistics
 from dataclasses import asdict, dataclass
