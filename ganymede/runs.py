@@ -196,11 +196,7 @@ def setup_logging(verbose):
         stream.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
         root_logger.addHandler(stream)
         root_logger.setLevel(logging.DEBUG)
-    for section, values in (("core", {"no_configure_logging": "true"}), ("retcode", RETCODES)):
-        if not parser.has_section(section):
-            parser.add_section(section)
-        for key, value in values.items():
-            parser.set(section, key, str(value))
+    parser.read_dict({"core": {"no_configure_logging": "true"}, "retcode": RETCODES})
     return conf_file or path
 
 
