@@ -64,7 +64,6 @@ def _common(parser, pipeline=True):
 # --- ganymede (admin) ----------------------------------------------------------
 
 def _db_upgrade(args):
-    """The MySQL migrations, then every MongoDB index the pipeline relies on (both idempotent)."""
     from . import datasets
     from .stores import mongo
     applied = mysql.upgrade(config.mysql())
@@ -133,7 +132,6 @@ def _status(args):
 
 
 def _alerts(args):
-    """Hours needing attention: printed with their reasons, mailed through Luigi's [email]; exit 3 if any."""
     from luigi.notifications import email, send_error_email
     rows = [row for row in _status_rows(args) if row.needs_attention()]
     if not rows:
@@ -237,13 +235,10 @@ def _pipeline(prog, args, run):
     sys.exit(code)
 
 
-def _transaction_task(task, argv, prog, option):
+def _transaction_task(task, argv, prog, name, **how):
     parser = Parser(prog=prog, description=f"Run {task} for one transaction (find ids with "
                                             "`ganymede transactions --hour H`)")
-    if option:
-        parser.add_argument(option, dest="transaction_id", required=True)
-    else:
-        parser.add_argument("transaction_id")
+    parser.add_argument(name, **how)
     _common(parser)
     args = parser.parse_args(argv)
     args.what = f"transaction {args.transaction_id}"
@@ -262,13 +257,12 @@ def _transaction_task(task, argv, prog, option):
 
 
 def worker_main(argv=None):
-    """ganymede-worker TXID: stage one transaction."""
-    _transaction_task("StageTransaction", argv, "ganymede-worker", None)
+    _transaction_task("StageTransaction", argv, "ganymede-worker", "transaction_id")
 
 
 def worker_etl_main(argv=None):
-    """ganymede-worker-etl --transactionid=TXID: load one transaction into MongoDB."""
-    _transaction_task("LoadTransaction", argv, "ganymede-worker-etl", "--transactionid")
+    _transaction_task("LoadTransaction", argv, "ganymede-worker-etl", "--transactionid", dest="transaction_id",
+                      required=True)
 
 
 def _hour_from_parts(args):
@@ -285,18 +279,17 @@ def _hour_from_parts(args):
         hour = datetime(*(int(v) for v in parts.values()))
     except ValueError as exc:
         raise HourError(f"-y {args.y} -m {args.m} -d {args.d} -h {args.h} is not a UTC hour: {exc}") from None
-    _ended(hour)
-    return hour
+    return _ended(hour)
 
 
 def _ended(hour):
     if hour > hours.last_complete_hour():
         raise HourError(f"{hours.format_hour(hour)} UTC has not ended yet "
                         f"(the last complete UTC hour is {hours.format_hour(hours.last_complete_hour())})")
+    return hour
 
 
 def glassbeam_extract_main(argv=None):
-    """ganymede-glassbeam-extract [-y Y -m M -d D -h H]: the round the hour needs now (--force: round 0)."""
     from .tasks.extract import current_round
     parser = Parser(
         prog="ganymede-glassbeam-extract", add_help=False,
@@ -334,7 +327,6 @@ def _forget_extract(hour):
 
 
 def hourly_backup_main(argv=None):
-    """ganymede-hourly-backup [--hour H | --catch-up N | --backfill FROM TO]: what cron runs, and reruns."""
     parser = Parser(
         prog="ganymede-hourly-backup",
         description="Run the whole graph for one UTC hour (stage, load, extract, backup), as cron does; or, with "
@@ -373,4 +365,4 @@ def hourly_backup_main(argv=None):
         _pipeline(parser.prog, args, several)
     else:
         args.what = f"hour {hours.format_hour(hour)}"
-        _pipeline(parser.prog, args, lambda: _ended(hour) or one(hour))
+        _pipeline(parser.prog, args, lambda: one(_ended(hour)))

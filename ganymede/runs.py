@@ -1,5 +1,4 @@
-"""A pipeline run for one UTC hour, as cron and every manual command start it: around Luigi's own run, the
-hour's lock, a crashed run's leftovers, logging and the outcome (docs/operations.md)."""
+"""One UTC hour's run, as cron and every manual command start it: lock, leftovers, logging, outcome."""
 import fcntl
 import glob
 import json
@@ -303,9 +302,7 @@ def preflight(local_scheduler):
 def catch_up_hours(window=None, first=None, last=None):
     """Hours past their deadline, not closed nor idle, oldest first: in the last `window`, or first..last."""
     now = hours.now()
-    newest = hours.last_complete_hour(now)
-    while hours.deadline(newest, config.extract().deadline_minutes) > now:
-        newest -= timedelta(hours=1)
+    newest = hours.last_complete_hour(now - timedelta(minutes=max(0, config.extract().deadline_minutes)))
     first = first or hours.last_complete_hour(now) - timedelta(hours=window - 1)
     last = min(last or newest, newest)
     if last < first:
