@@ -30,8 +30,7 @@ class Parser(argparse.ArgumentParser):
             self.set_defaults(func=func)
 
     def error(self, message):
-        print(f"{self.prog.split()[0]}: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f"{self.prog.split()[0]}: {message} (see {self.prog} --help)\n")
 
 
 def _hour_arg(text):

@@ -6,7 +6,6 @@ import logging
 import logging.config
 import os
 import socket
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -191,7 +190,7 @@ def setup_logging(verbose):
         root_logger.addHandler(handler)
         root_logger.setLevel(logging.INFO)
     if verbose:
-        stream = logging.StreamHandler(sys.stderr)
+        stream = logging.StreamHandler()
         stream.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
         root_logger.addHandler(stream)
         root_logger.setLevel(logging.DEBUG)
