@@ -18,17 +18,19 @@ class BadArgument(GanymedeError):
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage mistakes end in one line on stderr and exit 2; --help ends with the exit-code table."""
+    """Usage mistakes end in one line on stderr and exit 2; --help ends with the exit-code table.
+    `func`: the (sub)command's handler."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, func=None, **kwargs):
         kwargs.setdefault("epilog", "exit codes:\n" + "\n".join(f"  {code:>2}  {text}"
                                                                    for code, text in runs.EXIT_CODES))
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
+        if func:
+            self.set_defaults(func=func)
 
     def error(self, message):
-        print(f"{self.prog.split()[0]}: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f"{self.prog.split()[0]}: {message} (see {self.prog} --help)\n")
 
 
 def _hour_arg(text):
@@ -61,7 +63,6 @@ def _common(parser, pipeline=True):
 # --- ganymede (admin) ----------------------------------------------------------
 
 def _db_upgrade(args):
-    """The MySQL migrations, then every MongoDB index the pipeline relies on (both idempotent)."""
     from . import datasets
     from .stores import mongo
     applied = mysql.upgrade(config.mysql())
@@ -72,29 +73,30 @@ def _db_upgrade(args):
     print("MongoDB indexes in place: " + ", ".join(f"{name}: {' '.join(names)}" for name, names in indexes.items()))
 
 
-def _agents_add(args):
+def _in_mysql(call, *args, **kwargs):
+    """call(conn, *args, **kwargs) on a connection of its own."""
     with closing(mysql.connect(config.mysql())) as conn:
-        token = txlog.add_agent(conn, args.agent_id, args.geo, expected_from=args.since)
+        return call(conn, *args, **kwargs)
+
+
+def _agents_add(args):
+    token = _in_mysql(txlog.add_agent, args.agent_id, args.geo, expected_from=args.since)
     print(f"agent {args.agent_id} (geo {args.geo}) added; its token, shown only now:\n{token}")
 
 
 def _agents_list(args):
-    with closing(mysql.connect(config.mysql())) as conn:
-        rows = txlog.list_agents(conn)
-    for r in rows:
+    for r in _in_mysql(txlog.list_agents):
         state = "active" if r["active"] else f"revoked {r['revoked_at']:%Y-%m-%dT%H:%M:%SZ}"
         print(f"{r['agent_id']:<24} {r['geo']:<12} {state}")
 
 
 def _agents_revoke(args):
-    with closing(mysql.connect(config.mysql())) as conn:
-        txlog.revoke_agent(conn, args.agent_id)
+    _in_mysql(txlog.revoke_agent, args.agent_id)
     print(f"agent {args.agent_id} revoked")
 
 
 def _admin_token(args):
-    with closing(mysql.connect(config.mysql())) as conn:
-        token = txlog.add_admin_token(conn, args.name)
+    token = _in_mysql(txlog.add_admin_token, args.name)
     print(f"admin token {args.name!r}, shown only now:\n{token}")
 
 
@@ -129,7 +131,6 @@ def _status(args):
 
 
 def _alerts(args):
-    """Hours needing attention: printed with their reasons, mailed through Luigi's [email]; exit 3 if any."""
     from luigi.notifications import email, send_error_email
     rows = [row for row in _status_rows(args) if row.needs_attention()]
     if not rows:
@@ -145,8 +146,7 @@ def _alerts(args):
 
 def _transactions(args):
     root = StateRoot(config.state().root)
-    with closing(mysql.connect(config.mysql())) as conn:
-        rows = status.hour_transactions(conn, root, args.hour)
+    rows = _in_mysql(status.hour_transactions, root, args.hour)
     if not rows:
         print(f"no transaction for {hours.format_hour(args.hour)}")
     for t in rows:
@@ -167,44 +167,36 @@ def build_parser():
     _common(parser, pipeline=False)
     sub = parser.add_subparsers(dest="command", required=True)
     db = sub.add_parser("db", help="the MySQL schema").add_subparsers(dest="db_command", required=True)
-    db.add_parser("upgrade", help="create or upgrade the MySQL schema and the MongoDB indexes (idempotent)"
-                  ).set_defaults(func=_db_upgrade)
+    db.add_parser("upgrade", help="create or upgrade the MySQL schema and the MongoDB indexes (idempotent)",
+                  func=_db_upgrade)
     agents = sub.add_parser("agents", help="GEO agents").add_subparsers(dest="agents_command", required=True)
-    add = agents.add_parser("add", help="register an agent and print its token once")
+    add = agents.add_parser("add", help="register an agent and print its token once", func=_agents_add)
     add.add_argument("agent_id")
     add.add_argument("--geo", required=True)
     add.add_argument("--since", type=_hour_arg, default=None,
                      help="first UTC hour the agent is expected for (default: the hour it is added), for backfills")
-    add.set_defaults(func=_agents_add)
-    agents.add_parser("list", help="list agents").set_defaults(func=_agents_list)
-    revoke = agents.add_parser("revoke", help="revoke an agent's token")
-    revoke.add_argument("agent_id")
-    revoke.set_defaults(func=_agents_revoke)
-    admin = sub.add_parser("admin-token", help="create (or rotate) an admin token and print it once")
-    admin.add_argument("name")
-    admin.set_defaults(func=_admin_token)
+    agents.add_parser("list", help="list agents", func=_agents_list)
+    agents.add_parser("revoke", help="revoke an agent's token", func=_agents_revoke).add_argument("agent_id")
+    sub.add_parser("admin-token", help="create (or rotate) an admin token and print it once",
+                   func=_admin_token).add_argument("name")
     for name, func, text in (
             ("status", _status, "one line per hour: agents, staged, loaded, extract, backup, verdict; with --hour "
                                 "also the agents by name, failures with reasons and the transactions"),
             ("alerts", _alerts, "hours that need attention (failed, overdue, expected agents that sent nothing), "
                                 "with their reasons; mailed through luigi's [email]; exit 3 if any")):
-        cmd = sub.add_parser(name, help=text, description=text)
-        which = cmd.add_mutually_exclusive_group()
+        which = sub.add_parser(name, help=text, description=text, func=func).add_mutually_exclusive_group()
         which.add_argument("--hour", type=_hour_arg, help="one UTC hour, YYYY-MM-DDTHH")
         which.add_argument("--last", type=_positive, help="the last N complete hours (default [alerts] status_hours)")
-        cmd.set_defaults(func=func)
     for name, func, text in (("transactions", _transactions, "an hour's transactions: id, agent, state, where "
                                                              "its archive is now, the reason of a failed one"),
                              ("graph", _graph, "the URL of an hour's dependency graph in luigid")):
-        cmd = sub.add_parser(name, help=text, description=text)
-        cmd.add_argument("--hour", type=_hour_arg, required=True, help="the UTC hour, YYYY-MM-DDTHH")
-        cmd.set_defaults(func=func)
-    demo = sub.add_parser("demo", help="run a demo hour end to end on the local services")
+        sub.add_parser(name, help=text, description=text, func=func).add_argument(
+            "--hour", type=_hour_arg, required=True, help="the UTC hour, YYYY-MM-DDTHH")
+    demo = sub.add_parser("demo", help="run a demo hour end to end on the local services", func=_demo)
     demo.add_argument("--dir", default=".demo", help="where the demo keeps its config and state")
     demo.add_argument("--agents", type=int, default=3)
     demo.add_argument("--local-scheduler", action="store_true", help="do not use luigid")
     demo.add_argument("--stop", action="store_true", help="stop the luigid a previous demo left running, and exit")
-    demo.set_defaults(func=_demo)
     return parser
 
 
@@ -242,20 +234,16 @@ def _pipeline(prog, args, run):
     sys.exit(code)
 
 
-def _transaction_task(task, argv, prog, option):
+def _transaction_task(task, argv, prog, name, **how):
     parser = Parser(prog=prog, description=f"Run {task} for one transaction (find ids with "
                                             "`ganymede transactions --hour H`)")
-    if option:
-        parser.add_argument(option, dest="transaction_id", required=True)
-    else:
-        parser.add_argument("transaction_id")
+    parser.add_argument(name, **how)
     _common(parser)
     args = parser.parse_args(argv)
     args.what = f"transaction {args.transaction_id}"
 
     def run():
-        with closing(mysql.connect(config.mysql())) as conn:
-            tx = txlog.get_transaction(conn, args.transaction_id)
+        tx = _in_mysql(txlog.get_transaction, args.transaction_id)
         if not tx or tx["state"] not in ("completed", "superseded"):
             raise BadArgument(f"no completed transaction {args.transaction_id!r}"
                                 + (f" (it is {tx['state']})" if tx else ""))
@@ -268,13 +256,12 @@ def _transaction_task(task, argv, prog, option):
 
 
 def worker_main(argv=None):
-    """ganymede-worker TXID: stage one transaction."""
-    _transaction_task("StageTransaction", argv, "ganymede-worker", None)
+    _transaction_task("StageTransaction", argv, "ganymede-worker", "transaction_id")
 
 
 def worker_etl_main(argv=None):
-    """ganymede-worker-etl --transactionid=TXID: load one transaction into MongoDB."""
-    _transaction_task("LoadTransaction", argv, "ganymede-worker-etl", "--transactionid")
+    _transaction_task("LoadTransaction", argv, "ganymede-worker-etl", "--transactionid", dest="transaction_id",
+                      required=True)
 
 
 def _hour_from_parts(args):
@@ -291,18 +278,17 @@ def _hour_from_parts(args):
         hour = datetime(*(int(v) for v in parts.values()))
     except ValueError as exc:
         raise HourError(f"-y {args.y} -m {args.m} -d {args.d} -h {args.h} is not a UTC hour: {exc}") from None
-    _ended(hour)
-    return hour
+    return _ended(hour)
 
 
 def _ended(hour):
     if hour > hours.last_complete_hour():
         raise HourError(f"{hours.format_hour(hour)} UTC has not ended yet "
                         f"(the last complete UTC hour is {hours.format_hour(hours.last_complete_hour())})")
+    return hour
 
 
 def glassbeam_extract_main(argv=None):
-    """ganymede-glassbeam-extract [-y Y -m M -d D -h H]: the round the hour needs now (--force: round 0)."""
     from .tasks.extract import current_round
     parser = Parser(
         prog="ganymede-glassbeam-extract", add_help=False,
@@ -340,7 +326,6 @@ def _forget_extract(hour):
 
 
 def hourly_backup_main(argv=None):
-    """ganymede-hourly-backup [--hour H | --catch-up N | --backfill FROM TO]: what cron runs, and reruns."""
     parser = Parser(
         prog="ganymede-hourly-backup",
         description="Run the whole graph for one UTC hour (stage, load, extract, backup), as cron does; or, with "
@@ -379,4 +364,4 @@ def hourly_backup_main(argv=None):
         _pipeline(parser.prog, args, several)
     else:
         args.what = f"hour {hours.format_hour(hour)}"
-        _pipeline(parser.prog, args, lambda: _ended(hour) or one(hour))
+        _pipeline(parser.prog, args, lambda: one(_ended(hour)))

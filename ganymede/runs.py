@@ -1,5 +1,4 @@
-"""A pipeline run for one UTC hour, as cron and every manual command start it: around Luigi's own run, the
-hour's lock, a crashed run's leftovers, logging and the outcome (docs/operations.md)."""
+"""One UTC hour's run, as cron and every manual command start it: lock, leftovers, logging, outcome."""
 import fcntl
 import glob
 import json
@@ -7,7 +6,6 @@ import logging
 import logging.config
 import os
 import socket
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -192,15 +190,11 @@ def setup_logging(verbose):
         root_logger.addHandler(handler)
         root_logger.setLevel(logging.INFO)
     if verbose:
-        stream = logging.StreamHandler(sys.stderr)
+        stream = logging.StreamHandler()
         stream.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
         root_logger.addHandler(stream)
         root_logger.setLevel(logging.DEBUG)
-    for section, values in (("core", {"no_configure_logging": "true"}), ("retcode", RETCODES)):
-        if not parser.has_section(section):
-            parser.add_section(section)
-        for key, value in values.items():
-            parser.set(section, key, str(value))
+    parser.read_dict({"core": {"no_configure_logging": "true"}, "retcode": RETCODES})
     return conf_file or path
 
 
@@ -307,9 +301,7 @@ def preflight(local_scheduler):
 def catch_up_hours(window=None, first=None, last=None):
     """Hours past their deadline, not closed nor idle, oldest first: in the last `window`, or first..last."""
     now = hours.now()
-    newest = hours.last_complete_hour(now)
-    while hours.deadline(newest, config.extract().deadline_minutes) > now:
-        newest -= timedelta(hours=1)
+    newest = hours.last_complete_hour(now - timedelta(minutes=max(0, config.extract().deadline_minutes)))
     first = first or hours.last_complete_hour(now) - timedelta(hours=window - 1)
     last = min(last or newest, newest)
     if last < first:

@@ -23,7 +23,6 @@ class HourStatus:
     loaded: int = 0
     extract: str = "waiting"
     supplementary: int = 0
-    missing_agents: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
     backup: str = "pending"
     failures: list = field(default_factory=list)
@@ -91,13 +90,13 @@ def hour_status(root, hour, expected, transactions, now, deadline_minutes, overd
     rounds = glob.glob(root.extract_manifests_glob(hour))
     if os.path.exists(root.extract_manifest(hour, 0)):
         first = markers.read_json(root.extract_manifest(hour, 0))
-        status.missing_agents = first.get("missing_agents", [])
+        missing = first.get("missing_agents", [])
         if "agents" in first:  # those the extract waited for, not those added later with an earlier --since
-            status.expected = sorted(set(first["agents"]) & set(expected) | set(status.missing_agents))
+            status.expected = sorted(set(first["agents"]) & set(expected) | set(missing))
         if not first.get("transactions") and len(rounds) == 1:
             status.extract = "no data"
         else:
-            status.extract = "after deadline" if status.missing_agents else "on time"
+            status.extract = "after deadline" if missing else "on time"
         status.supplementary = len(rounds) - 1
     status.unexpected = [a for a in arrived if a not in status.expected]
     ok = {t["agent_id"] for t in live}
