@@ -1,12 +1,9 @@
-"""Stage 3: the hour's Glassbeam extract, once every expected agent is loaded or the deadline passed.
-
-Round 0 holds every transaction completed by then; a late arrival goes into a supplementary round of its own
-(no row is in two files of an hour), which waits while its archives are not completed in the log.
+"""Stage 3: the hour's Glassbeam extract, once every expected agent is loaded or the deadline passed. Round 0
+holds what completed by then; a late arrival goes into a supplementary round (no row in two files of an hour).
 
 Luigi calls requires() when it schedules a task and again just before run(), and fails the task if the second
-answer holds something not done. So requires() only names what cannot change in between (round 0's on-time
-loads, the deadline, the previous round); what completes meanwhile is loaded by dynamic dependencies of run().
-"""
+answer holds something not done: requires() names only what cannot change in between (round 0's on-time loads,
+the deadline, the previous round); what completes meanwhile is loaded by dynamic dependencies of run()."""
 import glob
 import gzip
 import hashlib

@@ -18,7 +18,6 @@ from .. import archives, config, datasets, hours, markers
 from ..datasets import RangeError, RowError
 from ..errors import DataError, GanymedeError
 from ..stores import mongo, mysql, staging, txlog
-from ..markers import DurableTarget
 from .agent import AgentArchive, TransactionTask, state_root, unless_complete
 
 
@@ -43,7 +42,7 @@ def staging_rows(dataset, rows, hour, name):
 def stage_archive(conn, archive_path, transaction_id, hour, work_path):
     """An archive's datasets into staging, each rewritten at `work_path` as CSV by the reader the API validated
     it with (MySQL never reads the agent's bytes); returns (manifest, {dataset: rows staged})."""
-    staging.clear(conn, datasets.CATALOG.values(), transaction_id)
+    clear_staging(conn, transaction_id)
     os.makedirs(os.path.dirname(work_path), exist_ok=True)
     counts, manifest = {}, None
     try:
@@ -100,14 +99,8 @@ def parse_batch(dataset, batch, hour):
 def summarized(dataset, docs):
     """Documents in group order -> the same with their group's summary fields, one group held at a time
     (by `_id`: a key repeated in the transaction is one document, the last row winning)."""
-    group, members = None, {}
-    for doc in docs:
-        key = dataset.group_of(doc)
-        if key != group:
-            yield from dataset.with_summary(list(members.values()))
-            group, members = key, {}
-        members[doc["_id"]] = doc
-    yield from dataset.with_summary(list(members.values()))
+    for _, group in itertools.groupby(docs, dataset.group_of):
+        yield from dataset.with_summary(list({doc["_id"]: doc for doc in group}.values()))
 
 
 def unique_batches(docs, size):
@@ -329,7 +322,7 @@ class LoadBatch(luigi.Task):
         """The members' load markers, named without building their tasks: Luigi keeps every task instance it
         builds, and the scheduling process of a 10,000-transaction hour would hold 10,000 more."""
         root = state_root()
-        return [DurableTarget(root.transaction_marker(self.hour, agent, tx, "loaded"))
+        return [markers.DurableTarget(root.transaction_marker(self.hour, agent, tx, "loaded"))
                 for agent, tx in self.transactions]
 
     def run(self):
