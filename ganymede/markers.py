@@ -11,7 +11,6 @@ import json
 import os
 import random
 
-import luigi
 import luigi.format
 from luigi.local_target import atomic_file
 

@@ -17,8 +17,6 @@ from .extract import (GlassbeamExtract, TransactionCompletion, covered_transacti
                       pending_archives, round_manifests)
 
 
-# --- plain functions -----------------------------------------------------------
-
 def dump_schema(cfg, path):
     """mariadb-dump streamed through gzip into `path`, atomically; a failed dump leaves nothing behind."""
     binary = shutil.which("mariadb-dump") or shutil.which("mysqldump")
@@ -89,8 +87,6 @@ def move_archives(conn, archives, logged):
         if logged.get(transaction_id) != done:
             txlog.set_archive_path(conn, transaction_id, done)
 
-
-# --- tasks ---------------------------------------------------------------------
 
 class DumpSchema(luigi.Task):
     """mariadb-dump of the `ganymede` schema, taken once the round's extract is written."""

@@ -27,8 +27,6 @@ from .agent import state_root, unless_complete
 from .worker import LoadTransaction, load_tasks, rejects_path
 
 
-# --- plain functions: the file -------------------------------------------------
-
 def _json_default(value):
     if isinstance(value, datetime):
         return hours.utc(value).isoformat(timespec="seconds") + "Z"
@@ -78,8 +76,6 @@ def write_extract(path, lines):
                 by_agent[doc["agent_id"]] += 1
     return sink.sha256.hexdigest(), sink.size, by_dataset, dict(sorted(by_agent.items()))
 
-
-# --- plain functions: rounds ---------------------------------------------------
 
 def round_manifests(hour):
     """{round: manifest} of every extract round of the hour on disk (a manifest names its round)."""
@@ -153,8 +149,6 @@ def plan_round(round_, expected, rows, others, pending, deadline):
     return RoundPlan(free, [], False, waiting, expected, superseded)
 
 
-# --- plain functions: quality checks --------------------------------------------
-
 def load_facts(root, hour, transactions):
     """{agent: {dataset: {"loaded", "rejected", "out_of_range"}}} from the load markers and rejects files."""
     facts = {}
@@ -200,8 +194,6 @@ def check_quality(conn, db, hour, round_, transactions, expected):
     quality_store.save_results(conn, hour, round_, results)
     return results
 
-
-# --- tasks ---------------------------------------------------------------------
 
 class ExtractDeadline(luigi.ExternalTask):
     """Done once the hour's deadline has passed: until then the extract waits (missing data, not failure)."""

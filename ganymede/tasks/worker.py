@@ -21,8 +21,6 @@ from ..stores import mongo, mysql, staging, txlog
 from .agent import AgentArchive, TransactionTask, state_root, unless_complete
 
 
-# --- staging ---------------------------------------------------------------------
-
 def staging_rows(dataset, rows, hour, name):
     """A CSV member's rows, header first -> `[record, value, …]`; a bad header or row is a DataError."""
     record = 0
@@ -81,8 +79,6 @@ def isolate(conn, archive, reason):
     return {"isolated": reason, "quarantine": held}
 
 
-# --- transform -------------------------------------------------------------------
-
 def parse_batch(dataset, batch, hour):
     """Staged rows `[record, value, …]` -> (typed rows, rejects); a bad row is a reject with its reason, and
     `"range": true` when a well-formed value was out of range (what the value_ranges quality check counts)."""
@@ -115,8 +111,6 @@ def unique_batches(docs, size):
     if batch:
         yield list(batch.values())
 
-
-# --- loading ---------------------------------------------------------------------
 
 def staged_documents(conn, dataset, staged, hour, batch_size, tally, rejects_out):
     """The staged rows of one dataset as documents, streamed; rejects to `rejects_out`, counts to `tally`."""
@@ -195,8 +189,6 @@ def load_transaction(conn, db, staged, archive_path, work_path, batch_size, reje
     return finish_load(conn, db, tx, counts)
 
 
-# --- tasks ---------------------------------------------------------------------
-
 def load_resource(agent_id, hour):
     """The luigid resource (capacity 1) of an agent's hour: a replacement's load waits for its predecessor's."""
     return f"ganymede-load:{agent_id}:{hours.compact(hour)}"
@@ -270,8 +262,6 @@ class LoadTransaction(TransactionTask):
 def rejects_path(root, hour, agent_id, transaction_id):
     return root.transaction_marker(hour, agent_id, transaction_id, "rejects")[: -len(".json")] + ".jsonl"
 
-
-# --- many transactions per task (docs/scaling.md) ----------------------------------
 
 def batches(transactions, count):
     """`transactions` (log rows) -> about `count` lists of (agent, transaction), whole agents in each, an
