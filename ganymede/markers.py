@@ -2,8 +2,7 @@
 fsync'd and renamed durably (ganymede.files).
 
 The writer flocks its temporary until the rename, so one a killed writer left is one nobody holds, and the
-next write of the file removes it. No mtime is compared: on NFS shared by several hosts it is the server's clock.
-"""
+next write of the file removes it. No mtime is compared: on NFS shared by hosts it is the server's clock."""
 import fcntl
 import glob
 import io

@@ -62,8 +62,7 @@ class _HashingFile:
 
 
 def write_extract(path, lines):
-    """Stream JSON lines into a gzip file with a fixed header (no name, no time): same data, same bytes.
-    Returns (sha256, bytes, counts by dataset, counts by agent)."""
+    """Stream JSON lines into a gzip file with a fixed header (no name, no time): same data, same bytes."""
     by_dataset, by_agent = dict.fromkeys(sorted(datasets.CATALOG), 0), Counter()
     with markers.open_atomic(path) as raw:
         sink = _HashingFile(raw)

@@ -133,9 +133,8 @@ def write_batch(db, dataset, agent_id, hour, docs):
 
 
 def load_staged(conn, db, staged, hour, batch_size, rejects_out):
-    """A transaction's staged rows into MongoDB; returns {dataset: {"loaded": n, "rejected": m}}. One thread
-    writes the batches in turn while this one transforms the next; staging is cleared once every row is read,
-    while the last write finishes (a crash from then on restages)."""
+    """A transaction's staged rows into MongoDB, one thread writing each batch while this one transforms the
+    next; staging is cleared once every row is read, while the last write finishes (a crash then restages)."""
     counts, pending = {}, None
     hour = hours.floor_hour(hour)
     with ThreadPoolExecutor(1, thread_name_prefix="mongo-write") as writer:
