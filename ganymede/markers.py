@@ -2,8 +2,8 @@
 fsync'd and renamed durably (ganymede.files).
 
 The writer flocks its temporary until the rename, so one a killed writer left is one nobody holds, and the
-next write of the file removes it. No mtime is compared: on NFS shared by several hosts it is the server's clock.
-"""
+next write of the file removes it. No mtime is compared: on NFS shared by hosts it is the server's clock."""
+import contextlib
 import fcntl
 import glob
 import io
@@ -11,7 +11,6 @@ import json
 import os
 import random
 
-import luigi
 import luigi.format
 from luigi.local_target import atomic_file
 
@@ -37,10 +36,8 @@ class _DurableFile(atomic_file):
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             return super().__exit__(exc_type, exc, tb)
-        try:
+        with contextlib.suppress(OSError):  # a full disk may refuse the last flush too
             io.BufferedWriter.close(self)  # closed without the move
-        except OSError:
-            pass  # a full disk may refuse the last flush too
         os.unlink(self.tmp_path)
         os.close(self.lock_fd)
 

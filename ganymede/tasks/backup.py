@@ -11,15 +11,11 @@ import luigi
 
 from .. import config, files, hours, markers
 from ..errors import CommandError, GanymedeError
-from ..stores import mysql, txlog
-from ..stores import s3
-from ..stores.s3 import bucket_name
+from ..stores import mysql, s3, txlog
 from .agent import state_root, unless_complete
 from .extract import (GlassbeamExtract, TransactionCompletion, covered_transactions, current_round, hour_log,
                       pending_archives, round_manifests)
 
-
-# --- plain functions -----------------------------------------------------------
 
 def dump_schema(cfg, path):
     """mariadb-dump streamed through gzip into `path`, atomically; a failed dump leaves nothing behind."""
@@ -92,8 +88,6 @@ def move_archives(conn, archives, logged):
             txlog.set_archive_path(conn, transaction_id, done)
 
 
-# --- tasks ---------------------------------------------------------------------
-
 class DumpSchema(luigi.Task):
     """mariadb-dump of the `ganymede` schema, taken once the round's extract is written."""
     hour = luigi.DateHourParameter(description="The UTC hour")
@@ -143,7 +137,7 @@ class HourlyBackup(luigi.task.MixinNaiveBulkComplete, luigi.Task):
         rounds = {r: m for r, m in round_manifests(self.hour).items()
                   if os.path.exists(root.backup_dump(self.hour, r))}
         archives = archive_locations(root, self.hour, logged, covered_transactions(rounds.values()))
-        bucket = bucket_name(cfg.bucket_template, self.hour)
+        bucket = s3.bucket_name(cfg.bucket_template, self.hour)
         listing = backup_hour(cfg, bucket, backup_plan(root, self.hour, rounds, archives),
                               os.path.join(os.path.dirname(self.output().path), "MANIFEST.json"))
         with closing(mysql.connect(config.mysql())) as conn:

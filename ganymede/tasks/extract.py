@@ -1,12 +1,9 @@
-"""Stage 3: the hour's Glassbeam extract, once every expected agent is loaded or the deadline passed.
-
-Round 0 holds every transaction completed by then; a late arrival goes into a supplementary round of its own
-(no row is in two files of an hour), which waits while its archives are not completed in the log.
+"""Stage 3: the hour's Glassbeam extract, once every expected agent is loaded or the deadline passed. Round 0
+holds what completed by then; a late arrival goes into a supplementary round (no row in two files of an hour).
 
 Luigi calls requires() when it schedules a task and again just before run(), and fails the task if the second
-answer holds something not done. So requires() only names what cannot change in between (round 0's on-time
-loads, the deadline, the previous round); what completes meanwhile is loaded by dynamic dependencies of run().
-"""
+answer holds something not done: requires() names only what cannot change in between (round 0's on-time loads,
+the deadline, the previous round); what completes meanwhile is loaded by dynamic dependencies of run()."""
 import glob
 import gzip
 import hashlib
@@ -29,8 +26,6 @@ from ..stores import quality as quality_store
 from .agent import state_root, unless_complete
 from .worker import LoadTransaction, load_tasks, rejects_path
 
-
-# --- plain functions: the file -------------------------------------------------
 
 def _json_default(value):
     if isinstance(value, datetime):
@@ -67,8 +62,7 @@ class _HashingFile:
 
 
 def write_extract(path, lines):
-    """Stream JSON lines into a gzip file with a fixed header (no name, no time): same data, same bytes.
-    Returns (sha256, bytes, counts by dataset, counts by agent)."""
+    """Stream JSON lines into a gzip file with a fixed header (no name, no time): same data, same bytes."""
     by_dataset, by_agent = dict.fromkeys(sorted(datasets.CATALOG), 0), Counter()
     with markers.open_atomic(path) as raw:
         sink = _HashingFile(raw)
@@ -81,8 +75,6 @@ def write_extract(path, lines):
                 by_agent[doc["agent_id"]] += 1
     return sink.sha256.hexdigest(), sink.size, by_dataset, dict(sorted(by_agent.items()))
 
-
-# --- plain functions: rounds ---------------------------------------------------
 
 def round_manifests(hour):
     """{round: manifest} of every extract round of the hour on disk (a manifest names its round)."""
@@ -156,8 +148,6 @@ def plan_round(round_, expected, rows, others, pending, deadline):
     return RoundPlan(free, [], False, waiting, expected, superseded)
 
 
-# --- plain functions: quality checks --------------------------------------------
-
 def load_facts(root, hour, transactions):
     """{agent: {dataset: {"loaded", "rejected", "out_of_range"}}} from the load markers and rejects files."""
     facts = {}
@@ -203,8 +193,6 @@ def check_quality(conn, db, hour, round_, transactions, expected):
     quality_store.save_results(conn, hour, round_, results)
     return results
 
-
-# --- tasks ---------------------------------------------------------------------
 
 class ExtractDeadline(luigi.ExternalTask):
     """Done once the hour's deadline has passed: until then the extract waits (missing data, not failure)."""

@@ -18,11 +18,8 @@ from .. import archives, config, datasets, hours, markers
 from ..datasets import RangeError, RowError
 from ..errors import DataError, GanymedeError
 from ..stores import mongo, mysql, staging, txlog
-from ..markers import DurableTarget
 from .agent import AgentArchive, TransactionTask, state_root, unless_complete
 
-
-# --- staging ---------------------------------------------------------------------
 
 def staging_rows(dataset, rows, hour, name):
     """A CSV member's rows, header first -> `[record, value, …]`; a bad header or row is a DataError."""
@@ -43,7 +40,7 @@ def staging_rows(dataset, rows, hour, name):
 def stage_archive(conn, archive_path, transaction_id, hour, work_path):
     """An archive's datasets into staging, each rewritten at `work_path` as CSV by the reader the API validated
     it with (MySQL never reads the agent's bytes); returns (manifest, {dataset: rows staged})."""
-    staging.clear(conn, datasets.CATALOG.values(), transaction_id)
+    clear_staging(conn, transaction_id)
     os.makedirs(os.path.dirname(work_path), exist_ok=True)
     counts, manifest = {}, None
     try:
@@ -82,8 +79,6 @@ def isolate(conn, archive, reason):
     return {"isolated": reason, "quarantine": held}
 
 
-# --- transform -------------------------------------------------------------------
-
 def parse_batch(dataset, batch, hour):
     """Staged rows `[record, value, …]` -> (typed rows, rejects); a bad row is a reject with its reason, and
     `"range": true` when a well-formed value was out of range (what the value_ranges quality check counts)."""
@@ -100,14 +95,8 @@ def parse_batch(dataset, batch, hour):
 def summarized(dataset, docs):
     """Documents in group order -> the same with their group's summary fields, one group held at a time
     (by `_id`: a key repeated in the transaction is one document, the last row winning)."""
-    group, members = None, {}
-    for doc in docs:
-        key = dataset.group_of(doc)
-        if key != group:
-            yield from dataset.with_summary(list(members.values()))
-            group, members = key, {}
-        members[doc["_id"]] = doc
-    yield from dataset.with_summary(list(members.values()))
+    for _, group in itertools.groupby(docs, dataset.group_of):
+        yield from dataset.with_summary(list({doc["_id"]: doc for doc in group}.values()))
 
 
 def unique_batches(docs, size):
@@ -122,8 +111,6 @@ def unique_batches(docs, size):
     if batch:
         yield list(batch.values())
 
-
-# --- loading ---------------------------------------------------------------------
 
 def staged_documents(conn, dataset, staged, hour, batch_size, tally, rejects_out):
     """The staged rows of one dataset as documents, streamed; rejects to `rejects_out`, counts to `tally`."""
@@ -146,9 +133,8 @@ def write_batch(db, dataset, agent_id, hour, docs):
 
 
 def load_staged(conn, db, staged, hour, batch_size, rejects_out):
-    """A transaction's staged rows into MongoDB; returns {dataset: {"loaded": n, "rejected": m}}. One thread
-    writes the batches in turn while this one transforms the next; staging is cleared once every row is read,
-    while the last write finishes (a crash from then on restages)."""
+    """A transaction's staged rows into MongoDB, one thread writing each batch while this one transforms the
+    next; staging is cleared once every row is read, while the last write finishes (a crash then restages)."""
     counts, pending = {}, None
     hour = hours.floor_hour(hour)
     with ThreadPoolExecutor(1, thread_name_prefix="mongo-write") as writer:
@@ -201,8 +187,6 @@ def load_transaction(conn, db, staged, archive_path, work_path, batch_size, reje
     counts = load_staged(conn, db, staged, tx["hour"], batch_size, rejects_out)
     return finish_load(conn, db, tx, counts)
 
-
-# --- tasks ---------------------------------------------------------------------
 
 def load_resource(agent_id, hour):
     """The luigid resource (capacity 1) of an agent's hour: a replacement's load waits for its predecessor's."""
@@ -278,8 +262,6 @@ def rejects_path(root, hour, agent_id, transaction_id):
     return root.transaction_marker(hour, agent_id, transaction_id, "rejects")[: -len(".json")] + ".jsonl"
 
 
-# --- many transactions per task (docs/scaling.md) ----------------------------------
-
 def batches(transactions, count):
     """`transactions` (log rows) -> about `count` lists of (agent, transaction), whole agents in each, an
     agent's oldest first: they load one after the other, as one LoadTransaction resource would make them."""
@@ -329,7 +311,7 @@ class LoadBatch(luigi.Task):
         """The members' load markers, named without building their tasks: Luigi keeps every task instance it
         builds, and the scheduling process of a 10,000-transaction hour would hold 10,000 more."""
         root = state_root()
-        return [DurableTarget(root.transaction_marker(self.hour, agent, tx, "loaded"))
+        return [markers.DurableTarget(root.transaction_marker(self.hour, agent, tx, "loaded"))
                 for agent, tx in self.transactions]
 
     def run(self):
