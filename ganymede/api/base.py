@@ -203,11 +203,7 @@ class BaseHandler(tornado.web.RequestHandler):
         agent_id = self.request.headers.get("X-Agent-Id")
         if not agent_id:
             raise ApiError(401, "missing X-Agent-Id header")
-        try:
-            paths.check_id(agent_id, "agent id")
-        except ValueError:
-            raise ApiError(400, "malformed X-Agent-Id") from None
-        agent = await self.db(txlog.authenticate, agent_id, token, True)
+        agent = await self.db(txlog.authenticate, agent_id_arg(agent_id, "X-Agent-Id"), token, True)
         if agent is None:
             raise self.refuse_token("unknown agent or wrong token")
         return agent
@@ -224,6 +220,13 @@ class BaseHandler(tornado.web.RequestHandler):
         if tx is None or tx["agent_id"] != agent["agent_id"]:
             raise ApiError(404, "no such transaction")
         return tx
+
+
+def agent_id_arg(value, name):
+    try:
+        return paths.check_id(value, "agent id")
+    except ValueError:
+        raise ApiError(400, f"malformed {name}") from None
 
 
 def transaction_id_arg(value):
