@@ -21,7 +21,7 @@ import pytest
 from ganymede_agent.archive import ArchiveError, sha256_file
 
 from ganymede import archives, config
-from ganymede.api.main import limits_from_config
+from ganymede.api.base import limits_from_config
 from conftest import require_port
 from test_archives import AGENT, HEADERS, HOUR, csv_bytes, dataset_files, manifest_for
 
@@ -328,7 +328,7 @@ PROBE = r"""
 import json, os, shutil, sys
 from datetime import datetime
 from ganymede import archives, config
-from ganymede.api.main import limits_from_config
+from ganymede.api.base import limits_from_config
 from ganymede_agent.archive import ArchiveError, sha256_file
 
 mode, path, agent_id, geo, hour = sys.argv[1:]

@@ -13,7 +13,7 @@ import tornado.web
 from tornado import httputil
 from tornado.ioloop import IOLoop
 
-from .. import hours, paths
+from .. import config, hours, paths
 from ..archives import Limits
 from ..errors import Busy, Conflict, Forbidden, HourError, NotFound, QuotaExceeded, StoreUnavailable
 from ..stores import txlog
@@ -27,28 +27,37 @@ ERROR_STATUS = {NotFound: (404, None), Forbidden: (403, None), Conflict: (409, N
                 QuotaExceeded: (507, None), StoreUnavailable: (503, "database unavailable; retry later")}
 
 
+def limits_from_config(api):
+    return Limits(max_member_bytes=api.max_member_mb << 20, max_total_bytes=api.max_total_mb << 20)
+
+
+def _from(section, name, shift=0):
+    """A default read from luigi.cfg when the settings are made: config.py holds the one default."""
+    return field(default_factory=lambda: getattr(section(), name) << shift)
+
+
 @dataclass
 class ApiSettings:
-    """What make_app needs; `main.settings_from_config()` builds it from luigi.cfg."""
-    mysql: object                 # host, port, user, database, option_file, connect_timeout (a config.mysql)
-    state: paths.StateRoot
+    """What make_app needs; what is not given comes from [api], [mysql], [state], [extract] and [alerts]."""
     executor: Executor            # disk and MySQL work of requests runs here, never on the loop
     validator: object = None      # an uploads.Validator: completes' threads and processes; None: `executor`, inline
-    max_archive_bytes: int = 512 << 20
-    retention_hours: int = 24 * 14
-    min_free_bytes: int = 1 << 30
-    limits: Limits = field(default_factory=Limits)
-    retry_after: int = 15         # seconds, sent with every 503 and 429
+    mysql: object = field(default_factory=config.mysql)  # or any object with its fields
+    state: paths.StateRoot = field(default_factory=lambda: paths.StateRoot(config.state().root))
+    max_archive_bytes: int = _from(config.api, "max_archive_mb", 20)
+    retention_hours: int = _from(config.api, "retention_hours")
+    min_free_bytes: int = _from(config.api, "min_free_mb", 20)
+    limits: Limits = field(default_factory=lambda: limits_from_config(config.api()))
+    retry_after: int = _from(config.api, "retry_after")
     lock_wait: int = 30           # seconds a request waits for another one on the same transaction
     max_json_bytes: int = 64 << 10
-    mysql_connections: int = 16   # kept open for reuse (see stores.pool)
-    chunk_bytes: int = 512 << 10  # socket read size: the largest piece of an upload handed to a writer thread
-    completes_per_agent: int = 2
-    agent_quota_bytes: int = 2 << 30
-    auth_failures_per_minute: int = 20
-    deadline_minutes: int = 45    # the status page's verdicts ([extract] and [alerts])
-    overdue_minutes: int = 60
-    status_hours: int = 24
+    mysql_connections: int = _from(config.api, "mysql_connections")
+    chunk_bytes: int = _from(config.api, "upload_chunk_kb", 10)
+    completes_per_agent: int = _from(config.api, "completes_per_agent")
+    agent_quota_bytes: int = _from(config.api, "agent_quota_mb", 20)
+    auth_failures_per_minute: int = _from(config.api, "auth_failures_per_minute")
+    deadline_minutes: int = _from(config.extract, "deadline_minutes")  # the status page's verdicts
+    overdue_minutes: int = _from(config.alerts, "overdue_minutes")
+    status_hours: int = _from(config.alerts, "status_hours")
 
 
 class Traffic:
@@ -104,12 +113,13 @@ class BaseHandler(tornado.web.RequestHandler):
     def data_received(self, chunk):
         self._body += chunk
 
-    def limit_body(self, limit):
+    def limit_body(self, limit, what="body"):
         """Refuse from Content-Length before reading (413), and have the server cut anything longer."""
         length = self.content_length()
         if length is not None and length > limit:
-            raise ApiError(413, f"body of {length} bytes is over the limit of {limit}")
+            raise ApiError(413, f"{what} of {length} bytes is over the limit of {limit}")
         self.request.connection.set_max_body_size(limit)
+        return length
 
     def content_length(self):
         """The announced length; 400 for anything but one plain number, or for a length beside a
@@ -193,11 +203,7 @@ class BaseHandler(tornado.web.RequestHandler):
         agent_id = self.request.headers.get("X-Agent-Id")
         if not agent_id:
             raise ApiError(401, "missing X-Agent-Id header")
-        try:
-            paths.check_id(agent_id, "agent id")
-        except ValueError:
-            raise ApiError(400, "malformed X-Agent-Id") from None
-        agent = await self.db(txlog.authenticate, agent_id, token, True)
+        agent = await self.db(txlog.authenticate, agent_id_arg(agent_id, "X-Agent-Id"), token, True)
         if agent is None:
             raise self.refuse_token("unknown agent or wrong token")
         return agent
@@ -214,6 +220,13 @@ class BaseHandler(tornado.web.RequestHandler):
         if tx is None or tx["agent_id"] != agent["agent_id"]:
             raise ApiError(404, "no such transaction")
         return tx
+
+
+def agent_id_arg(value, name):
+    try:
+        return paths.check_id(value, "agent id")
+    except ValueError:
+        raise ApiError(400, f"malformed {name}") from None
 
 
 def transaction_id_arg(value):

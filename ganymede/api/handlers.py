@@ -5,11 +5,11 @@ import tempfile
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .. import hours, paths
+from .. import hours
 from ..errors import StoreUnavailable
 from ..stores import mysql, txlog
 from ..stores.pool import MySQLPool
-from .base import ApiError, BaseHandler, Traffic, hour_arg, log, transaction_id_arg
+from .base import ApiError, BaseHandler, Traffic, agent_id_arg, hour_arg, log, transaction_id_arg
 from .metrics import ApiMetrics
 from .status_page import StatusPageHandler
 from .uploads import ArchiveHandler, CompleteHandler, completed_rows, free_bytes
@@ -96,11 +96,7 @@ class TransactionsHandler(BaseHandler):
         agent_id = body.get("agent_id")
         if not isinstance(agent_id, str):
             raise ApiError(400, "agent_id missing or not a string")
-        try:
-            paths.check_id(agent_id, "agent id")
-        except ValueError:
-            raise ApiError(400, "malformed agent_id") from None
-        if agent_id != self.request.headers["X-Agent-Id"]:
+        if agent_id_arg(agent_id, "agent_id") != self.request.headers["X-Agent-Id"]:
             raise ApiError(403, "agent_id in the body is not the authenticated agent")
         hour = hour_arg(body.get("hour"), self.api)
         replace = body.get("replace", False)

@@ -7,12 +7,12 @@ import ssl
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 
 from .. import config, configfile
 from ..cli import Parser
-from ..archives import Limits
 from ..errors import ConfigError
 from ..paths import StateRoot
 from . import sweep
@@ -33,32 +33,6 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def limits_from_config(api):
-    return Limits(max_member_bytes=api.max_member_mb << 20, max_total_bytes=api.max_total_mb << 20)
-
-
-def settings_from_config():
-    """ApiSettings from the [api], [mysql], [state], [extract] and [alerts] sections."""
-    api, alerts = config.api(), config.alerts()
-    same_name = ("retention_hours", "retry_after", "mysql_connections", "completes_per_agent",
-                 "auth_failures_per_minute")
-    return ApiSettings(
-        mysql=config.mysql(),
-        state=StateRoot(config.state().root),
-        executor=ThreadPoolExecutor(api.executor_threads, thread_name_prefix="ganymede-api"),
-        validator=Validator(api.validation_workers, api.executor_threads),
-        max_archive_bytes=api.max_archive_mb << 20,
-        min_free_bytes=api.min_free_mb << 20,
-        limits=limits_from_config(api),
-        chunk_bytes=api.upload_chunk_kb << 10,
-        agent_quota_bytes=api.agent_quota_mb << 20,
-        deadline_minutes=config.extract().deadline_minutes,
-        overdue_minutes=alerts.overdue_minutes,
-        status_hours=alerts.status_hours,
-        **{name: getattr(api, name) for name in same_name},
-    )
-
-
 def ssl_context(cert, key):
     """A server TLS context when both files are configured, None when neither; ConfigError otherwise."""
     if not cert and not key:
@@ -77,7 +51,7 @@ def ssl_context(cert, key):
     return context
 
 
-def make_server(app, settings, idle_timeout=75, body_timeout=3600, ssl_options=None):
+def make_server(app, settings, idle_timeout, body_timeout, ssl_options=None):
     """The HTTPServer as production runs it (and the tests); handlers lower max_body_size per request."""
     return HTTPServer(app, xheaders=False, ssl_options=ssl_options, max_body_size=settings.max_archive_bytes,
                       idle_connection_timeout=idle_timeout, body_timeout=body_timeout, decompress_request=False,
@@ -88,10 +62,10 @@ def metrics_address(text):
     """(host, port) of [api] metrics_address, None when empty; ConfigError when it is not host:port."""
     if not text:
         return None
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdecimal() or not 0 < int(port) < 65536:
+    host, port = httputil.split_host_and_port(text)
+    if port is None or not 0 < port < 65536:
         raise ConfigError(f"[api] metrics_address must be host:port, not {text!r}")
-    return host.strip("[]"), int(port)
+    return host.strip("[]"), port
 
 
 async def serve(api, settings, ssl_options, metrics_at):
@@ -144,7 +118,8 @@ def main(argv=None):
         ssl_options = ssl_context(api.tls_cert, api.tls_key)
         metrics_at = metrics_address(api.metrics_address)
         os.makedirs(sweep.incoming_dir(StateRoot(config.state().root)), exist_ok=True)
-        settings = settings_from_config()  # last: it starts the validation processes
+        settings = ApiSettings(ThreadPoolExecutor(api.executor_threads, thread_name_prefix="ganymede-api"),
+                               Validator(api.validation_workers, api.executor_threads))  # last: starts processes
     except (ConfigError, OSError) as exc:
         print(f"ganymede-api: {exc}", file=sys.stderr)
         return 1

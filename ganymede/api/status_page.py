@@ -130,7 +130,6 @@ class StatusPageHandler(BaseHandler):
             return password if user == "admin" else ""
         return self.bearer()
 
-
     async def get(self):
         await self.authenticate_admin(self.basic_or_bearer(),
                                       "admin token required (basic auth: user admin, password the token)")

@@ -135,11 +135,9 @@ class ArchiveHandler(BaseHandler):
         if self.request.method != "PUT":
             raise ApiError(405, "use PUT")
         agent = await self.authenticate_agent()
-        length = self.content_length()
+        length = self.limit_body(self.api.max_archive_bytes, "archive")
         if length is None:
             raise ApiError(411, "Content-Length is required (no chunked uploads)")
-        if length > self.api.max_archive_bytes:
-            raise ApiError(413, f"archive of {length} bytes is over the limit of {self.api.max_archive_bytes}")
         announced = self.request.headers.get("X-Archive-SHA256", "").strip().lower()
         if not _SHA256.match(announced):
             raise ApiError(400, "X-Archive-SHA256 must be the archive's sha256 in hex")
