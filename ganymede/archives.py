@@ -291,14 +291,11 @@ def validate(fileobj, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
 
 
 def _check_manifest(manifest, agent_id, geo, hour, catalog):
-    if manifest["agent_id"] != agent_id:
-        raise ArchiveError(f"agent_id {manifest['agent_id'][:80]!r} is not the transaction's agent {agent_id!r}",
-                           MANIFEST_NAME)
-    if manifest["geo"] != geo:  # it reaches every document and extract line: only the registered value may
-        raise ArchiveError(f"geo {manifest['geo'][:80]!r} is not the agent's registered geo {geo!r}", MANIFEST_NAME)
-    if manifest["hour"] != hours.format_hour(hour):
-        raise ArchiveError(f"hour {manifest['hour']!r} is not the transaction's hour {hours.format_hour(hour)!r}",
-                           MANIFEST_NAME)
+    for key, expected, whose in (("agent_id", agent_id, "the transaction's agent"),
+                                 ("geo", geo, "the agent's registered geo"),  # it reaches every document
+                                 ("hour", hours.format_hour(hour), "the transaction's hour")):  # [:80]: no-op
+        if manifest[key] != expected:
+            raise ArchiveError(f"{key} {manifest[key][:80]!r} is not {whose} {expected!r}", MANIFEST_NAME)
     if unknown := sorted(set(manifest["datasets"]) - set(catalog)):
         raise ArchiveError(f"unknown datasets {unknown[:10]}", MANIFEST_NAME)
     if missing := sorted(set(catalog) - set(manifest["datasets"])):
@@ -350,14 +347,12 @@ def _fit_for_a_log(exc):
     return short
 
 
+install = files.move_durably  # a verified archive to its final path, atomically and durably (same filesystem)
+
+
 def reason_path(quarantine_path):
     """quarantine/…/<tx>.tar.gz -> quarantine/…/<tx>.reason.json"""
     return quarantine_path.removesuffix(".tar.gz") + ".reason.json"
-
-
-def install(src, dest):
-    """Move a verified archive to its final path atomically and durably (same filesystem)."""
-    return files.move_durably(src, dest)
 
 
 def quarantine(src, dest, reason, detail=None):
