@@ -39,8 +39,6 @@ def printable(text):
 
 
 class _HashingReader:
-    """The file as read, hashed; drain() reads the rest and returns the hex digest."""
-
     def __init__(self, raw):
         self.raw, self.sha256 = raw, hashlib.sha256()
 
@@ -331,27 +329,22 @@ def check_file(path, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
         try:
             counts = validate(reader, agent_id, geo, hour, limits, catalog)
         except ArchiveError as exc:
-            refusal = _fit_for_a_log(exc)
-            refusal.file_sha256 = reader.drain()
-            raise refusal from None
+            exc.args = (_fit_for_a_log(str(exc)),)
+            exc.file_sha256 = reader.drain()
+            raise exc from None
         return counts, reader.drain()
 
 
-def _fit_for_a_log(exc):
+def _fit_for_a_log(message):
     """The refusal as it reaches the API log, the JSON reason and the transaction log: escaped and short."""
-    message = printable(str(exc))
-    if message == str(exc) and len(message) <= _MAX_REASON:
-        return exc
-    short = ArchiveError(message[:_MAX_REASON] + ("..." if len(message) > _MAX_REASON else ""))
-    short.member = exc.member
-    return short
+    message = printable(message)
+    return message[:_MAX_REASON] + ("..." if len(message) > _MAX_REASON else "")
 
 
 install = files.move_durably  # a verified archive to its final path, atomically and durably (same filesystem)
 
 
 def reason_path(quarantine_path):
-    """quarantine/…/<tx>.tar.gz -> quarantine/…/<tx>.reason.json"""
     return quarantine_path.removesuffix(".tar.gz") + ".reason.json"
 
 
