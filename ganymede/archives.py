@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from ganymede_agent.archive import FORMAT_VERSION, MANIFEST_NAME, ArchiveError, validate_manifest
 
 from . import files, hours
-from .markers import write_json
+from .markers import read_json, write_json
 from .datasets import CATALOG, RowError
 
 _CHUNK = 1 << 20
@@ -360,7 +360,6 @@ def quarantine(src, dest, reason, detail=None):
 
 
 def read_reason(quarantine_path):
-    with open(reason_path(quarantine_path)) as f:
-        return json.load(f)
+    return read_json(reason_path(quarantine_path))
 
 
