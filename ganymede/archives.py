@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from ganymede_agent.archive import FORMAT_VERSION, MANIFEST_NAME, ArchiveError, validate_manifest
 
 from . import files, hours
-from .markers import write_json
+from .markers import read_json, write_json
 from .datasets import CATALOG, RowError
 
 _CHUNK = 1 << 20
@@ -39,8 +39,6 @@ def printable(text):
 
 
 class _HashingReader:
-    """The file as read, hashed; drain() reads the rest and returns the hex digest."""
-
     def __init__(self, raw):
         self.raw, self.sha256 = raw, hashlib.sha256()
 
@@ -291,14 +289,11 @@ def validate(fileobj, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
 
 
 def _check_manifest(manifest, agent_id, geo, hour, catalog):
-    if manifest["agent_id"] != agent_id:
-        raise ArchiveError(f"agent_id {manifest['agent_id'][:80]!r} is not the transaction's agent {agent_id!r}",
-                           MANIFEST_NAME)
-    if manifest["geo"] != geo:  # it reaches every document and extract line: only the registered value may
-        raise ArchiveError(f"geo {manifest['geo'][:80]!r} is not the agent's registered geo {geo!r}", MANIFEST_NAME)
-    if manifest["hour"] != hours.format_hour(hour):
-        raise ArchiveError(f"hour {manifest['hour']!r} is not the transaction's hour {hours.format_hour(hour)!r}",
-                           MANIFEST_NAME)
+    for key, expected, whose in (("agent_id", agent_id, "the transaction's agent"),
+                                 ("geo", geo, "the agent's registered geo"),  # it reaches every document
+                                 ("hour", hours.format_hour(hour), "the transaction's hour")):  # [:80]: no-op
+        if manifest[key] != expected:
+            raise ArchiveError(f"{key} {manifest[key][:80]!r} is not {whose} {expected!r}", MANIFEST_NAME)
     if unknown := sorted(set(manifest["datasets"]) - set(catalog)):
         raise ArchiveError(f"unknown datasets {unknown[:10]}", MANIFEST_NAME)
     if missing := sorted(set(catalog) - set(manifest["datasets"])):
@@ -334,30 +329,23 @@ def check_file(path, agent_id, geo, hour, limits=Limits(), catalog=CATALOG):
         try:
             counts = validate(reader, agent_id, geo, hour, limits, catalog)
         except ArchiveError as exc:
-            refusal = _fit_for_a_log(exc)
-            refusal.file_sha256 = reader.drain()
-            raise refusal from None
+            exc.args = (_fit_for_a_log(str(exc)),)
+            exc.file_sha256 = reader.drain()
+            raise exc from None
         return counts, reader.drain()
 
 
-def _fit_for_a_log(exc):
+def _fit_for_a_log(message):
     """The refusal as it reaches the API log, the JSON reason and the transaction log: escaped and short."""
-    message = printable(str(exc))
-    if message == str(exc) and len(message) <= _MAX_REASON:
-        return exc
-    short = ArchiveError(message[:_MAX_REASON] + ("..." if len(message) > _MAX_REASON else ""))
-    short.member = exc.member
-    return short
+    message = printable(message)
+    return message[:_MAX_REASON] + ("..." if len(message) > _MAX_REASON else "")
+
+
+install = files.move_durably  # a verified archive to its final path, atomically and durably (same filesystem)
 
 
 def reason_path(quarantine_path):
-    """quarantine/…/<tx>.tar.gz -> quarantine/…/<tx>.reason.json"""
     return quarantine_path.removesuffix(".tar.gz") + ".reason.json"
-
-
-def install(src, dest):
-    """Move a verified archive to its final path atomically and durably (same filesystem)."""
-    return files.move_durably(src, dest)
 
 
 def quarantine(src, dest, reason, detail=None):
@@ -372,7 +360,6 @@ def quarantine(src, dest, reason, detail=None):
 
 
 def read_reason(quarantine_path):
-    with open(reason_path(quarantine_path)) as f:
-        return json.load(f)
+    return read_json(reason_path(quarantine_path))
 
 

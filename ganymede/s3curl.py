@@ -26,26 +26,25 @@ _TOKEN = re.compile(rf"""(?P<space>\s+|\#[^\n]*)
     | (?P<string>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
     | (?P<punct>=>|[(){{}},;=])
     | (?P<var>[%@$][A-Za-z_][A-Za-z0-9_]*)
-    | (?P<word>{_WORD})""", re.VERBOSE | re.DOTALL)
+    | (?P<word>{_WORD})
+    | (?P<bad>.)""", re.VERBOSE | re.DOTALL)
 _DOUBLE_ESCAPES = {"\\": "\\", '"': '"', "$": "$", "@": "@", "n": "\n", "t": "\t"}
 _FOUND = {"string": "a quoted string", "word": "a bare word", "eof": "the end of the file"}  # never the value
 _Token = namedtuple("_Token", "kind text line")
 
 
 def _tokens(text):
-    pos, line = 0, 1
-    while pos < len(text):
-        match = _TOKEN.match(text, pos)
-        if not match and text[pos] in "'\"":
+    line = 1
+    for match in _TOKEN.finditer(text):  # contiguous: <bad> matches any character the others do not
+        if match.lastgroup == "bad" and match[0] in "'\"":
             raise S3CredentialsError(f"unterminated quoted string starting at line {line}")
-        if not match:
-            column = pos - text.rfind("\n", 0, pos)
+        if match.lastgroup == "bad":
+            column = match.start() - text.rfind("\n", 0, match.start())
             raise S3CredentialsError(f"unexpected character at line {line}, column {column}")
         if match.lastgroup != "space":
             value = _unquote(match[0], line) if match.lastgroup == "string" else match[0]
             yield _Token(match.lastgroup, value, line)
         line += match[0].count("\n")
-        pos = match.end()
     yield _Token("eof", "", line)
 
 
