@@ -153,9 +153,7 @@ class Api:
             resp = self._opener.open(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             resp = exc
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, ssl.SSLCertVerificationError):
-                raise exc.reason from None
+        except urllib.error.URLError as exc:  # its reason, so call() tells a bad certificate from a refusal
             raise exc.reason if isinstance(exc.reason, OSError) else OSError(str(exc.reason)) from None
         finally:
             if hasattr(body, "close"):
