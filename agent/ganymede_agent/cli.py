@@ -25,7 +25,7 @@ from contextlib import closing
 from datetime import datetime, timedelta, timezone
 
 from . import __version__, archive, collect, config
-from .client import Api, Misdirected, Refused, RetryBudget, Unavailable
+from .client import AUTH_STATUSES, Api, Misdirected, Refused, RetryBudget, Unavailable
 from .spool import Spool, SpoolError, SpoolLocked, utc_now
 
 EXIT_OK, EXIT_KEPT, EXIT_USAGE, EXIT_LOCKED, EXIT_REJECTED, EXIT_AUTH = 0, 1, 2, 3, 4, 5
@@ -190,7 +190,7 @@ class Run:
             try:
                 result = self.api.deliver(hour, path, archive.sha256_file(path), replace=replace)
             except (Unavailable, Misdirected, Refused) as exc:
-                if isinstance(exc, Refused) and not exc.auth:
+                if isinstance(exc, Refused) and exc.status not in AUTH_STATUSES:
                     self.spool.reject(hour, exc.reason())
                     self.spool.count("rejected")
                     log.error("hour %s REJECTED by the API, moved to %s: %s", hour, self.spool.rejected_dir, exc)
@@ -214,7 +214,6 @@ class Run:
 
 
 def build(cfg, source, hour, dest, workdir):
-    """Collect one hour into an archive at `dest` (atomic); returns the manifest."""
     fields = {"agent_id": cfg.agent_id, "geo": cfg.geo, "hour": hour, "agent_version": __version__}
     with closing(source.datasets(hour)) as datasets:
         return archive.build_archive(dest, fields, datasets, workdir)

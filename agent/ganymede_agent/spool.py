@@ -103,7 +103,6 @@ class Spool:
         return dropped
 
     def remove(self, hour):
-        """The API confirmed this hour: it leaves the spool."""
         os.unlink(self.path_for(hour))
         fsync_path(self.dir)
 
