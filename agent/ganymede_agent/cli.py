@@ -118,19 +118,16 @@ def main(argv=None):
         usage_error("--replace needs --hour or --backfill")
     try:
         cfg = config.load(args.config, agent_id=args.agent_id)
-    except config.ConfigError as exc:
-        usage_error(str(exc))
-    source = collect.Source(cfg.database, cfg.datasets)
-    spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
-    if args.dry_run:
-        return dry_run(cfg, source, spool, hours)
-    try:
+        source = collect.Source(cfg.database, cfg.datasets)
+        spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
+        if args.dry_run:
+            return dry_run(cfg, source, spool, hours)
         with spool.locked():
             return Run(cfg, source, spool).run(hours, replace=args.replace)
     except SpoolLocked as exc:
         print(f"ganymede-agent: {exc}; exiting (exit code {EXIT_LOCKED})", file=sys.stderr)
         return EXIT_LOCKED
-    except SpoolError as exc:
+    except (config.ConfigError, SpoolError) as exc:
         usage_error(str(exc))
 
 
