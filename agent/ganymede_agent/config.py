@@ -102,8 +102,8 @@ def load(path=DEFAULT_PATH, agent_id=None):
     if urlsplit(api_url).scheme not in ("http", "https") or not urlsplit(api_url).netloc:
         raise ConfigError(f"{path}: [api] url must be an http:// or https:// URL, not {api_url!r}")
     db = Database(**{f.name: get("database", _DB_KEYS.get(f.name, f.name),
-                                 _REQUIRED if f.name == "database" else f.default, None if f.type is str else f.type)
-                     for f in fields(Database)})
+                                 _REQUIRED if f.name == "database" else f.default,
+                                 None if f.type is str else f.type) for f in fields(Database)})
     obsolete = [key for key in OBSOLETE if parser.has_option("database", key)]
     if obsolete:
         log.warning("%s: [database] %s ignored: the agent always reads with pymysql's server-side cursor now; "
