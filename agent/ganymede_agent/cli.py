@@ -25,7 +25,7 @@ from contextlib import closing
 from datetime import datetime, timedelta, timezone
 
 from . import __version__, archive, collect, config
-from .client import Api, Misdirected, Refused, RetryBudget, Unavailable
+from .client import AUTH_STATUSES, Api, Misdirected, Refused, RetryBudget, Unavailable
 from .spool import Spool, SpoolError, SpoolLocked, utc_now
 
 EXIT_OK, EXIT_KEPT, EXIT_USAGE, EXIT_LOCKED, EXIT_REJECTED, EXIT_AUTH = 0, 1, 2, 3, 4, 5
@@ -118,19 +118,16 @@ def main(argv=None):
         usage_error("--replace needs --hour or --backfill")
     try:
         cfg = config.load(args.config, agent_id=args.agent_id)
-    except config.ConfigError as exc:
-        usage_error(str(exc))
-    source = collect.Source(cfg.database, cfg.datasets)
-    spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
-    if args.dry_run:
-        return dry_run(cfg, source, spool, hours)
-    try:
+        source = collect.Source(cfg.database, cfg.datasets)
+        spool = Spool(cfg.spool_dir, cfg.agent_id, cfg.spool_max_bytes)
+        if args.dry_run:
+            return dry_run(cfg, source, spool, hours)
         with spool.locked():
             return Run(cfg, source, spool).run(hours, replace=args.replace)
     except SpoolLocked as exc:
         print(f"ganymede-agent: {exc}; exiting (exit code {EXIT_LOCKED})", file=sys.stderr)
         return EXIT_LOCKED
-    except SpoolError as exc:
+    except (config.ConfigError, SpoolError) as exc:
         usage_error(str(exc))
 
 
@@ -190,7 +187,7 @@ class Run:
             try:
                 result = self.api.deliver(hour, path, archive.sha256_file(path), replace=replace)
             except (Unavailable, Misdirected, Refused) as exc:
-                if isinstance(exc, Refused) and not exc.auth:
+                if isinstance(exc, Refused) and exc.status not in AUTH_STATUSES:
                     self.spool.reject(hour, exc.reason())
                     self.spool.count("rejected")
                     log.error("hour %s REJECTED by the API, moved to %s: %s", hour, self.spool.rejected_dir, exc)
@@ -214,7 +211,6 @@ class Run:
 
 
 def build(cfg, source, hour, dest, workdir):
-    """Collect one hour into an archive at `dest` (atomic); returns the manifest."""
     fields = {"agent_id": cfg.agent_id, "geo": cfg.geo, "hour": hour, "agent_version": __version__}
     with closing(source.datasets(hour)) as datasets:
         return archive.build_archive(dest, fields, datasets, workdir)

@@ -35,13 +35,9 @@ class Refused(Exception):
     """The API refused a call for good (a 4xx other than 408/429): `status`, the server's `error`, `body`."""
 
     def __init__(self, call, status, body):
-        self.call, self.status, self.body = call, status, body if isinstance(body, dict) else {}
+        self.call, self.status, self.body = call, status, body
         self.error = self.body.get("error") or f"HTTP {status}"
         super().__init__(f"{call} -> {status}: {self.error}")
-
-    @property
-    def auth(self):
-        return self.status in AUTH_STATUSES
 
     def reason(self):
         """What is kept beside a rejected archive."""
@@ -101,8 +97,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 class Api:
-    """One agent's authenticated calls to ganymede-api."""
-
     def __init__(self, base_url, agent_id, token, timeout, budget, ca_file=""):
         self.base_url = base_url.rstrip("/") + "/"
         self.agent_id, self._token, self.timeout, self.budget = agent_id, token, timeout, budget
@@ -146,16 +140,12 @@ class Api:
             body = open(file_path, "rb")
             headers["Content-Type"] = "application/octet-stream"
             headers["Content-Length"] = str(os.fstat(body.fileno()).st_size)
-        elif method in ("POST", "PUT"):
-            body = b""
         request = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
             resp = self._opener.open(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             resp = exc
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, ssl.SSLCertVerificationError):
-                raise exc.reason from None
+        except urllib.error.URLError as exc:  # its reason, so call() tells a bad certificate from a refusal
             raise exc.reason if isinstance(exc.reason, OSError) else OSError(str(exc.reason)) from None
         finally:
             if hasattr(body, "close"):

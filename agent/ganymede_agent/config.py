@@ -5,7 +5,7 @@ import os
 import re
 import stat
 from collections import namedtuple
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
 DEFAULT_PATH = "/etc/ganymede/agent.cfg"
@@ -13,6 +13,7 @@ OBSOLETE = ("reader", "client_path")  # [database] keys of the removed command-l
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _REQUIRED = object()
+_DB_KEYS = {"connect_timeout": "connect_timeout_seconds"}  # Database fields named otherwise in [database]
 log = logging.getLogger("ganymede_agent")
 
 
@@ -79,12 +80,9 @@ def load(path=DEFAULT_PATH, agent_id=None):
 
     def get(section, key, default=_REQUIRED, kind=None):
         """A stripped value, or `kind` of it (a non-negative number); one-line errors name the key."""
-        value = parser.get(section, key, fallback=None)
-        if value is None or (value.strip() == "" and default is _REQUIRED):
-            if default is _REQUIRED:
-                raise ConfigError(f"{path}: [{section}] {key} is required")
-            value = str(default)
-        value = value.strip()
+        value = parser.get(section, key, fallback="" if default is _REQUIRED else str(default)).strip()
+        if not value and default is _REQUIRED:
+            raise ConfigError(f"{path}: [{section}] {key} is required")
         if kind is None:
             return value
         try:
@@ -103,12 +101,9 @@ def load(path=DEFAULT_PATH, agent_id=None):
     api_url = get("api", "url").rstrip("/")
     if urlsplit(api_url).scheme not in ("http", "https") or not urlsplit(api_url).netloc:
         raise ConfigError(f"{path}: [api] url must be an http:// or https:// URL, not {api_url!r}")
-    db = Database(
-        host=get("database", "host", "127.0.0.1"), port=get("database", "port", 3306, int),
-        user=get("database", "user", "root"), password=get("database", "password", ""),
-        database=get("database", "database"), unix_socket=get("database", "unix_socket", ""),
-        connect_timeout=get("database", "connect_timeout_seconds", 10, float),
-    )
+    db = Database(**{f.name: get("database", _DB_KEYS.get(f.name, f.name),
+                                 _REQUIRED if f.name == "database" else f.default,
+                                 None if f.type is str else f.type) for f in fields(Database)})
     obsolete = [key for key in OBSOLETE if parser.has_option("database", key)]
     if obsolete:
         log.warning("%s: [database] %s ignored: the agent always reads with pymysql's server-side cursor now; "

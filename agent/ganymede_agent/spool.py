@@ -1,5 +1,4 @@
 """The spool: archives waiting for the API (docs/agent.md); every write is fsynced and renamed into place."""
-import errno
 import fcntl
 import json
 import logging
@@ -53,9 +52,7 @@ class Spool:
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
+            except BlockingIOError:  # flock's EWOULDBLOCK: another run holds it
                 holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
                 raise SpoolLocked(f"another ganymede-agent run (pid {holder}) holds {path}") from None
             os.ftruncate(fd, 0)
@@ -106,7 +103,6 @@ class Spool:
         return dropped
 
     def remove(self, hour):
-        """The API confirmed this hour: it leaves the spool."""
         os.unlink(self.path_for(hour))
         fsync_path(self.dir)
 
