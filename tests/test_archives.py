@@ -220,6 +220,15 @@ def test_row_count_must_match_the_manifest(tmp_path):
         check(archive(tmp_path / "a.tar.gz", files=files, manifest=manifest))
 
 
+@pytest.mark.parametrize("found", [True, 1.0, "1", 2, None])
+def test_only_the_integer_format_1_is_accepted(tmp_path, found):
+    """True and 1.0 equal 1 in Python but are not the format the agent writes."""
+    files = dataset_files(HOUR)
+    manifest = manifest_for(AGENT, HOUR, files, format=found)
+    with pytest.raises(ArchiveError, match="manifest.json: unsupported manifest format"):
+        check(archive(tmp_path / "a.tar.gz", files=files, manifest=manifest))
+
+
 def test_file_sha256_must_match_the_manifest(tmp_path):
     files = dataset_files(HOUR)
     manifest = manifest_for(AGENT, HOUR, files)

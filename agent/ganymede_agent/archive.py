@@ -118,8 +118,8 @@ def sha256_file(path):
 
 def validate_manifest(manifest):
     """The manifest's own shape; the server checks agent and hour against its transaction."""
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if type(found) is not int or found != FORMAT_VERSION:  # not True, not 1.0: they equal 1
         raise ArchiveError(f"unsupported manifest format {found!r}", MANIFEST_NAME)
     for field in ("agent_id", "geo", "hour"):
         if not isinstance(manifest.get(field), str):
