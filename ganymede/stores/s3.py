@@ -1,13 +1,9 @@
-"""The backup's S3 side: one bucket per UTC hour, objects uploaded and verified.
+"""The backup's S3 side: one bucket per UTC hour, objects uploaded and verified (docs/operations-s3.md).
 
-docs/operations-s3.md ("How an object is verified") is the full story: each file goes up with its SHA-256 as
-`sha256` metadata and a checksum S3 checks on arrival (SHA-256 below the multipart threshold, the full-object
-CRC32 above it); a HEAD then proves the copy by size, metadata and the checksum S3 reports. A copy that fails
-is deleted (a rerun sends it again) and the run fails, naming it; an object already there is skipped only
-when it passes the same test.
-
-Every boto3/botocore failure leaves this module as S3BackupError with a message an operator can act on; none
-carries the secret key.
+Each file goes up with its SHA-256 as `sha256` metadata and a checksum S3 checks on arrival (SHA-256 below the
+multipart threshold, the full-object CRC32 above); a HEAD then proves the copy by size, metadata and checksum.
+A copy that fails is deleted (a rerun sends it again) and the run fails, naming it; an object already there is
+skipped only when it passes the same test. boto3 failures leave as S3BackupError, never with the secret key.
 """
 import base64
 import logging
@@ -51,10 +47,7 @@ class LocalFile:
 
 
 class S3Store:
-    """A configured S3 client plus the transfer settings backups use.
-
-    `profile` and `s3curl_path` only name the credentials to fix in error messages; never the secret.
-    """
+    """An S3 client and transfer settings; `profile`, `s3curl_path` only name credentials in errors."""
 
     def __init__(self, client, transfer, endpoint_url, profile="", s3curl_path=""):
         self.client = client
@@ -68,9 +61,7 @@ class S3Store:
 
     def ensure_bucket(self, name):
         """Create the bucket, or accept it if it exists and is ours; refuse someone else's.
-
-        (Success does not mean it is empty: us-east-1 answers 200 to creating a bucket one already owns.)
-        """
+        (Success does not mean empty: us-east-1 answers 200 to creating a bucket one already owns.)"""
         region = self.client.meta.region_name
         where = {} if region in (None, "", "us-east-1") else {
             "CreateBucketConfiguration": {"LocationConstraint": region}}
@@ -115,11 +106,9 @@ class S3Store:
         return self.put_all(bucket, {key: path}, {key: local} if local else None, listed)[key][0]
 
     def put_all(self, bucket, paths, known=None, listed=None):
-        """Upload {key: path} unless a verified copy is there, `max_concurrency` at a time, verifying each copy.
-
-        Returns {key: (action, LocalFile)}. `listed` ({key: size}, from `listed()`) says what is already there
-        (default: one listing of the keys' common prefix); `known` {key: LocalFile} spares hashing those again.
-        """
+        """{key: (action, LocalFile)} of put_verified over {key: path}, `max_concurrency` at a time.
+        `listed` ({key: size}) is what is there (default: one listing of the keys' common prefix);
+        `known` ({key: LocalFile}) spares hashing those again."""
         known = known or {}
         listed = self.listed(bucket, os.path.commonprefix(list(paths))) if listed is None else listed
 
@@ -148,7 +137,6 @@ class S3Store:
         return {key: (action, local) for key, action, local, _ in done}
 
     def _upload(self, bucket, key, local):
-        """boto3's managed transfer with the checksum S3 checks on receipt (see the module docstring)."""
         # multipart: the full-object CRC32 (and each part with its own); else S3 checks the SHA-256 it computes
         checksum = {"ChecksumCRC32": local.crc32} if local.crc32 else {"ChecksumAlgorithm": "SHA256"}
         extra = {"Metadata": {"sha256": local.sha256}, **checksum}
@@ -205,7 +193,6 @@ class S3Store:
 
     @contextmanager
     def _errors(self, action):
-        """Turn whatever boto3 raises into S3BackupError with an operator's message."""
         try:
             yield
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, S3UploadFailedError) as exc:
@@ -262,11 +249,8 @@ def crc32_file(path):
 
 
 def make_client(cfg, creds):
-    """An S3Store for a `ganymede.config.s3` section and the Credentials from .s3curl.
-
-    Path-style addressing: hourly bucket names are not DNS entries of Cloud Files. Checksum mode from the
-    config: some S3-compatible stores reject boto3's default CRC32 headers.
-    """
+    """An S3Store for a `ganymede.config.s3` section and .s3curl Credentials. Path-style addressing: hourly
+    buckets are not DNS entries of Cloud Files. Checksum mode: some stores reject boto3's CRC32 headers."""
     if cfg.multipart_chunk_mb < MIN_PART_MB:
         raise ConfigError(f"[s3] multipart_chunk_mb must be at least {MIN_PART_MB} (S3's smallest part)")
     if cfg.max_concurrency < 1:
@@ -301,20 +285,16 @@ def connect(cfg):
     return make_client(cfg, s3curl.load(cfg.s3curl_path, cfg.profile))
 
 
-_INVALID = re.compile(r"[^a-z0-9-]+")
-_HYPHENS = re.compile(r"-{2,}")
+_INVALID = re.compile(r"[^a-z0-9]+")  # hyphens too, so a run of them and invalid characters becomes one '-'
 
 
 def bucket_name(template, hour, prefix=""):
-    """The bucket for one UTC hour: `prefix` + template with {yyyymmddhh} filled, made S3-valid.
-
-    Invalid characters become '-' ('Ganymede_Backups.{yyyymmddhh}' just works); a name that cannot be valid is
-    a ConfigError, never truncated, because truncation could map two hours to one bucket.
-    """
+    """The bucket for one UTC hour: `prefix` + template with {yyyymmddhh} filled, invalid characters made '-'
+    ('Ganymede_Backups.{yyyymmddhh}' works). Never truncated (two hours could share a bucket): ConfigError."""
     if "{yyyymmddhh}" not in template:
         raise ConfigError(f"[s3] bucket_template {template!r} must contain {{yyyymmddhh}}: one bucket per hour")
     raw = prefix + template.replace("{yyyymmddhh}", hours.compact(hour))
-    name = _HYPHENS.sub("-", _INVALID.sub("-", raw.lower())).strip("-")
+    name = _INVALID.sub("-", raw.lower()).strip("-")
     if not 3 <= len(name) <= 63:
         raise ConfigError(f"bucket name {name!r} from template {template!r} is {len(name)} characters; "
                           "S3 allows 3 to 63")
