@@ -3,6 +3,8 @@
 The password is never in luigi.cfg: it comes from a my.cnf-style option file
 named there (pymysql's read_default_file). Sessions run in UTC.
 """
+from contextlib import contextmanager
+
 import pymysql
 
 from .. import datasets
@@ -34,6 +36,14 @@ def select(conn, sql, args=(), dicts=False, commit=False):
     if commit:
         conn.commit()
     return rows
+
+
+@contextmanager
+def committing(conn):
+    """A cursor whose work is committed when the block ends without an exception."""
+    with conn.cursor() as cur:
+        yield cur
+    conn.commit()
 
 
 def marks(values):
