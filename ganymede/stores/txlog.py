@@ -28,11 +28,8 @@ def hash_token(token):
 
 
 def add_agent(conn, agent_id, geo, expected_from=None):
-    """Register an agent; returns its token, which is shown once and stored only hashed.
-
-    The agent is expected for every hour from `expected_from` (default: the hour it is registered in), so an
-    agent installed to backfill past hours holds those hours' extracts until it sent them or their deadline passed.
-    """
+    """Register an agent; returns its token (shown once, stored hashed). Expected from `expected_from`'s hour
+    (default: now), so a backfilling agent holds past hours' extracts until sent or past their deadline."""
     for value, what in ((agent_id, "agent id"), (geo, "geo")):
         try:
             paths.check_id(value, what)  # both become paths, document fields and extract lines
@@ -64,11 +61,8 @@ def revoke_agent(conn, agent_id):
 
 
 def authenticate(conn, agent_id, token, tell_revoked=False):
-    """The agent row if `token` is this agent's and it is active; None otherwise (never says which).
-
-    With `tell_revoked`, a revoked agent presenting its own right token gets Forbidden instead: only the
-    token's holder learns it is revoked.
-    """
+    """The agent row if `token` is this active agent's, else None (never says why); with `tell_revoked`, a
+    revoked agent's right token gets Forbidden instead: only the token's holder learns it is revoked."""
     row = next(iter(select(conn, "SELECT agent_id, geo, token_hash, active FROM agents WHERE agent_id = %s",
                            (agent_id,), dicts=True)), None)
     expected = row["token_hash"] if row else hash_token("no-such-agent")
@@ -122,11 +116,8 @@ def get_transaction(conn, transaction_id, for_update=False):
 
 
 def create_transaction(conn, agent_id, hour, replace=False):
-    """(transaction row, created?) for agent and hour.
-
-    A retry gets the open transaction it created before. A completed hour answers 409 unless `replace`; a
-    replacement supersedes the completed one once it completes itself.
-    """
+    """(transaction row, created?) for agent and hour: a retry gets the open one it made before; a completed
+    hour is a Conflict unless `replace`, whose transaction supersedes the completed one once it completes."""
     hour = hours.floor_hour(hour)
     if not select(conn, "SELECT agent_id FROM agents WHERE agent_id = %s FOR UPDATE", (agent_id,)):
         conn.rollback()
@@ -256,10 +247,8 @@ def transaction_lock(conn, transaction_id, wait):
     """Serialize upload-finish, complete and the sweep of one transaction's files, across API processes
     (a MySQL named lock); Busy if another holds it past `wait` seconds."""
     name = f"ganymede-tx-{transaction_id}"
-    with conn.cursor() as cur:
-        cur.execute("SELECT GET_LOCK(%s, %s)", (name, wait))
-        if cur.fetchone()[0] != 1:
-            raise Busy(f"another request is working on transaction {transaction_id}; retry", transaction_id)
+    if select(conn, "SELECT GET_LOCK(%s, %s)", (name, wait))[0][0] != 1:
+        raise Busy(f"another request is working on transaction {transaction_id}; retry", transaction_id)
     try:
         yield
     finally:
@@ -276,10 +265,8 @@ def set_archive_path(conn, transaction_id, path):
 
 
 def mark_isolated(conn, transaction_id, reason, detail=None):
-    """A completed transaction whose data cannot be staged or loaded becomes failed, with its reason and event.
-
-    Idempotent (a failed one gets no second event). Returns the row, or None when the log does not hold it.
-    """
+    """A completed transaction whose data cannot be staged or loaded becomes failed, with reason and event
+    (once: a failed one gets no second event); returns the row, or None when the log does not hold it."""
     tx = get_transaction(conn, transaction_id, for_update=True)
     with committing(conn) as cur:
         if tx and tx["state"] == "completed":
