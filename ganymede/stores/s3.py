@@ -26,9 +26,6 @@ from ..errors import ConfigError, S3BackupError
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-CONNECT_TIMEOUT_S = 10
-READ_TIMEOUT_S = 120
-MAX_ATTEMPTS = 3
 MIN_PART_MB = 5  # S3's smallest part (all but the last)
 
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
@@ -46,22 +43,20 @@ class LocalFile:
     crc32: str = None
 
 
+@dataclass(eq=False)
 class S3Store:
     """An S3 client and transfer settings; `profile`, `s3curl_path` only name credentials in errors."""
-
-    def __init__(self, client, transfer, endpoint_url, profile="", s3curl_path=""):
-        self.client = client
-        self.transfer = transfer
-        self.endpoint_url = endpoint_url
-        self.profile = profile
-        self.s3curl_path = s3curl_path
+    client: object
+    transfer: TransferConfig
+    endpoint_url: str
+    profile: str = ""
+    s3curl_path: str = ""
 
     def __repr__(self):
         return f"S3Store({self.endpoint_url!r}, profile={self.profile!r})"
 
     def ensure_bucket(self, name):
-        """Create the bucket, or accept it if it exists and is ours; refuse someone else's.
-        (Success does not mean empty: us-east-1 answers 200 to creating a bucket one already owns.)"""
+        """Create the bucket or accept ours (not proof it is empty: us-east-1 answers 200 to a re-create)."""
         region = self.client.meta.region_name
         where = {} if region in (None, "", "us-east-1") else {
             "CreateBucketConfiguration": {"LocationConstraint": region}}
@@ -171,14 +166,9 @@ class S3Store:
             if _code(exc.__cause__) in _MISSING_CODES:
                 return None
             raise
-        return {
-            "Size": head["ContentLength"],
-            "ETag": head.get("ETag", "").strip('"'),
-            "sha256": head.get("Metadata", {}).get("sha256"),
-            "ChecksumSHA256": head.get("ChecksumSHA256"),
-            "ChecksumCRC32": head.get("ChecksumCRC32"),
-            "ChecksumType": head.get("ChecksumType"),
-        }
+        return {"Size": head["ContentLength"], "ETag": head.get("ETag", "").strip('"'),
+                "sha256": head.get("Metadata", {}).get("sha256"),
+                **{name: head.get(name) for name in ("ChecksumSHA256", "ChecksumCRC32", "ChecksumType")}}
 
     def list_objects(self, bucket, prefix=""):
         """Every object of the bucket under `prefix` as {Key, Size, ETag}."""
@@ -196,7 +186,9 @@ class S3Store:
         try:
             yield
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, S3UploadFailedError) as exc:
-            cause = _root(exc)
+            cause = exc  # boto3's S3UploadFailedError keeps the botocore error behind it only as context
+            while isinstance(cause, S3UploadFailedError) and (cause.__cause__ or cause.__context__):
+                cause = cause.__cause__ or cause.__context__
             raise S3BackupError(self._explain(cause, action)) from cause
 
     def _explain(self, exc, action):
@@ -218,13 +210,6 @@ class S3Store:
         if code == "NoSuchBucket":
             return f"S3 at {where}: no such bucket while {action}"
         return f"S3 at {where} refused {action}: {code} {message}".rstrip()
-
-
-def _root(exc):
-    """The botocore error behind boto3's S3UploadFailedError, which keeps it only as context."""
-    while isinstance(exc, S3UploadFailedError) and (exc.__cause__ or exc.__context__):
-        exc = exc.__cause__ or exc.__context__
-    return exc
 
 
 def _code(exc):
@@ -261,9 +246,9 @@ def make_client(cfg, creds):
         signature_version="s3v4",
         request_checksum_calculation=cfg.checksum_mode,
         response_checksum_validation=cfg.checksum_mode,
-        connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=READ_TIMEOUT_S,
-        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        connect_timeout=10,
+        read_timeout=120,
+        retries={"mode": "standard", "max_attempts": 3},
         # objects go up max_concurrency at a time, a multipart one with as many parts at a time
         max_pool_connections=max(10, cfg.max_concurrency ** 2),
     )
