@@ -3,6 +3,8 @@
 The password is never in luigi.cfg: it comes from a my.cnf-style option file
 named there (pymysql's read_default_file). Sessions run in UTC.
 """
+from contextlib import contextmanager
+
 import pymysql
 
 from .. import datasets
@@ -34,6 +36,14 @@ def select(conn, sql, args=(), dicts=False, commit=False):
     if commit:
         conn.commit()
     return rows
+
+
+@contextmanager
+def committing(conn):
+    """A cursor whose work is committed when the block ends without an exception."""
+    with conn.cursor() as cur:
+        yield cur
+    conn.commit()
 
 
 def marks(values):
@@ -128,11 +138,8 @@ LATEST = MIGRATIONS[-1][0]
 
 
 def upgrade(cfg):
-    """Create the schema if needed and apply every migration not yet recorded; returns the versions applied.
-
-    Statements are idempotent (DDL commits implicitly, so a crash mid-migration is resumed by running it
-    again); a named lock keeps two upgrades from interleaving.
-    """
+    """Create the schema, apply the migrations not yet recorded; returns the versions applied. Statements are
+    idempotent (DDL commits implicitly: a rerun resumes a crashed one); a named lock keeps upgrades apart."""
     with connect(cfg, database="", autocommit=True) as conn, conn.cursor() as cur:
         if not cfg.database or "`" in cfg.database or len(cfg.database) > 64:
             raise SchemaError(f"invalid database name {cfg.database!r}")

@@ -1,8 +1,7 @@
-"""A few MySQL connections kept for reuse across the API's requests (opening one costs ~20 ms of CPU).
+"""A few MySQL connections reused across the API's requests (opening one costs ~20 ms of CPU).
 
-A connection is pinged before reuse and rolled back after use (no snapshot or lock outlives a request); when
-MySQL goes away every idle connection is dropped and the caller gets StoreUnavailable, so the first request
-after it returns simply opens new ones.
+Each is pinged before reuse and rolled back after (no snapshot or lock outlives a request); when MySQL goes
+away every idle one is dropped and the caller gets StoreUnavailable: the first request after opens new ones.
 """
 import threading
 from contextlib import contextmanager, suppress

@@ -5,20 +5,19 @@ from datetime import timedelta
 
 from .. import hours
 from ..quality import Result
-from .mysql import marks, select
+from .mysql import committing, marks, select
 
 _COLUMNS = "agent_id, dataset, check_name, passed, observed, expected, detail, blocking"
 
 
 def save_results(conn, hour, round_, results):
     """Store (replace) the hour's results; one commit."""
-    with conn.cursor() as cur:
+    with committing(conn) as cur:
         cur.executemany(
             "REPLACE INTO quality_results (hour, agent_id, dataset, check_name, round, passed, blocking, observed, "
             "expected, detail, checked_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))",
             [(hours.floor_hour(hour), r.agent_id, r.dataset, r.check, round_, r.passed, r.blocking, r.observed,
               r.expected[:255], r.detail[:1024]) for r in results])
-    conn.commit()
 
 
 def trailing_counts(conn, hour, trailing_hours, agent_ids):

@@ -1,13 +1,9 @@
-"""The backup's S3 side: one bucket per UTC hour, objects uploaded and verified.
+"""The backup's S3 side: one bucket per UTC hour, objects uploaded and verified (docs/operations-s3.md).
 
-docs/operations-s3.md ("How an object is verified") is the full story: each file goes up with its SHA-256 as
-`sha256` metadata and a checksum S3 checks on arrival (SHA-256 below the multipart threshold, the full-object
-CRC32 above it); a HEAD then proves the copy by size, metadata and the checksum S3 reports. A copy that fails
-is deleted (a rerun sends it again) and the run fails, naming it; an object already there is skipped only
-when it passes the same test.
-
-Every boto3/botocore failure leaves this module as S3BackupError with a message an operator can act on; none
-carries the secret key.
+Each file goes up with its SHA-256 as `sha256` metadata and a checksum S3 checks on arrival (SHA-256 below the
+multipart threshold, the full-object CRC32 above); a HEAD then proves the copy by size, metadata and checksum.
+A copy that fails is deleted (a rerun sends it again) and the run fails, naming it; an object already there is
+skipped only when it passes the same test. boto3 failures leave as S3BackupError, never with the secret key.
 """
 import base64
 import logging
@@ -30,9 +26,6 @@ from ..errors import ConfigError, S3BackupError
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-CONNECT_TIMEOUT_S = 10
-READ_TIMEOUT_S = 120
-MAX_ATTEMPTS = 3
 MIN_PART_MB = 5  # S3's smallest part (all but the last)
 
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
@@ -50,27 +43,20 @@ class LocalFile:
     crc32: str = None
 
 
+@dataclass(eq=False)
 class S3Store:
-    """A configured S3 client plus the transfer settings backups use.
-
-    `profile` and `s3curl_path` only name the credentials to fix in error messages; never the secret.
-    """
-
-    def __init__(self, client, transfer, endpoint_url, profile="", s3curl_path=""):
-        self.client = client
-        self.transfer = transfer
-        self.endpoint_url = endpoint_url
-        self.profile = profile
-        self.s3curl_path = s3curl_path
+    """An S3 client and transfer settings; `profile`, `s3curl_path` only name credentials in errors."""
+    client: object
+    transfer: TransferConfig
+    endpoint_url: str
+    profile: str = ""
+    s3curl_path: str = ""
 
     def __repr__(self):
         return f"S3Store({self.endpoint_url!r}, profile={self.profile!r})"
 
     def ensure_bucket(self, name):
-        """Create the bucket, or accept it if it exists and is ours; refuse someone else's.
-
-        (Success does not mean it is empty: us-east-1 answers 200 to creating a bucket one already owns.)
-        """
+        """Create the bucket or accept ours (not proof it is empty: us-east-1 answers 200 to a re-create)."""
         region = self.client.meta.region_name
         where = {} if region in (None, "", "us-east-1") else {
             "CreateBucketConfiguration": {"LocationConstraint": region}}
@@ -115,11 +101,9 @@ class S3Store:
         return self.put_all(bucket, {key: path}, {key: local} if local else None, listed)[key][0]
 
     def put_all(self, bucket, paths, known=None, listed=None):
-        """Upload {key: path} unless a verified copy is there, `max_concurrency` at a time, verifying each copy.
-
-        Returns {key: (action, LocalFile)}. `listed` ({key: size}, from `listed()`) says what is already there
-        (default: one listing of the keys' common prefix); `known` {key: LocalFile} spares hashing those again.
-        """
+        """{key: (action, LocalFile)} of put_verified over {key: path}, `max_concurrency` at a time.
+        `listed` ({key: size}) is what is there (default: one listing of the keys' common prefix);
+        `known` ({key: LocalFile}) spares hashing those again."""
         known = known or {}
         listed = self.listed(bucket, os.path.commonprefix(list(paths))) if listed is None else listed
 
@@ -148,7 +132,6 @@ class S3Store:
         return {key: (action, local) for key, action, local, _ in done}
 
     def _upload(self, bucket, key, local):
-        """boto3's managed transfer with the checksum S3 checks on receipt (see the module docstring)."""
         # multipart: the full-object CRC32 (and each part with its own); else S3 checks the SHA-256 it computes
         checksum = {"ChecksumCRC32": local.crc32} if local.crc32 else {"ChecksumAlgorithm": "SHA256"}
         extra = {"Metadata": {"sha256": local.sha256}, **checksum}
@@ -183,14 +166,9 @@ class S3Store:
             if _code(exc.__cause__) in _MISSING_CODES:
                 return None
             raise
-        return {
-            "Size": head["ContentLength"],
-            "ETag": head.get("ETag", "").strip('"'),
-            "sha256": head.get("Metadata", {}).get("sha256"),
-            "ChecksumSHA256": head.get("ChecksumSHA256"),
-            "ChecksumCRC32": head.get("ChecksumCRC32"),
-            "ChecksumType": head.get("ChecksumType"),
-        }
+        return {"Size": head["ContentLength"], "ETag": head.get("ETag", "").strip('"'),
+                "sha256": head.get("Metadata", {}).get("sha256"),
+                **{name: head.get(name) for name in ("ChecksumSHA256", "ChecksumCRC32", "ChecksumType")}}
 
     def list_objects(self, bucket, prefix=""):
         """Every object of the bucket under `prefix` as {Key, Size, ETag}."""
@@ -205,11 +183,12 @@ class S3Store:
 
     @contextmanager
     def _errors(self, action):
-        """Turn whatever boto3 raises into S3BackupError with an operator's message."""
         try:
             yield
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, S3UploadFailedError) as exc:
-            cause = _root(exc)
+            cause = exc  # boto3's S3UploadFailedError keeps the botocore error behind it only as context
+            while isinstance(cause, S3UploadFailedError) and (cause.__cause__ or cause.__context__):
+                cause = cause.__cause__ or cause.__context__
             raise S3BackupError(self._explain(cause, action)) from cause
 
     def _explain(self, exc, action):
@@ -231,13 +210,6 @@ class S3Store:
         if code == "NoSuchBucket":
             return f"S3 at {where}: no such bucket while {action}"
         return f"S3 at {where} refused {action}: {code} {message}".rstrip()
-
-
-def _root(exc):
-    """The botocore error behind boto3's S3UploadFailedError, which keeps it only as context."""
-    while isinstance(exc, S3UploadFailedError) and (exc.__cause__ or exc.__context__):
-        exc = exc.__cause__ or exc.__context__
-    return exc
 
 
 def _code(exc):
@@ -262,11 +234,8 @@ def crc32_file(path):
 
 
 def make_client(cfg, creds):
-    """An S3Store for a `ganymede.config.s3` section and the Credentials from .s3curl.
-
-    Path-style addressing: hourly bucket names are not DNS entries of Cloud Files. Checksum mode from the
-    config: some S3-compatible stores reject boto3's default CRC32 headers.
-    """
+    """An S3Store for a `ganymede.config.s3` section and .s3curl Credentials. Path-style addressing: hourly
+    buckets are not DNS entries of Cloud Files. Checksum mode: some stores reject boto3's CRC32 headers."""
     if cfg.multipart_chunk_mb < MIN_PART_MB:
         raise ConfigError(f"[s3] multipart_chunk_mb must be at least {MIN_PART_MB} (S3's smallest part)")
     if cfg.max_concurrency < 1:
@@ -277,9 +246,9 @@ def make_client(cfg, creds):
         signature_version="s3v4",
         request_checksum_calculation=cfg.checksum_mode,
         response_checksum_validation=cfg.checksum_mode,
-        connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=READ_TIMEOUT_S,
-        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        connect_timeout=10,
+        read_timeout=120,
+        retries={"mode": "standard", "max_attempts": 3},
         # objects go up max_concurrency at a time, a multipart one with as many parts at a time
         max_pool_connections=max(10, cfg.max_concurrency ** 2),
     )
@@ -301,20 +270,16 @@ def connect(cfg):
     return make_client(cfg, s3curl.load(cfg.s3curl_path, cfg.profile))
 
 
-_INVALID = re.compile(r"[^a-z0-9-]+")
-_HYPHENS = re.compile(r"-{2,}")
+_INVALID = re.compile(r"[^a-z0-9]+")  # hyphens too, so a run of them and invalid characters becomes one '-'
 
 
 def bucket_name(template, hour, prefix=""):
-    """The bucket for one UTC hour: `prefix` + template with {yyyymmddhh} filled, made S3-valid.
-
-    Invalid characters become '-' ('Ganymede_Backups.{yyyymmddhh}' just works); a name that cannot be valid is
-    a ConfigError, never truncated, because truncation could map two hours to one bucket.
-    """
+    """The bucket for one UTC hour: `prefix` + template with {yyyymmddhh} filled, invalid characters made '-'
+    ('Ganymede_Backups.{yyyymmddhh}' works). Never truncated (two hours could share a bucket): ConfigError."""
     if "{yyyymmddhh}" not in template:
         raise ConfigError(f"[s3] bucket_template {template!r} must contain {{yyyymmddhh}}: one bucket per hour")
     raw = prefix + template.replace("{yyyymmddhh}", hours.compact(hour))
-    name = _HYPHENS.sub("-", _INVALID.sub("-", raw.lower())).strip("-")
+    name = _INVALID.sub("-", raw.lower()).strip("-")
     if not 3 <= len(name) <= 63:
         raise ConfigError(f"bucket name {name!r} from template {template!r} is {len(name)} characters; "
                           "S3 allows 3 to 63")

@@ -9,21 +9,17 @@ import csv
 import pymysql.cursors
 
 from ..errors import DataError, StoreUnavailable
-from .mysql import select
+from .mysql import committing, select
 
 
 def clear(conn, datasets, transaction_id, chunk=50_000):
-    """Remove a transaction's staged rows of `datasets` (a rerun starts from nothing), `chunk` rows per commit.
-
-    Small commits keep undo logs, lock times and replication lag small; a clear cut short leaves fewer rows,
-    which the load notices (it restages).
-    """
-    with conn.cursor() as cur:
+    """Remove a transaction's staged rows of `datasets`, `chunk` rows per commit (small undo logs, locks and
+    replication lag); a clear cut short leaves fewer rows, which the load notices (it restages)."""
+    with committing(conn) as cur:
         for dataset in datasets:
             while cur.execute(f"DELETE FROM `{dataset.staging_table}` WHERE transaction_id = %s "
                               "ORDER BY row_id LIMIT %s", (transaction_id, chunk)) == chunk:
                 conn.commit()
-    conn.commit()
 
 
 def write_csv(out, rows):
@@ -33,17 +29,14 @@ def write_csv(out, rows):
 
 
 def load_csv(conn, dataset, path, transaction_id):
-    """LOAD DATA one CSV of write_csv (no header) for a transaction in one commit; returns the rows loaded.
-
-    LOAD DATA LOCAL turns errors (truncated values, missing or extra fields) into warnings, so any warning
-    rolls the load back: DataError. A lost connection is StoreUnavailable (a rerun may pass).
-    """
+    """LOAD DATA one write_csv CSV for a transaction in one commit; returns the rows loaded. LOAD DATA LOCAL
+    makes errors (truncated values, missing or extra fields) warnings, so a warning rolls back: DataError."""
     columns = ", ".join(f"`{c}`" for c in dataset.column_names)
     sql = (f"LOAD DATA LOCAL INFILE %s INTO TABLE `{dataset.staging_table}` CHARACTER SET utf8mb4 "
            "FIELDS TERMINATED BY ',' ENCLOSED BY '\"' ESCAPED BY '' LINES TERMINATED BY '\\n' "
            f"(record, {columns}) SET transaction_id = %s")
     try:
-        with conn.cursor() as cur:
+        with committing(conn) as cur:
             loaded = cur.execute(sql, (path, transaction_id))
             cur.execute("SHOW WARNINGS LIMIT 3")
             warnings = "; ".join(message for level, _code, message in cur.fetchall() if level != "Note")
@@ -51,7 +44,6 @@ def load_csv(conn, dataset, path, transaction_id):
                 conn.rollback()
                 raise DataError(f"transaction {transaction_id}: {dataset.name}.csv: MySQL would not stage it "
                                 f"unchanged ({warnings})")
-        conn.commit()
     except (pymysql.err.DataError, pymysql.err.IntegrityError) as exc:
         raise DataError(f"transaction {transaction_id}: {dataset.name}.csv: MySQL refused it ({exc.args[-1]})") from None
     except pymysql.err.OperationalError as exc:
@@ -70,12 +62,9 @@ SEPARATOR = "\x1f"  # ASCII unit separator: a row holding it is never staged (Da
 
 
 def iter_batches(conn, dataset, transaction_id, batch_size):
-    """Lists of staged rows `[record, value, …]` (strings, in catalog column order), from a server-side cursor.
-
-    Each row travels as one text field joined with SEPARATOR: pymysql decodes fields in Python, so one field
-    instead of n halves the cost per row. Rows come in staging order, for a dataset with a `group_by` within
-    their group (grouped by exact bytes, so 'GET' and 'get' stay apart), so a group's rows arrive together.
-    """
+    """Lists of staged rows `[record, value, …]` (strings, catalog order) from a server-side cursor, each row
+    one SEPARATOR-joined field (pymysql decodes fields in Python: one field instead of n halves the cost).
+    Rows come in staging order, by `group_by`'s exact bytes first ('GET', 'get' apart): groups come whole."""
     columns = ", ".join(f"`{c}`" for c in dataset.column_names)
     order = "".join(f"CAST(`{c}` AS BINARY), " for c in dataset.group_by) + "row_id"
     with conn.cursor(pymysql.cursors.SSCursor) as cur:

@@ -15,7 +15,7 @@ import pymysql
 
 from .. import hours, paths
 from ..errors import AgentError, Busy, Conflict, Forbidden, NotFound
-from .mysql import marks, select
+from .mysql import committing, marks, select
 
 OPEN_STATES = ("created", "uploaded")
 _TX_COLUMNS = ("transaction_id, agent_id, hour, state, supersedes, archive_path, size, sha256, error, "
@@ -28,18 +28,15 @@ def hash_token(token):
 
 
 def add_agent(conn, agent_id, geo, expected_from=None):
-    """Register an agent; returns its token, which is shown once and stored only hashed.
-
-    The agent is expected for every hour from `expected_from` (default: the hour it is registered in), so an
-    agent installed to backfill past hours holds those hours' extracts until it sent them or their deadline passed.
-    """
+    """Register an agent; returns its token (shown once, stored hashed). Expected from `expected_from`'s hour
+    (default: now), so a backfilling agent holds past hours' extracts until sent or past their deadline."""
     for value, what in ((agent_id, "agent id"), (geo, "geo")):
         try:
             paths.check_id(value, what)  # both become paths, document fields and extract lines
         except ValueError as exc:
             raise AgentError(f"{exc}: use letters, digits, '.', '_' or '-' (at most 64)") from None
     token = secrets.token_urlsafe(32)
-    with conn.cursor() as cur:
+    with committing(conn) as cur:
         try:
             cur.execute("INSERT INTO agents (agent_id, geo, token_hash, active, created_at, expected_from) "
                         "VALUES (%s, %s, %s, 1, UTC_TIMESTAMP(6), %s)",
@@ -47,7 +44,6 @@ def add_agent(conn, agent_id, geo, expected_from=None):
         except pymysql.err.IntegrityError:
             conn.rollback()
             raise AgentError(f"agent {agent_id!r} already exists") from None
-    conn.commit()
     return token
 
 
@@ -57,21 +53,16 @@ def list_agents(conn):
 
 
 def revoke_agent(conn, agent_id):
-    with conn.cursor() as cur:
-        cur.execute("UPDATE agents SET active = 0, revoked_at = COALESCE(revoked_at, UTC_TIMESTAMP(6)) "
-                    "WHERE agent_id = %s", (agent_id,))
-        found = cur.rowcount
-    conn.commit()
+    with committing(conn) as cur:
+        found = cur.execute("UPDATE agents SET active = 0, revoked_at = COALESCE(revoked_at, "
+                            "UTC_TIMESTAMP(6)) WHERE agent_id = %s", (agent_id,))
     if not found:
         raise AgentError(f"no agent {agent_id!r}")
 
 
 def authenticate(conn, agent_id, token, tell_revoked=False):
-    """The agent row if `token` is this agent's and it is active; None otherwise (never says which).
-
-    With `tell_revoked`, a revoked agent presenting its own right token gets Forbidden instead: only the
-    token's holder learns it is revoked.
-    """
+    """The agent row if `token` is this active agent's, else None (never says why); with `tell_revoked`, a
+    revoked agent's right token gets Forbidden instead: only the token's holder learns it is revoked."""
     row = next(iter(select(conn, "SELECT agent_id, geo, token_hash, active FROM agents WHERE agent_id = %s",
                            (agent_id,), dicts=True)), None)
     expected = row["token_hash"] if row else hash_token("no-such-agent")
@@ -85,11 +76,10 @@ def authenticate(conn, agent_id, token, tell_revoked=False):
 def add_admin_token(conn, name):
     """A token for the roster and status endpoints; shown once, stored hashed."""
     token = secrets.token_urlsafe(32)
-    with conn.cursor() as cur:
+    with committing(conn) as cur:
         cur.execute("INSERT INTO admin_tokens (name, token_hash, created_at) VALUES (%s, %s, UTC_TIMESTAMP(6)) "
                     "ON DUPLICATE KEY UPDATE token_hash = VALUES(token_hash), created_at = VALUES(created_at), "
                     "revoked_at = NULL", (name, hash_token(token)))
-    conn.commit()
     return token
 
 
@@ -119,46 +109,33 @@ def _set_failed(cur, transaction_id, reason, detail=None):
     _event(cur, transaction_id, "failed", dict(detail or {}, reason=reason[:2000]))
 
 
-def _rows(cur):
-    return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
-
-
-def _transaction(cur, transaction_id, for_update=False):
-    cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE transaction_id = %s"
-                + (" FOR UPDATE" if for_update else ""), (transaction_id,))
-    return next(iter(_rows(cur)), None)
-
-
 def get_transaction(conn, transaction_id, for_update=False):
-    with conn.cursor() as cur:
-        return _transaction(cur, transaction_id, for_update)
+    rows = select(conn, f"SELECT {_TX_COLUMNS} FROM transactions WHERE transaction_id = %s"
+                  + (" FOR UPDATE" if for_update else ""), (transaction_id,), dicts=True)
+    return next(iter(rows), None)
 
 
 def create_transaction(conn, agent_id, hour, replace=False):
-    """(transaction row, created?) for agent and hour.
-
-    A retry gets the open transaction it created before. A completed hour answers 409 unless `replace`; a
-    replacement supersedes the completed one once it completes itself.
-    """
+    """(transaction row, created?) for agent and hour: a retry gets the open one it made before; a completed
+    hour is a Conflict unless `replace`, whose transaction supersedes the completed one once it completes."""
     hour = hours.floor_hour(hour)
-    with conn.cursor() as cur:
-        cur.execute("SELECT agent_id FROM agents WHERE agent_id = %s FOR UPDATE", (agent_id,))
-        if not cur.fetchone():
-            conn.rollback()
-            raise Forbidden(f"unknown agent {agent_id!r}")
-        cur.execute(f"SELECT {_TX_COLUMNS} FROM transactions WHERE agent_id = %s AND hour = %s "
-                    "AND state IN ('created', 'uploaded', 'completed') ORDER BY created_at", (agent_id, hour))
-        existing = _rows(cur)
-        completed = [t for t in existing if t["state"] == "completed"]
-        open_ = [t for t in existing if t["state"] in OPEN_STATES]
-        if open_ and bool(open_[0]["supersedes"]) == bool(replace and completed):
-            conn.rollback()
-            return open_[0], False
-        if completed and not replace:
-            conn.rollback()
-            raise Conflict(f"agent {agent_id!r} already completed hour {hours.format_hour(hour)} "
-                           f"(transaction {completed[0]['transaction_id']}); send replace=true to replace it",
-                           completed[0]["transaction_id"])
+    if not select(conn, "SELECT agent_id FROM agents WHERE agent_id = %s FOR UPDATE", (agent_id,)):
+        conn.rollback()
+        raise Forbidden(f"unknown agent {agent_id!r}")
+    existing = select(conn, f"SELECT {_TX_COLUMNS} FROM transactions WHERE agent_id = %s AND hour = %s "
+                      "AND state IN ('created', 'uploaded', 'completed') ORDER BY created_at",
+                      (agent_id, hour), dicts=True)
+    completed = [t for t in existing if t["state"] == "completed"]
+    open_ = [t for t in existing if t["state"] in OPEN_STATES]
+    if open_ and bool(open_[0]["supersedes"]) == bool(replace and completed):
+        conn.rollback()
+        return open_[0], False
+    if completed and not replace:
+        conn.rollback()
+        raise Conflict(f"agent {agent_id!r} already completed hour {hours.format_hour(hour)} "
+                       f"(transaction {completed[0]['transaction_id']}); send replace=true to replace it",
+                       completed[0]["transaction_id"])
+    with committing(conn) as cur:
         for stale in open_:
             _set_failed(cur, stale["transaction_id"], "abandoned for a newer request")
         transaction_id = str(uuid.uuid4())
@@ -168,28 +145,26 @@ def create_transaction(conn, agent_id, hour, replace=False):
                     (transaction_id, agent_id, hour, supersedes))
         _event(cur, transaction_id, "created", {"agent_id": agent_id, "hour": hours.format_hour(hour),
                                                 "supersedes": supersedes})
-    conn.commit()
     return get_transaction(conn, transaction_id), True
 
 
 def mark_uploaded(conn, transaction_id, size, sha256):
     """The archive's bytes are on disk and match the sha256 the agent announced."""
-    with conn.cursor() as cur:
-        tx = _locked(conn, cur, transaction_id, OPEN_STATES)
-        if tx["state"] == "uploaded" and tx["sha256"] == sha256 and tx["size"] == size:
-            conn.rollback()
-            return tx
+    tx = _locked(conn, transaction_id, OPEN_STATES)
+    if tx["state"] == "uploaded" and tx["sha256"] == sha256 and tx["size"] == size:
+        conn.rollback()
+        return tx
+    with committing(conn) as cur:
         cur.execute("UPDATE transactions SET state = 'uploaded', size = %s, sha256 = %s, updated_at = UTC_TIMESTAMP(6) "
                     "WHERE transaction_id = %s", (size, sha256, transaction_id))
         _event(cur, transaction_id, "uploaded", {"size": size, "sha256": sha256})
-    conn.commit()
     return get_transaction(conn, transaction_id)
 
 
 def mark_completed(conn, transaction_id, archive_path, counts):
     """The archive was validated and moved into upload/; a replacement retires what it supersedes."""
-    with conn.cursor() as cur:
-        tx = _locked(conn, cur, transaction_id, ("uploaded",))
+    tx = _locked(conn, transaction_id, ("uploaded",))
+    with committing(conn) as cur:
         cur.execute("UPDATE transactions SET state = 'completed', archive_path = %s, completed_at = UTC_TIMESTAMP(6), "
                     "updated_at = UTC_TIMESTAMP(6) WHERE transaction_id = %s", (archive_path, transaction_id))
         _event(cur, transaction_id, "completed", {"rows": counts})
@@ -197,20 +172,18 @@ def mark_completed(conn, transaction_id, archive_path, counts):
             cur.execute("UPDATE transactions SET state = 'superseded', updated_at = UTC_TIMESTAMP(6) "
                         "WHERE transaction_id = %s AND state = 'completed'", (tx["supersedes"],))
             _event(cur, tx["supersedes"], "superseded", {"by": transaction_id})
-    conn.commit()
     return get_transaction(conn, transaction_id)
 
 
 def mark_failed(conn, transaction_id, reason, detail=None):
-    with conn.cursor() as cur:
-        _locked(conn, cur, transaction_id, OPEN_STATES)
+    _locked(conn, transaction_id, OPEN_STATES)
+    with committing(conn) as cur:
         _set_failed(cur, transaction_id, reason, detail)
-    conn.commit()
     return get_transaction(conn, transaction_id)
 
 
-def _locked(conn, cur, transaction_id, states):
-    tx = _transaction(cur, transaction_id, for_update=True)
+def _locked(conn, transaction_id, states):
+    tx = get_transaction(conn, transaction_id, for_update=True)
     if tx is None or tx["state"] not in states:
         conn.rollback()
         if tx is None:
@@ -274,10 +247,8 @@ def transaction_lock(conn, transaction_id, wait):
     """Serialize upload-finish, complete and the sweep of one transaction's files, across API processes
     (a MySQL named lock); Busy if another holds it past `wait` seconds."""
     name = f"ganymede-tx-{transaction_id}"
-    with conn.cursor() as cur:
-        cur.execute("SELECT GET_LOCK(%s, %s)", (name, wait))
-        if cur.fetchone()[0] != 1:
-            raise Busy(f"another request is working on transaction {transaction_id}; retry", transaction_id)
+    if select(conn, "SELECT GET_LOCK(%s, %s)", (name, wait))[0][0] != 1:
+        raise Busy(f"another request is working on transaction {transaction_id}; retry", transaction_id)
     try:
         yield
     finally:
@@ -287,31 +258,25 @@ def transaction_lock(conn, transaction_id, wait):
 
 def set_archive_path(conn, transaction_id, path):
     """The transaction's archive now lives at `path` (moved upload/ -> archives/ after its hour's backup)."""
-    with conn.cursor() as cur:
+    with committing(conn) as cur:
         cur.execute("UPDATE transactions SET archive_path = %s, updated_at = UTC_TIMESTAMP(6) "
                     "WHERE transaction_id = %s", (path, transaction_id))
         _event(cur, transaction_id, "archived", {"archive_path": path})
-    conn.commit()
 
 
 def mark_isolated(conn, transaction_id, reason, detail=None):
-    """A completed transaction whose data cannot be staged or loaded becomes failed, with its reason and event.
-
-    Idempotent (a failed one gets no second event). Returns the row, or None when the log does not hold it.
-    """
-    with conn.cursor() as cur:
-        tx = _transaction(cur, transaction_id, for_update=True)
+    """A completed transaction whose data cannot be staged or loaded becomes failed, with reason and event
+    (once: a failed one gets no second event); returns the row, or None when the log does not hold it."""
+    tx = get_transaction(conn, transaction_id, for_update=True)
+    with committing(conn) as cur:
         if tx and tx["state"] == "completed":
             _set_failed(cur, transaction_id, reason, detail)
-    conn.commit()
     return tx and get_transaction(conn, transaction_id)
 
 
 def append_event_once(conn, transaction_id, event, detail=None):
     """A pipeline step (staged, loaded, backed_up, …) finished; logged once however often a crashed step reruns."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT 1 FROM transaction_events WHERE transaction_id = %s AND event = %s LIMIT 1",
-                    (transaction_id, event))
-        if cur.fetchone() is None:
+    with committing(conn) as cur:
+        if not cur.execute("SELECT 1 FROM transaction_events WHERE transaction_id = %s AND event = %s "
+                           "LIMIT 1", (transaction_id, event)):
             _event(cur, transaction_id, event, detail)
-    conn.commit()
